@@ -1,0 +1,270 @@
+"""Building blocks of RWKV-UNet, exactly as the released weights compute them.
+
+Token tensors are (B, T, C) with T = H * W in row-major order; maps are (B, C, H, W). Nothing assumes a
+square grid: every token module takes the grid size ``(H, W)`` it belongs to.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerNorm2d
+
+from .ops.bi_wkv import bi_wkv
+
+__all__ = [
+    "ConvNormAct", "SqueezeExcite", "q_shift", "SpatialMix", "AttentionMix", "ChannelMix", "IRBlock",
+    "CrossChannelMix", "map_to_tokens", "tokens_to_map", "resize_bilinear",
+]
+
+Grid = Tuple[int, int]
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def tokens_to_map(x: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """(B, H*W, C) -> (B, C, H, W)."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grid[0], grid[1])
+
+
+def resize_bilinear(x: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear resize (align_corners=False); a no-op when the size already matches."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv2d (no bias, padding ceil((k - stride) / 2)) -> BatchNorm2d(eps=1e-6) -> activation."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, groups: int = 1,
+                 act_layer: Optional[type] = nn.ReLU):
+        super().__init__()
+        padding = math.ceil((kernel_size - stride) / 2)
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False)
+        self.norm = nn.BatchNorm2d(out_chs, eps=1e-6)
+        self.act = act_layer(inplace=True) if act_layer is not None else nn.Identity()
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gate on the spatial mean (used in the stem only)."""
+
+    def __init__(self, chs: int, rd_chs: int, act_layer: type = nn.SiLU):
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(chs, rd_chs, 1, bias=True)
+        self.act = act_layer(inplace=True)
+        self.conv_expand = nn.Conv2d(rd_chs, chs, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.conv_expand(self.act(self.conv_reduce(s))))
+
+
+def q_shift(x: torch.Tensor, grid: Grid, shift: int = 1) -> torch.Tensor:
+    """Quad-directional token shift on (B, T, C) tokens of an (H, W) grid, zero filled.
+
+    Channel quarters move right, left, down and up by ``shift`` pixels; the split points are int(C * g)
+    for g in 1/4, 2/4, 3/4, 1, as in Vision-RWKV.
+    """
+    B, T, C = x.shape
+    H, W = grid
+    x = x.reshape(B, H, W, C)
+    c1, c2, c3, c4 = (int(C * g) for g in (0.25, 0.5, 0.75, 1.0))
+    s = shift
+    parts = [
+        F.pad(x[:, :, : W - s, :c1], (0, 0, s, 0)),  # right
+        F.pad(x[:, :, s:, c1:c2], (0, 0, 0, s)),  # left
+        F.pad(x[:, : H - s, :, c2:c3], (0, 0, 0, 0, s, 0)),  # down
+        F.pad(x[:, s:, :, c3:c4], (0, 0, 0, 0, 0, s)),  # up
+    ]
+    if c4 < C:
+        parts.append(x[..., c4:])
+    return torch.cat(parts, dim=-1).reshape(B, T, C)
+
+
+class SpatialMix(nn.Module):
+    """Vision-RWKV spatial mixing: token shift, then Bi-WKV gated by the receptance."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.spatial_decay = nn.Parameter(torch.zeros(dim))
+        self.spatial_first = nn.Parameter(torch.zeros(dim))
+        self.spatial_mix_k = nn.Parameter(torch.full((1, 1, dim), 0.5))
+        self.spatial_mix_v = nn.Parameter(torch.full((1, 1, dim), 0.5))
+        self.spatial_mix_r = nn.Parameter(torch.full((1, 1, dim), 0.5))
+        self.key = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(dim, dim, bias=False)
+        self.receptance = nn.Linear(dim, dim, bias=False)
+        self.key_norm = nn.LayerNorm(dim)
+        self.output = nn.Linear(dim, dim, bias=False)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.spatial_decay)
+        nn.init.zeros_(self.spatial_first)
+        for p in (self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r):
+            nn.init.constant_(p, 0.5)
+
+    def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        T = x.shape[1]
+        xx = q_shift(x, grid)
+        xk = torch.lerp(xx, x, self.spatial_mix_k)
+        xv = torch.lerp(xx, x, self.spatial_mix_v)
+        xr = torch.lerp(xx, x, self.spatial_mix_r)
+        k, v, r = self.key(xk), self.value(xv), self.receptance(xr)
+        y = bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v)
+        return self.output(torch.sigmoid(r) * self.key_norm(y))
+
+
+class AttentionMix(nn.Module):
+    """Multi-head self-attention over all tokens (the paper's attention ablation), through SDPA."""
+
+    def __init__(self, dim: int, head_dim: int = 32):
+        super().__init__()
+        self.num_heads = max(1, dim // head_dim)
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class ChannelMix(nn.Module):
+    """RWKV channel mixing (squared-ReLU MLP gated by the receptance), hidden size ``hidden_ratio * dim``."""
+
+    def __init__(self, dim: int, hidden_ratio: int = 2):
+        super().__init__()
+        hidden = hidden_ratio * dim
+        self.spatial_mix_k = nn.Parameter(torch.full((1, 1, dim), 0.5))
+        self.spatial_mix_r = nn.Parameter(torch.full((1, 1, dim), 0.5))
+        self.key = nn.Linear(dim, hidden, bias=False)
+        self.key_norm = nn.LayerNorm(hidden)
+        self.receptance = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(hidden, dim, bias=False)
+
+    def reset_parameters(self) -> None:
+        for p in (self.spatial_mix_k, self.spatial_mix_r):
+            nn.init.constant_(p, 0.5)
+
+    def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        xx = q_shift(x, grid)
+        xk = torch.lerp(xx, x, self.spatial_mix_k)
+        xr = torch.lerp(xx, x, self.spatial_mix_r)
+        k = torch.square(torch.relu(self.key(xk)))
+        return torch.sigmoid(self.receptance(xr)) * self.value(self.key_norm(k))
+
+
+def _make_mixer(kind: Optional[str], dim: int) -> Optional[nn.Module]:
+    if kind in (None, "none"):
+        return None
+    if kind == "rwkv":
+        return SpatialMix(dim)
+    if kind == "attention":
+        return AttentionMix(dim)
+    raise ValueError(f"unknown spatial mixer {kind!r}; use 'rwkv', 'attention' or 'none'")
+
+
+class IRBlock(nn.Module):
+    """Inverted residual block; with a spatial mixer it is the IR-RWKV block.
+
+    norm -> 1x1 expand (BN, ReLU) -> [tokens + LN(mix(tokens))] -> [+] depthwise 5x5 (BN, SiLU) [-> SE]
+    -> 1x1 project -> [+ shortcut]. ``norm`` is BN, LN2d or absent; brackets are optional parts.
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            mid_chs: int,
+            stride: int = 1,
+            norm: Optional[str] = "bn",
+            mixer: Optional[str] = None,
+            residual: bool = True,
+            se: bool = False,
+            dw_conv: bool = True,
+            channel_mix: bool = False,
+            dw_kernel_size: int = 5,
+            drop_path: float = 0.0,
+    ):
+        super().__init__()
+        if norm == "bn":
+            self.norm = nn.BatchNorm2d(in_chs, eps=1e-6)
+        elif norm == "ln":
+            self.norm = LayerNorm2d(in_chs, eps=1e-6)
+        elif norm is None:
+            self.norm = nn.Identity()
+        else:
+            raise ValueError(f"unknown block norm {norm!r}")
+        self.conv = ConvNormAct(in_chs, mid_chs, 1, act_layer=nn.ReLU)
+        self.mix = _make_mixer(mixer, mid_chs)
+        self.mix_norm = nn.LayerNorm(mid_chs) if self.mix is not None else None
+        self.channel_mix = ChannelMix(mid_chs) if (channel_mix and self.mix is not None) else None
+        self.channel_mix_norm = nn.LayerNorm(mid_chs) if self.channel_mix is not None else None
+        if not dw_conv and stride != 1:
+            raise ValueError("the depthwise conv carries the stride; it can only be left out of stride-1 blocks")
+        self.conv_dw = ConvNormAct(mid_chs, mid_chs, dw_kernel_size, stride, groups=mid_chs,
+                                   act_layer=nn.SiLU) if dw_conv else None
+        self.se = SqueezeExcite(mid_chs, mid_chs) if se else None
+        self.proj = nn.Conv2d(mid_chs, out_chs, 1, bias=False)
+        self.residual = residual and stride == 1 and in_chs == out_chs
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.conv(self.norm(x))
+        if self.mix is not None:
+            grid = (x.shape[2], x.shape[3])
+            t = map_to_tokens(x)
+            t = t + self.drop_path(self.mix_norm(self.mix(t, grid)))
+            if self.channel_mix is not None:
+                t = t + self.drop_path(self.channel_mix_norm(self.channel_mix(t, grid)))
+            x = tokens_to_map(t, grid)
+        if self.conv_dw is not None:
+            y = self.conv_dw(x)
+            if self.se is not None:
+                y = self.se(y)
+            x = x + y if self.residual else y
+        x = self.proj(x)
+        if self.residual:
+            x = shortcut + self.drop_path(x)
+        return x
+
+
+class CrossChannelMix(nn.Module):
+    """Cross-Channel Mix: fuse the skips of stages I-III through an RWKV channel mix at stage I's resolution.
+
+    Skips are given shallow-to-deep (e1, e2, ...) and returned in the same order and shapes.
+    """
+
+    def __init__(self, skip_chs, drop_path: float = 0.0):
+        super().__init__()
+        skip_chs = list(skip_chs)
+        c1 = skip_chs[0]
+        self.skip_chs = skip_chs
+        deep_first = skip_chs[::-1]
+        self.projections = nn.ModuleList([nn.Conv2d(c, c1, 1, bias=True) for c in deep_first])
+        dim = c1 * len(skip_chs)
+        self.channel = ChannelMix(dim)
+        self.ln1 = nn.LayerNorm(dim)
+        self.final_projections = nn.ModuleList([nn.Conv2d(c1, c, 1, bias=True) for c in deep_first])
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, skips):
+        deep_first = list(skips)[::-1]
+        size = skips[0].shape[-2:]
+        grid = (int(size[0]), int(size[1]))
+        p = [proj(resize_bilinear(e, size)) for proj, e in zip(self.projections, deep_first)]
+        t = map_to_tokens(torch.cat(p, dim=1))
+        t = t + self.drop_path(self.ln1(self.channel(t, grid)))
+        chunks = tokens_to_map(t, grid).chunk(len(deep_first), dim=1)
+        out = [resize_bilinear(fp(c), e.shape[-2:]) for fp, c, e in zip(self.final_projections, chunks, deep_first)]
+        return out[::-1]

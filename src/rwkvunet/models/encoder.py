@@ -1,0 +1,309 @@
+"""RWKV-UNet encoder as timm models: ``rwkvunet_enc_t``, ``rwkvunet_enc_s``, ``rwkvunet_enc_b``.
+
+A stem block at full resolution, then four stages at strides 2, 4, 8, 16. Stages I-II are inverted
+residual (IR) blocks, stages III-IV add Vision-RWKV spatial mixing (IR-RWKV blocks). The classifier
+(ImageNet pretraining) is LayerNorm2d -> global average pool -> Linear.
+
+Paper: RWKV-UNet: Improving UNet with Long-Range Cooperation for Effective Medical Image Segmentation
+(arXiv 2501.08458).
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import LayerNorm2d, SelectAdaptivePool2d
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from ..hub import HUB_ORG
+from ..layers import IRBlock
+
+__all__ = ["RWKVUNetEncoder", "ENCODER_VARIANTS", "checkpoint_filter_fn"]
+
+ENCODER_VARIANTS: Dict[str, Dict[str, Tuple]] = {
+    "t": dict(depths=(2, 2, 4, 2), dims=(32, 48, 96, 160), expansions=(2, 2.5, 3, 3.5)),
+    "s": dict(depths=(3, 3, 6, 3), dims=(32, 64, 128, 192), expansions=(2, 2.5, 3, 4)),
+    "b": dict(depths=(3, 3, 6, 3), dims=(48, 72, 144, 240), expansions=(2, 2.5, 4, 4)),
+}
+STEM_CHS = 24
+STEM_MID_CHS = 3  # the stem's expansion is 1 on 3 RGB channels; kept at 3 for any in_chans
+
+
+def _make_stage(in_chs, out_chs, depth, expansion, norm, mixer, drop_path_rates, **block_kwargs) -> nn.Sequential:
+    """Block 0 downsamples (stride 2, twice the expansion, no mixer, no residual); the rest mix and add."""
+    blocks = []
+    for j in range(depth):
+        first = j == 0
+        cin = in_chs if first else out_chs
+        blocks.append(IRBlock(
+            cin, out_chs, int(cin * expansion * (2 if first else 1)),
+            stride=2 if first else 1,
+            norm=norm,
+            mixer=None if first else mixer,
+            residual=not first,
+            drop_path=drop_path_rates[j],
+            **(block_kwargs if not first else {}),
+        ))
+    return nn.Sequential(*blocks)
+
+
+class RWKVUNetEncoder(nn.Module):
+    """RWKV-UNet encoder / ImageNet classifier.
+
+    Args:
+        depths, dims, expansions: per stage I-IV.
+        in_chans: input channels; only the stem's first 1x1 conv depends on it.
+        num_classes: classifier outputs (0 for none).
+        global_pool: 'avg' (default), 'max', 'avgmax' or '' (no pooling).
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth, linearly increasing over the blocks of stages I-IV.
+        mixer: spatial mixer in stages III-IV: 'rwkv' (default), 'attention' or 'none'.
+        mix_dw_conv: keep the depthwise conv after the mixer (stages III-IV).
+        mix_channel_mix: add an RWKV channel mix after the spatial mix (stages III-IV).
+    """
+
+    def __init__(
+            self,
+            depths: Sequence[int] = (3, 3, 6, 3),
+            dims: Sequence[int] = (48, 72, 144, 240),
+            expansions: Sequence[float] = (2, 2.5, 4, 4),
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = "avg",
+            drop_rate: float = 0.0,
+            drop_path_rate: float = 0.05,
+            mixer: str = "rwkv",
+            mix_dw_conv: bool = True,
+            mix_channel_mix: bool = False,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.depths, self.dims, self.expansions = tuple(depths), tuple(dims), tuple(expansions)
+        self.grad_checkpointing = False
+
+        self.stem = IRBlock(in_chans, STEM_CHS, STEM_MID_CHS, norm=None, residual=False, se=True)
+        self.feature_info = [dict(num_chs=STEM_CHS, reduction=1, module="stem")]
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        in_chs, start = STEM_CHS, 0
+        for i, (depth, dim, exp) in enumerate(zip(depths, dims, expansions)):
+            mixes = i >= 2
+            stage = _make_stage(
+                in_chs, dim, depth, exp,
+                norm="ln" if mixes else "bn",
+                mixer=mixer if mixes else None,
+                drop_path_rates=dpr[start:start + depth],
+                **(dict(dw_conv=mix_dw_conv, channel_mix=mix_channel_mix) if mixes else {}),
+            )
+            self.add_module(f"stage{i + 1}", stage)
+            self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 1), module=f"stage{i + 1}"))
+            in_chs, start = dim, start + depth
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.norm = LayerNorm2d(self.num_features, eps=1e-6)
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    # --- timm model contract -------------------------------------------------------------------------
+    @property
+    def stages(self) -> List[nn.Module]:
+        return [getattr(self, f"stage{i + 1}") for i in range(len(self.depths))]
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        keys = ("spatial_decay", "spatial_first", "spatial_mix_")
+        return {n for n, _ in self.named_parameters() if any(k in n for k in keys)}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stage(\d+)" if coarse else [(r"^stage(\d+)\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting() and isinstance(stage, nn.Sequential):
+            return checkpoint_seq(stage, x)
+        return stage(x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Outputs of the stem (index 0) and stages I-IV (1-4); ``norm`` applies the final norm to the last."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        modules = [self.stem] + self.stages
+        take_indices, max_index = feature_take_indices(len(modules), indices)
+        if stop_early:
+            modules = modules[:max_index + 1]
+        intermediates = []
+        for i, module in enumerate(modules):
+            x = self._run_stage(module, x)
+            if i in take_indices:
+                y = self.norm(x) if (norm and i == len(self.depths)) else x
+                intermediates.append(y.permute(0, 2, 3, 1) if output_fmt == "NHWC" else y)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ):
+        """Drop the stages after the last index taken (and the head); returns the indices kept."""
+        take_indices, max_index = feature_take_indices(1 + len(self.depths), indices)
+        for i in range(max_index + 1, 1 + len(self.depths)):
+            setattr(self, f"stage{i}", nn.Identity())
+        if prune_norm or max_index < len(self.depths):
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = self._run_stage(stage, x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(self.global_pool(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# --- the authors' checkpoints ---------------------------------------------------------------------------
+_RENAMES = (
+    (r"^stage0\.0\.", "stem."),
+    (r"\.att\.", ".mix."),
+    (r"\.ln1\.", ".mix_norm."),
+    (r"\.conv_local\.", ".conv_dw."),
+    (r"\.proj\.conv\.weight$", ".proj.weight"),
+    (r"(^|\.)norm\.norm\.", r"\1norm."),
+)
+_UNUSED = re.compile(r"\.(ln2|ln1|att)\.|^(stage0\.0\.(norm|ln1|ln2|att)\.)")
+
+
+def _unwrap(state_dict: dict) -> dict:
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if isinstance(state_dict.get(key), dict):
+            return state_dict[key]
+    return state_dict
+
+
+def remap_authors_encoder_key(key: str) -> str:
+    """Map one key of the authors' encoder state_dict to this model's name for the same tensor."""
+    for pattern, repl in _RENAMES:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Accept the authors' encoder checkpoint (or this model's own), drop the weights their forward never
+    uses, and rename the rest to this model's names."""
+    state_dict = _unwrap(state_dict)
+    if any(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    if any(k.startswith("encoder.") for k in state_dict):
+        state_dict = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
+    # half-precision releases are widened first, so that adapting the first conv (summing its input
+    # channels for in_chans=1) does not round the sum back to half precision
+    state_dict = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in state_dict.items()}
+    if "stem.conv.conv.weight" in state_dict:  # already in this model's layout
+        return state_dict
+    own = model.state_dict()
+    out = {}
+    for key, value in state_dict.items():
+        new = remap_authors_encoder_key(key)
+        if new not in own and (_UNUSED.search(key) or key.startswith("stage0.0.")):
+            continue  # spatial-mix weights and norms their forward never reads
+        out[new] = value
+    return out
+
+
+# --- registration ---------------------------------------------------------------------------------------
+def _create_encoder(variant: str, pretrained: bool = False, **kwargs) -> RWKVUNetEncoder:
+    size = variant.rsplit("_", 1)[-1]
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3, 4))
+    model_args = dict(ENCODER_VARIANTS[size], **kwargs)
+    return build_model_with_cfg(
+        RWKVUNetEncoder,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, flatten_sequential=False),
+        **model_args,
+    )
+
+
+def _cfg(**kwargs):
+    return {
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (14, 14),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.conv.conv",
+        "classifier": "head",
+        "license": "apache-2.0",
+        "paper_ids": "arXiv:2501.08458",
+        "paper_name": "RWKV-UNet: Improving UNet with Long-Range Cooperation for Effective Medical Image Segmentation",
+        "origin_url": "https://github.com/juntaoJianggavin/RWKV-UNet",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "rwkvunet_enc_t.in1k": _cfg(hf_hub_id=f"{HUB_ORG}/rwkvunet_enc_t.in1k"),
+    "rwkvunet_enc_s.in1k": _cfg(hf_hub_id=f"{HUB_ORG}/rwkvunet_enc_s.in1k"),
+    "rwkvunet_enc_b.in1k": _cfg(hf_hub_id=f"{HUB_ORG}/rwkvunet_enc_b.in1k"),
+})
+
+
+@register_model
+def rwkvunet_enc_t(pretrained: bool = False, **kwargs) -> RWKVUNetEncoder:
+    """RWKV-UNet-T encoder (2.94M parameters used; ImageNet-1k top-1 76.5)."""
+    return _create_encoder("rwkvunet_enc_t", pretrained, **kwargs)
+
+
+@register_model
+def rwkvunet_enc_s(pretrained: bool = False, **kwargs) -> RWKVUNetEncoder:
+    """RWKV-UNet-S encoder (9.42M parameters used; ImageNet-1k top-1 80.5)."""
+    return _create_encoder("rwkvunet_enc_s", pretrained, **kwargs)
+
+
+@register_model
+def rwkvunet_enc_b(pretrained: bool = False, **kwargs) -> RWKVUNetEncoder:
+    """RWKV-UNet-B encoder (16.69M parameters used; ImageNet-1k top-1 81.3)."""
+    return _create_encoder("rwkvunet_enc_b", pretrained, **kwargs)

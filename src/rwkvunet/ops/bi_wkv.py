@@ -1,0 +1,91 @@
+"""Bi-WKV: the bidirectional, distance-decayed attention of Vision-RWKV.
+
+    y_t = ( sum_{i!=t} exp(-(|t-i|-1) w + k_i) v_i + exp(u + k_t) v_t )
+        / ( sum_{i!=t} exp(-(|t-i|-1) w + k_i)     + exp(u + k_t) )
+
+The PyTorch implementation splits the sum into a causal prefix, an anti-causal suffix and the token itself.
+Because the decay is a pure exponential in the distance, each directional sum is an exclusive cumulative sum
+of ``exp(+-i w + k_i)`` rescaled by ``exp(-+t w)``: linear time, O(B*T*C) memory, no T x T matrix, any T.
+Every exponent is shifted by its running maximum (per batch and channel), so nothing overflows while
+``|w| * T + range(k)`` stays below the accumulation dtype's exponent range (about 80 in float32, 700 in
+float64); trained models sit far inside it (``|w| * T = |spatial_decay|`` is below 10).
+
+It is plain traceable torch code, so autograd, ``torch.compile(fullgraph=True)`` and ``torch.export`` go
+through it. :func:`bi_wkv` is the single dispatch point: CUDA tensors go to the compiled kernel when one
+is available (see :mod:`rwkvunet.ops.kernel_hub`), everything else to :func:`bi_wkv_torch`.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["bi_wkv", "bi_wkv_torch"]
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _exclusive_cumsum(x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """Sum of the strictly earlier (or, with ``reverse``, strictly later) tokens along dim 1.
+
+    Built by shifting rather than subtracting the token itself, so no cancellation can occur.
+    """
+    if reverse:
+        c = x.flip(1).cumsum(1).flip(1)
+        return torch.cat([c[:, 1:], torch.zeros_like(c[:, :1])], dim=1)
+    c = x.cumsum(1)
+    return torch.cat([torch.zeros_like(c[:, :1]), c[:, :-1]], dim=1)
+
+
+def bi_wkv_torch(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exact Bi-WKV in PyTorch. ``w``, ``u``: (C,); ``k``, ``v``: (B, T, C). Returns (B, T, C) in v's dtype."""
+    out_dtype = v.dtype
+    acc = _accumulate_dtype(torch.promote_types(k.dtype, v.dtype))
+    w, u, k, v = w.to(acc), u.to(acc), k.to(acc), v.to(acc)
+    T = k.shape[1]
+    pos = torch.arange(T, device=k.device, dtype=acc).unsqueeze(-1)  # (T, 1)
+    iw = pos * w  # (T, C)
+
+    # causal part: sum_{i<t} exp(-(t-1-i) w + k_i) v_i = exp(m_f - (t-1) w) * sum_{i<t} exp(i w + k_i - m_f) v_i
+    x_f = k + iw
+    m_f = x_f.amax(dim=1, keepdim=True).detach()
+    e_f = torch.exp(x_f - m_f)
+    num_f = _exclusive_cumsum(e_f * v)
+    den_f = _exclusive_cumsum(e_f)
+    log_f = m_f - (iw - w)  # m_f - (t-1) w
+
+    # anti-causal part: sum_{i>t} exp(-(i-t-1) w + k_i) v_i = exp(m_b + (t+1) w) * sum_{i>t} exp(-i w + k_i - m_b) v_i
+    x_b = k - iw
+    m_b = x_b.amax(dim=1, keepdim=True).detach()
+    e_b = torch.exp(x_b - m_b)
+    num_b = _exclusive_cumsum(e_b * v, reverse=True)
+    den_b = _exclusive_cumsum(e_b, reverse=True)
+    log_b = m_b + (iw + w)  # m_b + (t+1) w
+
+    # the token itself, then one common scale per output so the three parts combine without overflow
+    log_s = u + k
+    top = torch.maximum(torch.maximum(log_f, log_b), log_s).detach()
+    s_f, s_b, s_s = torch.exp(log_f - top), torch.exp(log_b - top), torch.exp(log_s - top)
+    num = s_f * num_f + s_b * num_b + s_s * v
+    den = s_f * den_f + s_b * den_b + s_s
+    return (num / den).to(out_dtype)
+
+
+def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bi-WKV on (B, T, C) keys and values with per-channel decay ``w`` and bonus ``u``.
+
+    The one dispatch point: CUDA tensors use the compiled kernel when it can be had, all others (and CUDA
+    tensors when it cannot) the exact PyTorch implementation.
+    """
+    if k.ndim != 3 or v.shape != k.shape:
+        raise ValueError(f"bi_wkv expects k and v of one shape (B, T, C); got {tuple(k.shape)} and {tuple(v.shape)}")
+    C = k.shape[-1]
+    if w.shape != (C,) or u.shape != (C,):
+        raise ValueError(f"bi_wkv expects w and u of shape ({C},); got {tuple(w.shape)} and {tuple(u.shape)}")
+    if k.is_cuda:
+        from .kernel_hub import cuda_bi_wkv
+
+        fn = cuda_bi_wkv()
+        if fn is not None:
+            return fn(w, u, k, v)
+    return bi_wkv_torch(w, u, k, v)

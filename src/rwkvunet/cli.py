@@ -1,0 +1,37 @@
+"""The ``rwkvunet`` command. Each subcommand lives in ``rwkvunet.commands.<name>`` and is imported only when used."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "convert": ("rwkvunet.commands.convert", "convert an authors' checkpoint into a transformers or timm folder"),
+    "predict": ("rwkvunet.commands.predict", "segment images, folders and NIfTI volumes with a trained model"),
+    "data": ("rwkvunet.commands.data", "turn a medical data set layout into a datasets.DatasetDict on disk"),
+    "bench": ("rwkvunet.commands.bench", "measure training and inference speed and memory"),
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="rwkvunet", description="RWKV-UNet medical image segmentation")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    name = argv[0]
+    if name not in COMMANDS:
+        parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
+    module = importlib.import_module(COMMANDS[name][0])
+    sub_parser = argparse.ArgumentParser(prog=f"rwkvunet {name}", description=COMMANDS[name][1])
+    module.add_arguments(sub_parser)
+    args = sub_parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Shared test helpers: where the fidelity fixtures are, and tiny models."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    """The development data folder: $RWKVUNET_SHARED, or ``shared/`` beside the repository."""
+    return Path(os.environ.get("RWKVUNET_SHARED", REPO.parent / "shared"))
+
+
+def require_shared(*parts: str) -> Path:
+    """Path under the shared folder; skips when it is absent on a user's clone, fails under CI."""
+    path = shared_dir().joinpath(*parts)
+    if not path.exists():
+        msg = f"{path} not found (set RWKVUNET_SHARED to the folder holding fixtures/)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(msg + "; CI must run the fidelity tests")
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fixture_file():
+    """Loader for ``fixtures/official_{variant}.safetensors`` as a dict of tensors."""
+    from safetensors.torch import load_file
+
+    cache = {}
+
+    def load(variant: str):
+        if variant not in cache:
+            cache[variant] = load_file(str(require_shared("fixtures", f"official_{variant}.safetensors")))
+        return cache[variant]
+
+    return load
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

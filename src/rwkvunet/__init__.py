@@ -1,10 +1,27 @@
 """RWKV-UNet for medical image segmentation.
 
-Importing the package registers the timm encoders ``rwkvunet_enc_{t,s,b}``.
+Importing the package registers the timm encoders ``rwkvunet_enc_{t,s,b}`` and the transformers Auto classes
+for ``model_type="rwkv_unet"``.
 """
 from .hub import HUB_ORG
 from .models import ENCODER_VARIANTS, RWKVUNetEncoder
+from .models.rwkv_unet import RWKVUNetConfig, RWKVUNetForSemanticSegmentation, RWKVUNetPreTrainedModel
 from .ops import bi_wkv
 
 __version__ = "0.1.0"
-__all__ = ["HUB_ORG", "ENCODER_VARIANTS", "RWKVUNetEncoder", "bi_wkv", "__version__"]
+
+
+def _register_auto_classes() -> None:
+    from transformers import AutoConfig, AutoModel, AutoModelForSemanticSegmentation
+
+    AutoConfig.register(RWKVUNetConfig.model_type, RWKVUNetConfig, exist_ok=True)
+    AutoModel.register(RWKVUNetConfig, RWKVUNetForSemanticSegmentation, exist_ok=True)
+    AutoModelForSemanticSegmentation.register(RWKVUNetConfig, RWKVUNetForSemanticSegmentation, exist_ok=True)
+
+
+_register_auto_classes()
+
+__all__ = [
+    "HUB_ORG", "ENCODER_VARIANTS", "RWKVUNetEncoder", "RWKVUNetConfig", "RWKVUNetForSemanticSegmentation",
+    "RWKVUNetPreTrainedModel", "bi_wkv", "__version__",
+]

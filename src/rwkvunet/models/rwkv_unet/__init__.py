@@ -1,0 +1,5 @@
+"""RWKV-UNet segmenter for transformers (configuration / modeling / image processing)."""
+from .configuration_rwkv_unet import RWKVUNetConfig
+from .modeling_rwkv_unet import RWKVUNetForSemanticSegmentation, RWKVUNetPreTrainedModel
+
+__all__ = ["RWKVUNetConfig", "RWKVUNetForSemanticSegmentation", "RWKVUNetPreTrainedModel"]

@@ -1,0 +1,92 @@
+"""RWKV-UNet segmenter configuration."""
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+SPATIAL_MIXERS = ("rwkv", "attention", "none")
+DECODER_BLOCKS = ("c-d-c", "c-c-d", "conv")
+VARIANTS = ("t", "s", "b")
+
+
+class RWKVUNetConfig(PreTrainedConfig):
+    r"""Configuration of [`RWKVUNetForSemanticSegmentation`]. Defaults build the paper's RWKV-UNet-B.
+
+    Args:
+        variant (`str`, defaults to `"b"`): encoder size, `"t"`, `"s"` or `"b"`.
+        encoder_name (`str`, *optional*): explicit timm encoder name (`rwkvunet_enc_{t,s,b}`); overrides `variant`.
+        in_channels (`int`, defaults to 3): channels of `pixel_values` (1 for CT/MRI slices).
+        num_labels (`int`): output classes including background; 1 means binary with a sigmoid.
+        ce_weight, dice_weight (`float`): loss = ce_weight * cross-entropy + dice_weight * Dice loss.
+        semantic_loss_ignore_index (`int`, defaults to 255): label value that the loss ignores.
+        drop_path_rate (`float`, defaults to 0.05): stochastic depth of the encoder (linear over blocks).
+        ccm_drop_path_rate (`float`, defaults to 0.05): stochastic depth on the Cross-Channel Mix.
+        spatial_mixer (`str`, defaults to `"rwkv"`): token mixer in stages III-IV: `"rwkv"`, `"attention"`
+            (multi-head self-attention) or `"none"` (paper Table 2).
+        mix_dw_conv (`bool`, defaults to True): depthwise conv after the spatial mix (paper Table A1).
+        mix_channel_mix (`bool`, defaults to False): RWKV channel mix after the spatial mix (paper Table 8).
+        decoder_block (`str`, defaults to `"c-d-c"`): `"c-d-c"` (1x1 -> depthwise -> 1x1), `"c-c-d"`
+            (1x1 -> 1x1 -> depthwise) or `"conv"` (one dense conv), each followed by x2 upsampling (Table 7).
+        decoder_kernel_size (`int`, defaults to 9): kernel of the decoder's depthwise (or dense) conv.
+        num_skips (`int`, defaults to 3): skip connections kept, shallowest first (0-3, Table 9).
+        use_ccm (`bool`, defaults to True): fuse the skips with the Cross-Channel Mix (Table 9).
+        image_size (`int`, defaults to 224): training resolution (informational; any size runs).
+    """
+
+    model_type = "rwkv_unet"
+
+    def __init__(
+            self,
+            variant: str = "b",
+            encoder_name: str | None = None,
+            in_channels: int = 3,
+            ce_weight: float = 0.5,
+            dice_weight: float = 0.5,
+            semantic_loss_ignore_index: int = 255,
+            drop_path_rate: float = 0.05,
+            ccm_drop_path_rate: float = 0.05,
+            spatial_mixer: str = "rwkv",
+            mix_dw_conv: bool = True,
+            mix_channel_mix: bool = False,
+            decoder_block: str = "c-d-c",
+            decoder_kernel_size: int = 9,
+            num_skips: int = 3,
+            use_ccm: bool = True,
+            image_size: int = 224,
+            initializer_range: float = 0.02,
+            **kwargs,
+    ):
+        if encoder_name is not None:
+            if not encoder_name.startswith("rwkvunet_enc_") or encoder_name[-1] not in VARIANTS:
+                raise ValueError(f"encoder_name must be one of rwkvunet_enc_t/s/b, got {encoder_name!r}")
+            variant = encoder_name[-1]
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if spatial_mixer not in SPATIAL_MIXERS:
+            raise ValueError(f"spatial_mixer must be one of {SPATIAL_MIXERS}, got {spatial_mixer!r}")
+        if decoder_block not in DECODER_BLOCKS:
+            raise ValueError(f"decoder_block must be one of {DECODER_BLOCKS}, got {decoder_block!r}")
+        if not 0 <= int(num_skips) <= 3:
+            raise ValueError(f"num_skips must be between 0 and 3, got {num_skips}")
+        if int(in_channels) < 1:
+            raise ValueError(f"in_channels must be positive, got {in_channels}")
+        self.variant = variant
+        self.encoder_name = f"rwkvunet_enc_{variant}"
+        self.in_channels = int(in_channels)
+        self.ce_weight = float(ce_weight)
+        self.dice_weight = float(dice_weight)
+        self.semantic_loss_ignore_index = int(semantic_loss_ignore_index)
+        self.drop_path_rate = float(drop_path_rate)
+        self.ccm_drop_path_rate = float(ccm_drop_path_rate)
+        self.spatial_mixer = spatial_mixer
+        self.mix_dw_conv = bool(mix_dw_conv)
+        self.mix_channel_mix = bool(mix_channel_mix)
+        self.decoder_block = decoder_block
+        self.decoder_kernel_size = int(decoder_kernel_size)
+        self.num_skips = int(num_skips)
+        self.use_ccm = bool(use_ccm)
+        self.image_size = int(image_size)
+        self.initializer_range = float(initializer_range)
+        super().__init__(**kwargs)
+
+
+__all__ = ["RWKVUNetConfig"]

@@ -1,0 +1,282 @@
+"""RWKV-UNet segmenter as a transformers model.
+
+encoder (timm ``rwkvunet_enc_*``, stem + stages I-IV) -> Cross-Channel Mix over the skips of stages I-III
+-> four upsampling decoder blocks -> 1x1 head. Logits come out at the input size for any H, W.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import SemanticSegmenterOutput
+
+from ...layers import ChannelMix, ConvNormAct, CrossChannelMix, SpatialMix
+from ..encoder import ENCODER_VARIANTS, STEM_CHS, RWKVUNetEncoder
+from .configuration_rwkv_unet import RWKVUNetConfig
+
+SIZE_DIVISOR = 16  # total stride of the encoder
+
+
+class DecoderBlock(nn.Module):
+    """Decoder block followed by x2 bilinear upsampling.
+
+    ``c-d-c``: 1x1 (ReLU) -> k x k depthwise (SiLU) -> 1x1 (ReLU), the released design;
+    ``c-c-d``: 1x1 (ReLU) -> 1x1 (ReLU) -> k x k depthwise (SiLU); ``conv``: one dense k x k conv (ReLU).
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, kind: str = "c-d-c", kernel_size: int = 9):
+        super().__init__()
+        if kind == "c-d-c":
+            self.conv = ConvNormAct(in_chs, in_chs, 1, act_layer=nn.ReLU)
+            self.conv_dw = ConvNormAct(in_chs, in_chs, kernel_size, groups=in_chs, act_layer=nn.SiLU)
+            self.proj = ConvNormAct(in_chs, out_chs, 1, act_layer=nn.ReLU)
+        elif kind == "c-c-d":
+            self.conv = ConvNormAct(in_chs, in_chs, 1, act_layer=nn.ReLU)
+            self.proj = ConvNormAct(in_chs, out_chs, 1, act_layer=nn.ReLU)
+            self.conv_dw = ConvNormAct(out_chs, out_chs, kernel_size, groups=out_chs, act_layer=nn.SiLU)
+        elif kind == "conv":
+            self.proj = ConvNormAct(in_chs, out_chs, kernel_size, act_layer=nn.ReLU)
+        else:
+            raise ValueError(f"unknown decoder block {kind!r}")
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "c-d-c":
+            x = self.proj(self.conv_dw(self.conv(x)))
+        elif self.kind == "c-c-d":
+            x = self.conv_dw(self.proj(self.conv(x)))
+        else:
+            x = self.proj(x)
+        return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+
+
+class RWKVUNetPreTrainedModel(PreTrainedModel):
+    config_class = RWKVUNetConfig
+    config: RWKVUNetConfig
+    base_model_prefix = "rwkv_unet"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = []
+    _can_compile_fullgraph = True
+    # a timm-saved encoder carries its classifier norm and head, which the segmenter does not use
+    _keys_to_ignore_on_load_unexpected = [r"^encoder\.(norm|head)\."]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Re-creatable initialisation of every parameter and buffer (models are built on the meta device)."""
+        if isinstance(module, nn.Conv2d):
+            fan_out = module.out_channels * module.kernel_size[0] * module.kernel_size[1] // module.groups
+            init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)):
+            if module.weight is not None:
+                init.ones_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+            if getattr(module, "running_mean", None) is not None:
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, SpatialMix):
+            init.zeros_(module.spatial_decay)
+            init.zeros_(module.spatial_first)
+            for p in (module.spatial_mix_k, module.spatial_mix_v, module.spatial_mix_r):
+                init.constant_(p, 0.5)
+        elif isinstance(module, ChannelMix):
+            for p in (module.spatial_mix_k, module.spatial_mix_r):
+                init.constant_(p, 0.5)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint,
+                                    every_n_layers: int = 1):
+        for module in self.modules():
+            if isinstance(module, RWKVUNetEncoder):
+                module.set_grad_checkpointing(enable)
+            if isinstance(module, RWKVUNetForSemanticSegmentation):
+                module.gradient_checkpointing = enable
+
+
+class RWKVUNetForSemanticSegmentation(RWKVUNetPreTrainedModel):
+    """RWKV-UNet with a per-pixel classification head.
+
+    Inputs of any height and width are zero-padded at the bottom and right to a multiple of 16 and the
+    logits are cropped back, so they always come out at the input size.
+    """
+
+    def __init__(self, config: RWKVUNetConfig):
+        super().__init__(config)
+        arch = ENCODER_VARIANTS[config.variant]
+        self.encoder = RWKVUNetEncoder(
+            **arch,
+            in_chans=config.in_channels,
+            num_classes=0,
+            global_pool="",
+            drop_path_rate=config.drop_path_rate,
+            mixer=config.spatial_mixer,
+            mix_dw_conv=config.mix_dw_conv,
+            mix_channel_mix=config.mix_channel_mix,
+        )
+        self.encoder.norm = nn.Identity()  # the classifier's norm; the decoder reads the raw stage IV map
+        dims: Sequence[int] = arch["dims"]
+        skip_chs = list(dims[:config.num_skips])
+        self.ccm = CrossChannelMix(skip_chs, drop_path=config.ccm_drop_path_rate) if (
+            config.use_ccm and skip_chs) else None
+        decoder = []
+        outs = [dims[2], dims[1], dims[0], STEM_CHS]
+        in_chs = dims[3]
+        for j, out_chs in enumerate(outs):
+            skip_level = 3 - j  # 1-based stage of the skip joined before this block (3, 2, 1), 0 for none
+            has_skip = j > 0 and skip_level + 1 <= config.num_skips
+            cin = in_chs + (dims[skip_level] if has_skip else 0)
+            decoder.append(DecoderBlock(cin, out_chs, config.decoder_block, config.decoder_kernel_size))
+            in_chs = out_chs
+        self.decoder = nn.ModuleList(decoder)
+        self.segmentation_head = nn.Conv2d(STEM_CHS, config.num_labels, 1, bias=True)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @classmethod
+    def from_encoder_pretrained(cls, encoder: str = "rwkvunet_enc_b", *, pretrained_cfg_overlay: Optional[dict] = None,
+                                **config_kwargs) -> "RWKVUNetForSemanticSegmentation":
+        """A new segmenter around a pretrained timm encoder (its ImageNet weights, or a file / Hub repo given by
+        ``pretrained_cfg_overlay``); the CCM, decoder and head start from scratch."""
+        import timm
+
+        name = encoder if encoder.startswith("rwkvunet_enc_") else f"rwkvunet_enc_{encoder}"
+        config = RWKVUNetConfig(encoder_name=name, **config_kwargs)
+        model = cls(config)
+        pretrained = timm.create_model(
+            name, pretrained=True, num_classes=0, in_chans=config.in_channels,
+            pretrained_cfg_overlay=pretrained_cfg_overlay or {},
+            mixer=config.spatial_mixer, mix_dw_conv=config.mix_dw_conv, mix_channel_mix=config.mix_channel_mix,
+        )
+        state = {k: v for k, v in pretrained.state_dict().items() if not k.startswith(("norm.", "head."))}
+        missing, unexpected = model.encoder.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"encoder weights do not fit: missing {missing}, unexpected {unexpected}")
+        return model
+
+    # --- input checks ------------------------------------------------------------------------------------
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        if not torch.is_tensor(pixel_values) or pixel_values.ndim != 4:
+            shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must be a (batch, channels, height, width) tensor, got {shape}; "
+                             "add a batch dimension with x[None] or use RWKVUNetImageProcessor")
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values must be floating point, got {pixel_values.dtype}; convert with "
+                            "x.float() (and scale, e.g. / 255) or use RWKVUNetImageProcessor")
+        if pixel_values.shape[1] != self.config.in_channels:
+            raise ValueError(f"pixel_values has {pixel_values.shape[1]} channels but this model takes "
+                             f"{self.config.in_channels} (config.in_channels); convert the images "
+                             "(e.g. grey <-> RGB) or build the model with in_channels="
+                             f"{pixel_values.shape[1]}")
+
+    def _check_labels(self, labels: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        if labels.ndim == 4 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        expected = (pixel_values.shape[0],) + tuple(pixel_values.shape[-2:])
+        if tuple(labels.shape) != expected:
+            raise ValueError(f"labels must have shape (batch, height, width) = {expected}, got {tuple(labels.shape)}")
+        if labels.is_floating_point() and self.config.num_labels > 1:
+            raise TypeError(f"labels must hold integer class indices, got {labels.dtype}; use labels.long()")
+        if not torch.compiler.is_compiling():
+            limit = max(self.config.num_labels, 2)
+            bad = ((labels < 0) | (labels >= limit)) & (labels != self.config.semantic_loss_ignore_index)
+            msg = (f"labels must be class indices in [0, {limit}) or the ignore index "
+                   f"{self.config.semantic_loss_ignore_index}; check config.num_labels and the masks")
+            if labels.device.type == "cpu":
+                if bool(bad.any()):
+                    raise ValueError(msg + f"; found {sorted(set(labels[bad].unique().tolist()))[:8]}")
+            else:
+                torch._assert_async(~bad.any(), msg)
+        return labels
+
+    # --- forward -----------------------------------------------------------------------------------------
+    def _decode(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training:
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def forward(
+            self,
+            pixel_values: torch.Tensor,
+            labels: Optional[torch.Tensor] = None,
+            output_hidden_states: Optional[bool] = None,
+            return_dict: Optional[bool] = None,
+            **kwargs,
+    ):
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, in_channels, height, width)`): any height and width.
+        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*): class indices; with
+            `num_labels == 1`, 0/1 foreground masks. Returns the loss ce_weight * CE + dice_weight * Dice.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self._check_pixel_values(pixel_values)
+        height, width = pixel_values.shape[-2:]
+        pad_h, pad_w = (-height) % SIZE_DIVISOR, (-width) % SIZE_DIVISOR
+        x = F.pad(pixel_values, (0, pad_w, 0, pad_h)) if (pad_h or pad_w) else pixel_values
+
+        e1, e2, e3, e4 = self.encoder.forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True)
+        skips: List[torch.Tensor] = [e1, e2, e3][:self.config.num_skips]
+        if self.ccm is not None:
+            skips = self.ccm(skips)
+        d = e4
+        for j, block in enumerate(self.decoder):
+            level = 3 - j  # index into skips [e1', e2', e3'] joined before block j (none before block 0)
+            if j > 0 and level < len(skips):
+                d = torch.cat([d, skips[level]], dim=1)
+            d = self._decode(block, d)
+        logits = self.segmentation_head(d)
+        if pad_h or pad_w:
+            logits = logits[..., :height, :width]
+
+        loss = None
+        if labels is not None:
+            labels = self._check_labels(labels, pixel_values)
+            loss = segmentation_loss(logits, labels, self.config)
+
+        hidden_states = (e1, e2, e3, e4) if output_hidden_states else None
+        if not return_dict:
+            out = (logits,) + ((hidden_states,) if hidden_states is not None else ())
+            return ((loss,) + out) if loss is not None else out
+        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+
+
+def _soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over classes of 1 - (2 sum(p t) + s) / (sum(p^2) + sum(t^2) + s), over the whole batch (as TransUNet)."""
+    smooth = 1e-5
+    probs, target = probs * valid, target * valid
+    dims = (0, 2, 3)
+    intersect = (probs * target).sum(dims)
+    denom = (probs * probs).sum(dims) + (target * target).sum(dims)
+    return (1 - (2 * intersect + smooth) / (denom + smooth)).mean()
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, config: RWKVUNetConfig) -> torch.Tensor:
+    """ce_weight * CE + dice_weight * softmax Dice (num_labels > 1), or BCE + sigmoid Dice (num_labels == 1)."""
+    ignore = config.semantic_loss_ignore_index
+    logits = logits.float()
+    valid = (labels != ignore).unsqueeze(1).to(logits.dtype)
+    if config.num_labels == 1:
+        target = torch.where(labels == ignore, torch.zeros_like(labels), labels).to(logits.dtype).unsqueeze(1)
+        ce = F.binary_cross_entropy_with_logits(logits, target, weight=valid, reduction="sum") / valid.sum().clamp_min(1)
+        dice = _soft_dice_loss(torch.sigmoid(logits), target, valid)
+    else:
+        ce = F.cross_entropy(logits, labels.long(), ignore_index=ignore)
+        safe = torch.where(labels == ignore, torch.zeros_like(labels), labels).long()
+        target = F.one_hot(safe, config.num_labels).permute(0, 3, 1, 2).to(logits.dtype)
+        dice = _soft_dice_loss(logits.softmax(dim=1), target, valid)
+    return config.ce_weight * ce + config.dice_weight * dice
+
+
+__all__ = ["RWKVUNetPreTrainedModel", "RWKVUNetForSemanticSegmentation", "DecoderBlock", "segmentation_loss"]

@@ -70,7 +70,10 @@ class RWKVUNetPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Re-creatable initialisation of every parameter and buffer (models are built on the meta device)."""
-        if isinstance(module, nn.Conv2d):
+        if module is getattr(self, "segmentation_head", None):
+            init.trunc_normal_(module.weight, std=self.config.initializer_range)  # small logits at the start
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
             fan_out = module.out_channels * module.kernel_size[0] * module.kernel_size[1] // module.groups
             init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
             if module.bias is not None:

@@ -1,0 +1,217 @@
+"""One entry point for every data source: :func:`load_segmentation_dataset`."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+from .files import DataError, file_stamp
+from .folders import FOLDER_LAYOUTS, find_pairs, has_instance_masks, looks_like_folder_layout, pair_rows
+from .splits import SPLIT_ALIASES, acdc_patient_split, ratio_split, synapse_validation_cases
+from .volumes import (acdc_files, acdc_patient, array_features, default_num_labels, file_rows,
+                      group_synapse_slices, is_volume_feature, shapes_of, stacked_rows, synapse_case,
+                      synapse_files)
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = ("auto", "hub", "disk") + FOLDER_LAYOUTS + ("synapse", "acdc")
+
+
+def detect_layout(source: str) -> str:
+    """Name the layout of ``source``: ``hub`` (not a local path), ``disk`` (``save_to_disk`` folder),
+    ``synapse``, ``acdc``, ``glas`` (``_anno`` masks) or ``folder`` (any image/mask folder)."""
+    root = Path(source)
+    if not root.exists():
+        return "hub"
+    if not root.is_dir():
+        raise DataError(f"{source} is a file; pass a folder or a Hub data set id.")
+    if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
+        return "disk"
+    if (root / "train_npz").is_dir() or (root / "test_vol_h5").is_dir():
+        return "synapse"
+    if (root / "ACDC_training_slices").is_dir() or (root / "ACDC_training_volumes").is_dir():
+        return "acdc"
+    if looks_like_folder_layout(root):
+        if any(p.stem.lower().endswith("_anno") for p in root.rglob("*_anno.*")):
+            return "glas"
+        return "folder"
+    raise DataError(
+        f"cannot recognise the data layout of {source}: expected a save_to_disk folder, images/ + masks/ "
+        f"folders (or masks named <image>_mask.png), a Synapse root (train_npz/, test_vol_h5/) or an ACDC root "
+        f"(ACDC_training_slices/, ACDC_training_volumes/).")
+
+
+def is_volume_split(split) -> bool:
+    """True when the rows of ``split`` (a ``datasets.Dataset``) are 3-D volumes to evaluate per case."""
+    return "image" in split.features and is_volume_feature(split.features["image"])
+
+
+def load_segmentation_dataset(source: str, *, image_column: str = "image", mask_column: str = "mask",
+                              split_seed: int = 0, num_labels: Optional[int] = None,
+                              cache_dir: Optional[str] = None, layout: str = "auto"):
+    """Load any supported segmentation data set as a ``datasets.DatasetDict``.
+
+    Args:
+        source: a Hub data set id, a ``save_to_disk`` folder, an image/mask folder (``images/`` + ``masks/``
+            matched by file stem, or the Kvasir, CVC, BUSI, GlaS and ISIC layouts), or a Synapse or ACDC root.
+        image_column, mask_column: column names of Hub / ``save_to_disk`` sets; renamed to ``image``/``mask``.
+        split_seed: seed of the 8:1:1 split of sets without their own splits (the paper uses 0, 1 and 2).
+        num_labels: number of classes. ``None``, 1 or 2 mean binary (0-255 masks thresholded at 128); more
+            means label maps whose values must be below it. Synapse defaults to 9 and ACDC to 4.
+        cache_dir: where ``datasets`` caches the converted arrow files (its default cache when ``None``).
+        layout: force a layout (see :data:`LAYOUTS`) instead of detecting it.
+
+    Returns:
+        ``DatasetDict`` with splits ``train``, ``validation`` and ``test`` (those that have cases). Rows hold
+        ``image`` (a lazily decoded ``datasets.Image`` for image files; float32 (H, W) for Synapse/ACDC
+        slices), ``mask`` (uint8 label map) and ``case_id`` (str). Synapse test and ACDC validation/test rows
+        are volumes: ``image`` float32 (D, H, W), ``mask`` uint8 (D, H, W); :func:`is_volume_split` tells.
+
+    Raises:
+        DataError: naming the file, for unreadable files, image/mask size mismatches and labels outside the
+            classes.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    if layout == "auto":
+        layout = detect_layout(source)
+    if layout in ("hub", "disk"):
+        return _load_datasets_source(source, layout, image_column, mask_column, split_seed, cache_dir)
+    root = Path(source)
+    if not root.is_dir():
+        raise DataError(f"{source} is not a folder; the {layout} layout is read from a local folder.")
+    if layout == "synapse":
+        return _load_synapse(root, default_num_labels("synapse", num_labels), cache_dir)
+    if layout == "acdc":
+        return _load_acdc(root, default_num_labels("acdc", num_labels), cache_dir)
+    return _load_folder(root, layout, num_labels, split_seed, cache_dir)
+
+
+# --- datasets helpers ----------------------------------------------------------------------------------
+
+def _generate(generator, features, cache_dir, writer_batch_size=None, **gen_kwargs):
+    """``Dataset.from_generator`` that lets :class:`DataError` through instead of a generic wrapper."""
+    from datasets import Dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    kwargs = {"writer_batch_size": writer_batch_size} if writer_batch_size else {}
+    # lists in gen_kwargs would be taken for shards; tuples are not
+    gen_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in gen_kwargs.items()}
+    try:
+        return Dataset.from_generator(generator, features=features, cache_dir=cache_dir, gen_kwargs=gen_kwargs,
+                                      **kwargs)
+    except DatasetGenerationError as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise DataError(str(cause)) from cause
+        raise
+
+
+def _image_mask_features():
+    from datasets import Features, Image, Value
+
+    return Features({"image": Image(), "mask": Image(), "case_id": Value("string")})
+
+
+def _load_folder(root: Path, layout: str, num_labels, split_seed, cache_dir):
+    from datasets import DatasetDict
+
+    split_dirs = {SPLIT_ALIASES[p.name.lower()]: p for p in sorted(root.iterdir())
+                  if p.is_dir() and p.name.lower() in SPLIT_ALIASES}
+    if "train" in split_dirs and len(split_dirs) >= 2:
+        pairs = {name: find_pairs(path) for name, path in split_dirs.items()}
+        if "validation" not in pairs:  # take a ninth of the training cases, as in an 8:1:1 split
+            cut = ratio_split([p.case_id for p in pairs["train"]], split_seed, (8 / 9, 1 / 9, 0.0))
+            by_id = {p.case_id: p for p in pairs["train"]}
+            pairs["train"] = [by_id[c] for c in sorted(cut["train"] + cut["test"])]
+            pairs["validation"] = [by_id[c] for c in sorted(cut["validation"])]
+    else:
+        every = find_pairs(root)
+        by_id = {p.case_id: p for p in every}
+        pairs = {name: [by_id[c] for c in sorted(ids)] for name, ids in ratio_split(list(by_id), split_seed).items()}
+    instances = layout == "glas" or (layout == "folder" and has_instance_masks([q for v in pairs.values() for q in v]))
+    out = {}
+    for name in ("train", "validation", "test"):
+        if pairs.get(name):
+            files = [f for p in pairs[name] for f in [p.image, *p.masks]]
+            out[name] = _generate(pair_rows, _image_mask_features(), cache_dir, pairs=pairs[name],
+                                  num_labels=num_labels, instances=instances, stamp=file_stamp(files))
+    return DatasetDict(out)
+
+
+def _load_synapse(root: Path, num_labels: int, cache_dir):
+    from datasets import DatasetDict
+
+    train, test = synapse_files(root)
+    out = {}
+    if train:
+        out["train"] = _generate(file_rows, array_features(shapes_of(train), 2), cache_dir, writer_batch_size=64,
+                                 files=train, num_labels=num_labels, stamp=file_stamp(train))
+        val_cases = synapse_validation_cases([synapse_case(p) for p in train])
+        groups = group_synapse_slices(train, val_cases)
+        val_files = [p for g in groups.values() for p in g]
+        out["validation"] = _generate(stacked_rows, array_features([(1, *s) for s in shapes_of(val_files)], 3),
+                                      cache_dir, writer_batch_size=1, groups=groups, num_labels=num_labels,
+                                      stamp=file_stamp(val_files))
+    if test:
+        out["test"] = _generate(file_rows, array_features(shapes_of(test), 3), cache_dir, writer_batch_size=1,
+                                files=test, num_labels=num_labels, stamp=file_stamp(test))
+    return DatasetDict(out)
+
+
+def _load_acdc(root: Path, num_labels: int, cache_dir):
+    from datasets import DatasetDict
+
+    slices, volumes = acdc_files(root)
+    patients = acdc_patient_split([acdc_patient(p) for p in slices + volumes])
+    out = {}
+    train = [p for p in slices if acdc_patient(p) in patients["train"]]
+    if train:
+        out["train"] = _generate(file_rows, array_features(shapes_of(train), 2), cache_dir, writer_batch_size=256,
+                                 files=train, num_labels=num_labels, stamp=file_stamp(train))
+    for name in ("validation", "test"):
+        files = [p for p in volumes if acdc_patient(p) in patients[name]]
+        if files:
+            out[name] = _generate(file_rows, array_features(shapes_of(files), 3), cache_dir, writer_batch_size=4,
+                                  files=files, num_labels=num_labels, stamp=file_stamp(files))
+    return DatasetDict(out)
+
+
+def _load_datasets_source(source, layout, image_column, mask_column, split_seed, cache_dir):
+    import datasets
+
+    loaded = datasets.load_from_disk(source) if layout == "disk" else datasets.load_dataset(source, cache_dir=cache_dir)
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    out = {}
+    for name, split in loaded.items():
+        canonical = SPLIT_ALIASES.get(name.lower())
+        if canonical is None:
+            logger.warning("ignoring split %r of %s (not train/validation/test)", name, source)
+            continue
+        for column, wanted in ((image_column, "image"), (mask_column, "mask")):
+            if column not in split.column_names:
+                raise DataError(f"split {name!r} of {source} has no column {column!r}; its columns are "
+                                f"{split.column_names}. Pass image_column=/mask_column= (--image-column, --mask-column).")
+            if column != wanted:
+                if wanted in split.column_names:
+                    split = split.remove_columns(wanted)
+                split = split.rename_column(column, wanted)
+        if "case_id" not in split.column_names:
+            split = split.add_column("case_id", [f"{canonical}_{i:06d}" for i in range(len(split))])
+        out[canonical] = split
+    if "train" not in out:
+        raise DataError(f"{source} has no training split (found {list(loaded)}).")
+    if "validation" not in out and "test" not in out:
+        ids = ratio_split([str(i) for i in range(len(out["train"]))], split_seed)
+        full = out["train"]
+        for name, idx in ids.items():
+            out[name] = full.select(sorted(int(i) for i in idx))
+    elif "validation" not in out:
+        ids = ratio_split([str(i) for i in range(len(out["train"]))], split_seed, (8 / 9, 1 / 9, 0.0))
+        full = out["train"]
+        out["train"] = full.select(sorted(int(i) for i in ids["train"] + ids["test"]))
+        out["validation"] = full.select(sorted(int(i) for i in ids["validation"]))
+    return datasets.DatasetDict({k: out[k] for k in ("train", "validation", "test") if k in out})

@@ -5,23 +5,27 @@ for ``model_type="rwkv_unet"``.
 """
 from .hub import HUB_ORG
 from .models import ENCODER_VARIANTS, RWKVUNetEncoder
-from .models.rwkv_unet import RWKVUNetConfig, RWKVUNetForSemanticSegmentation, RWKVUNetPreTrainedModel
+from .models.rwkv_unet import (
+    RWKVUNetConfig, RWKVUNetForSemanticSegmentation, RWKVUNetImageProcessor, RWKVUNetPreTrainedModel,
+)
 from .ops import bi_wkv
 
 __version__ = "0.1.0"
 
 
 def _register_auto_classes() -> None:
-    from transformers import AutoConfig, AutoModel, AutoModelForSemanticSegmentation
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation
 
     AutoConfig.register(RWKVUNetConfig.model_type, RWKVUNetConfig, exist_ok=True)
     AutoModel.register(RWKVUNetConfig, RWKVUNetForSemanticSegmentation, exist_ok=True)
     AutoModelForSemanticSegmentation.register(RWKVUNetConfig, RWKVUNetForSemanticSegmentation, exist_ok=True)
+    AutoImageProcessor.register(RWKVUNetConfig, image_processor_classes={"torchvision": RWKVUNetImageProcessor},
+                                exist_ok=True)
 
 
 _register_auto_classes()
 
 __all__ = [
     "HUB_ORG", "ENCODER_VARIANTS", "RWKVUNetEncoder", "RWKVUNetConfig", "RWKVUNetForSemanticSegmentation",
-    "RWKVUNetPreTrainedModel", "bi_wkv", "__version__",
+    "RWKVUNetImageProcessor", "RWKVUNetPreTrainedModel", "bi_wkv", "__version__",
 ]

@@ -1,0 +1,214 @@
+"""``rwkvunet predict MODEL INPUT... --out DIR``: label maps and overlays for images, folders and NIfTI volumes.
+
+Per image: ``<name>_labels.png`` (uint8 class indices, the image's size) and ``<name>_overlay.png``; per volume:
+``<name>_labels.nii.gz`` (uint8, the input's shape, affine and header geometry) and ``<name>_montage.png``.
+Folders keep their layout under ``--out``. Exit status: 0 all done, 1 some files could not be segmented
+(the others are written), 2 nothing done (bad arguments, model or inputs).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .. import inference_io as io
+from ..inference import (CT_AIR_THRESHOLD, CT_WINDOW, InputConversionWarning, Segmenter, match_channels,
+                         prepare_volume)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="model folder (save_pretrained) or Hub id")
+    parser.add_argument("inputs", metavar="INPUT", nargs="+",
+                        help="images (PNG, JPEG, TIFF, BMP), NIfTI volumes (.nii, .nii.gz) or folders of them")
+    parser.add_argument("--out", "-o", required=True, type=Path, help="output folder (created if needed)")
+    vol = parser.add_argument_group("volumes")
+    vol.add_argument("--axis", type=int, default=2, help="slice axis of NIfTI volumes (default 2: axial for "
+                     "RAS-stored scans)")
+    intensity = vol.add_mutually_exclusive_group()
+    intensity.add_argument("--window", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                           help="clip to [LOW, HIGH] (e.g. HU) and scale to [0, 1]")
+    intensity.add_argument("--ct", action="store_true",
+                           help=f"CT: the window [{CT_WINDOW[0]:g}, {CT_WINDOW[1]:g}] HU of the Synapse data")
+    intensity.add_argument("--mri-minmax", action="store_true", help="MRI: per-volume min-max to [0, 1]")
+    size = parser.add_argument_group("image size (default: resize to the training size when the model's "
+                                     "preprocessor_config.json says so, else the whole image as it is)")
+    mode = size.add_mutually_exclusive_group()
+    mode.add_argument("--tile", type=int, metavar="N",
+                      help="predict at native resolution in N x N tiles (memory bounded by N), e.g. 512")
+    mode.add_argument("--native", action="store_true", help="predict the whole image at native resolution")
+    size.add_argument("--overlap", type=int, default=64, help="pixels shared by neighbouring tiles (default 64)")
+    run = parser.add_argument_group("running")
+    run.add_argument("--tta", action="store_true", help="average over left-right and up-down flips")
+    run.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
+    run.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                     help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
+    run.add_argument("--batch-size", type=int, default=8, help="slices or tiles per forward pass (default 8)")
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--color", action="store_true", help="also write <name>_labels_color.png for viewing")
+    out.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_args(args) -> Optional[str]:
+    if args.window is not None and not args.window[0] < args.window[1]:
+        return f"--window needs LOW < HIGH, got {args.window[0]:g} {args.window[1]:g}"
+    if args.tile is not None and args.tile < 16:
+        return f"--tile must be at least 16 pixels, got {args.tile}"
+    if args.tile is not None and not 0 <= args.overlap < args.tile:
+        return f"--overlap must be between 0 and the tile size minus 1, got {args.overlap}"
+    if args.batch_size < 1:
+        return f"--batch-size must be positive, got {args.batch_size}"
+    if not 0 <= args.alpha <= 1:
+        return f"--alpha must be between 0 and 1, got {args.alpha}"
+    if args.device and args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return "--device cuda asked but CUDA is not available here; use --device cpu"
+    return None
+
+
+class _Outputs:
+    """Output names under --out that keep the input folders' layout and never collide."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.used: set = set()
+
+    def base(self, file: Path, root: Path) -> Path:
+        rel_parent = file.parent.relative_to(root) if file.parent != root else Path()
+        stem = io.strip_extension(file)
+        base = self.out / rel_parent / stem
+        if base in self.used:  # e.g. img.png and img.jpg side by side
+            base = self.out / rel_parent / f"{stem}_{file.name[len(stem):].lstrip('.').replace('.', '_')}"
+        n = 2
+        while base in self.used:
+            base, n = self.out / rel_parent / f"{stem}_{n}", n + 1
+        self.used.add(base)
+        return base
+
+
+def _intensity(args, volume: np.ndarray) -> Tuple[object, str]:
+    """The intensity preparation asked for, or the one chosen from the values, and why."""
+    if args.window is not None:
+        return (args.window[0], args.window[1]), "--window"
+    if args.ct:
+        return "ct", "--ct"
+    if args.mri_minmax:
+        return "minmax", "--mri-minmax"
+    if volume.size and float(volume.min()) < CT_AIR_THRESHOLD:
+        return "ct", f"chosen because it holds values below {CT_AIR_THRESHOLD:g} (CT in HU); " \
+                     "give --mri-minmax or --window to change"
+    return "minmax", f"chosen because it holds no values below {CT_AIR_THRESHOLD:g} (not CT in HU); " \
+                     "give --ct or --window to change"
+
+
+def _segment_image(seg: Segmenter, args, file: Path, base: Path, notes: Counter, say) -> List[Path]:
+    image = io.read_image(file)
+    pixels, note = match_channels(image, seg.in_channels)
+    if note:
+        if not notes[note]:
+            say(f"note: {file}: {note}")
+        notes[note] += 1
+    labels = seg.predict_image(pixels, tile=args.tile, overlap=args.overlap, native=args.native)
+    written = [io.save_png(f"{base}_labels.png", labels),
+               io.save_png(f"{base}_overlay.png", io.overlay(image, labels, args.alpha))]
+    if args.color:
+        written.append(io.save_png(f"{base}_labels_color.png", io.colorize(labels)))
+    return written
+
+
+def _segment_volume(seg: Segmenter, args, file: Path, base: Path, notes: Counter, say) -> List[Path]:
+    data, img = io.read_volume(file)
+    axis = args.axis
+    if not -data.ndim <= axis < data.ndim:
+        raise io.InputError(f"{file}: --axis {axis} does not exist in a volume of shape {data.shape}; "
+                            "use 0, 1 or 2")
+    intensity, why = _intensity(args, data)
+    prepared, how = prepare_volume(data, intensity)
+    say(f"{file}: shape {data.shape}, {data.shape[axis]} slices along axis {axis % 3}; intensity: {how} ({why})")
+    if seg.in_channels != 1:
+        note = match_channels(np.zeros((1, 1), np.float32), seg.in_channels)[1]
+        if not notes[note]:
+            say(f"note: {file}: volume slices: {note}")
+        notes[note] += 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InputConversionWarning)
+        labels = seg.predict_volume(prepared, axis=axis, batch_size=args.batch_size, intensity=None,
+                                    native=args.native, tile=args.tile, overlap=args.overlap, progress=True)
+    ext = ".nii.gz" if file.name.lower().endswith(".gz") else ".nii"
+    written = [io.save_nifti_labels(f"{base}_labels{ext}", labels, img)]
+    picks = io.montage_slices(labels, axis)
+    grid = io.montage([np.take(prepared, k, axis=axis) for k in picks],
+                      [np.take(labels, k, axis=axis) for k in picks], alpha=args.alpha)
+    written.append(io.save_png(f"{base}_montage.png", grid))
+    return written
+
+
+def run(args) -> int:
+    problem = _check_args(args)
+    if problem:
+        return _error(problem)
+    try:
+        files = io.find_inputs(args.inputs, exclude=args.out)
+    except io.InputError as err:
+        return _error(str(err))
+    if not files:
+        return _error(f"no images or NIfTI volumes found in {' '.join(map(str, args.inputs))} "
+                      f"(formats: {io.supported_formats()})")
+    if any(io.file_kind(f) == "volume" for f, _ in files):
+        try:
+            io.require_nibabel()
+        except ImportError as err:
+            return _error(str(err))
+    try:
+        seg = Segmenter.from_pretrained(args.model, device=args.device,
+                                        dtype=None if args.dtype == "auto" else args.dtype,
+                                        tta=args.tta, batch_size=args.batch_size)
+    except (OSError, ValueError) as err:
+        return _error(f"{err}")
+
+    from tqdm.auto import tqdm
+
+    pre = seg.preprocessing
+    mode = (f"tiles of {args.tile} px overlapping by {args.overlap}" if args.tile else
+            "native resolution" if args.native or pre.size is None else f"resized to {pre.size[0]}x{pre.size[1]}")
+    print(f"model: {args.model} ({seg.in_channels} input channel(s), {seg.num_classes} classes); "
+          f"{seg.device.type} {str(seg.dtype).replace('torch.', '')}; {mode}; TTA {'on' if seg.tta else 'off'}; "
+          f"preprocessing from {pre.source}", file=sys.stderr)
+    outputs = _Outputs(args.out)
+    notes: Counter = Counter()
+    failed: Dict[Path, str] = {}
+    written: List[Path] = []
+    def say(message: str) -> None:
+        tqdm.write(message, file=sys.stderr)
+
+    bar = tqdm(files, unit="file", desc="predict", file=sys.stderr, disable=None)
+    for file, root in bar:
+        base = outputs.base(file, root)
+        segment = _segment_volume if io.file_kind(file) == "volume" else _segment_image
+        try:
+            written += segment(seg, args, file, base, notes, say)
+        except (io.InputError, OSError) as err:
+            failed[file] = str(err)
+            say(f"error: {err}")
+    for note, count in notes.items():
+        if count > 1:
+            print(f"note: {note} ({count} files)", file=sys.stderr)
+    print(f"wrote {len(written)} files for {len(files) - len(failed)} of {len(files)} inputs to {args.out}",
+          file=sys.stderr)
+    if failed:
+        print(f"error: {len(failed)} input(s) could not be segmented:", file=sys.stderr)
+        for file, msg in failed.items():
+            print(f"  {file}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,359 @@
+"""``rwkvunet convert``: the authors' released checkpoints -> a transformers segmenter folder or a timm encoder folder.
+
+    rwkvunet convert synapse_b.pth out/ --variant b --num-labels 9 --in-channels 1
+    rwkvunet convert enc_b.pth out/ --variant b --encoder
+    rwkvunet convert synapse_b.pth out/ --hub-config hub_configs/rwkvunet-b-synapse --with-code --publish
+
+A segmenter folder loads with ``AutoModelForSemanticSegmentation.from_pretrained`` and
+``AutoImageProcessor.from_pretrained``; an encoder folder with ``timm.create_model("local-dir:out/")``
+(or ``"hf-hub:<repo>"`` once uploaded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ..hub import HUB_ORG
+from ..models.encoder import ENCODER_VARIANTS, _unwrap
+
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+
+
+class ConversionError(ValueError):
+    """A checkpoint that does not fit the requested conversion (the message says why and what to do)."""
+
+
+# --- reading ----------------------------------------------------------------------------------------------
+def load_checkpoint(path, prefix: str = "") -> Dict[str, torch.Tensor]:
+    """A state_dict from ``.safetensors`` or a torch file (read with ``weights_only=True``), unwrapped from
+    ``state_dict`` / ``model`` / EMA containers, without a ``module.`` (DataParallel) prefix and, when
+    ``prefix`` is given, restricted to the keys under it (with the prefix removed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # pickled objects other than tensors and containers
+            raise ConversionError(f"{path} cannot be read with torch.load(weights_only=True) ({err}); load it "
+                                  "where you trust it and re-save only its state_dict (torch.save(model."
+                                  "state_dict(), ...)) or as .safetensors") from err
+    if not isinstance(state, dict):
+        raise ConversionError(f"{path} holds a {type(state).__name__}, not a state_dict")
+    state = _unwrap(state)
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise ConversionError(f"no key of {path} starts with the prefix {prefix!r}")
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    tensors = {k: v for k, v in state.items() if torch.is_tensor(v)}
+    if not tensors:
+        raise ConversionError(f"{path} holds no tensors at the top level (keys: {sorted(state)[:8]})")
+    return tensors
+
+
+# --- what is it? ------------------------------------------------------------------------------------------
+def _encoder_part(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    if any(k.startswith("encoder.") for k in state):
+        return {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    return state
+
+
+def encoder_shape(state: Dict[str, torch.Tensor]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """(stage dims, stage depths) of the encoder in an authors' (or this package's) checkpoint."""
+    enc = _encoder_part(state)
+    dims, depths = [], []
+    for i in range(1, 5):
+        proj = enc.get(f"stage{i}.0.proj.conv.weight", enc.get(f"stage{i}.0.proj.weight"))
+        dims.append(int(proj.shape[0]) if proj is not None else 0)
+        blocks = {int(m.group(1)) for k in enc for m in [re.match(rf"stage{i}\.(\d+)\.", k)] if m}
+        depths.append(max(blocks) + 1 if blocks else 0)
+    return tuple(dims), tuple(depths)
+
+
+def infer_variant(state: Dict[str, torch.Tensor]) -> Optional[str]:
+    """'t', 's' or 'b' from the key shapes, or None when they match no variant."""
+    dims, depths = encoder_shape(state)
+    for name, arch in ENCODER_VARIANTS.items():
+        if tuple(arch["dims"]) == dims and tuple(arch["depths"]) == depths:
+            return name
+    return None
+
+
+def is_segmenter(state: Dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("final_conv.", "decoder1.", "segmentation_head.", "decoder.0.")) for k in state)
+
+
+def check_variant(state: Dict[str, torch.Tensor], variant: str, src) -> None:
+    found = infer_variant(state)
+    if found == variant:
+        return
+    dims, depths = encoder_shape(state)
+    if found is None:
+        raise ConversionError(f"{src} does not look like an RWKV-UNet checkpoint of any variant (stage dims "
+                              f"{dims}, depths {depths}; T/S/B have dims "
+                              f"{', '.join(str(tuple(a['dims'])) for a in ENCODER_VARIANTS.values())})")
+    raise ConversionError(f"{src} looks like an RWKV-UNet-{found.upper()} checkpoint (stage dims {dims}, depths "
+                          f"{depths}), not {variant.upper()}; convert it with --variant {found}")
+
+
+def _head_rows(state: Dict[str, torch.Tensor]) -> Optional[int]:
+    for key in ("final_conv.weight", "segmentation_head.weight"):
+        if key in state:
+            return int(state[key].shape[0])
+    return None
+
+
+# --- segmenter ------------------------------------------------------------------------------------------
+def convert_segmenter(state, *, variant: str, num_labels: Optional[int] = None, in_channels: Optional[int] = None,
+                      config_overrides: Optional[dict] = None, src="checkpoint"):
+    """An :class:`RWKVUNetForSemanticSegmentation` (eval mode) holding the weights of an authors' segmenter."""
+    from ..models.rwkv_unet import RWKVUNetConfig, RWKVUNetForSemanticSegmentation
+    from ..models.rwkv_unet.conversion import convert_authors_state_dict
+
+    if not is_segmenter(state):
+        raise ConversionError(f"{src} has no decoder or head: it looks like an encoder checkpoint; convert it "
+                              "with --encoder")
+    check_variant(state, variant, src)
+    rows = _head_rows(state)
+    if num_labels is None:
+        num_labels = rows
+    elif rows is not None and rows != num_labels:
+        raise ConversionError(f"{src} predicts {rows} classes but --num-labels is {num_labels}; use "
+                              f"--num-labels {rows}")
+    first = _encoder_part(state).get("stage0.0.conv.conv.weight", _encoder_part(state).get("stem.conv.conv.weight"))
+    if in_channels is None:
+        in_channels = int(first.shape[1]) if first is not None else 3
+    overrides = dict(config_overrides or {})
+    for key in ("variant", "encoder_name", "num_labels", "in_channels"):
+        overrides.pop(key, None)
+    config = RWKVUNetConfig(variant=variant, num_labels=num_labels, in_channels=in_channels, **overrides)
+    model = RWKVUNetForSemanticSegmentation(config)
+    converted, _ = convert_authors_state_dict(state, model)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    if missing or unexpected:
+        raise ConversionError(f"{src} does not fit RWKV-UNet-{variant.upper()} with {num_labels} labels and "
+                              f"{in_channels} input channels: missing {missing[:6]}{'...' if len(missing) > 6 else ''}"
+                              f", unexpected {unexpected[:6]}")
+    return model.eval()
+
+
+def default_processor(config):
+    """The image processor matching a segmenter config: ImageNet normalisation for RGB models, none for
+    1-channel slices (already in [0, 1])."""
+    from ..models.rwkv_unet import RWKVUNetImageProcessor
+
+    size = {"height": config.image_size, "width": config.image_size}
+    return RWKVUNetImageProcessor(size=size, num_channels=config.in_channels,
+                                  do_normalize=config.in_channels == 3)
+
+
+def _read_hub_config(folder: Path) -> Tuple[dict, Optional[dict]]:
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    processor_file = folder / "preprocessor_config.json"
+    processor = json.loads(processor_file.read_text(encoding="utf-8")) if processor_file.is_file() else None
+    return config, processor
+
+
+def _hub_config_segmenter_kwargs(config: dict) -> dict:
+    from ..models.rwkv_unet import RWKVUNetConfig
+
+    reference = RWKVUNetConfig().to_dict()
+    keep = {k: v for k, v in config.items() if k in reference and k not in (
+        "transformers_version", "architectures", "model_type", "auto_map", "dtype", "torch_dtype")}
+    if "id2label" in keep:
+        keep["id2label"] = {int(k): v for k, v in keep["id2label"].items()}
+        keep.pop("label2id", None)
+    return keep
+
+
+def write_segmenter(args) -> Path:
+    from ..models.rwkv_unet import RWKVUNetImageProcessor
+    from ..models.rwkv_unet.remote_code import add_code
+
+    state = load_checkpoint(args.src, args.prefix)
+    overrides, processor_dict = {}, None
+    variant, num_labels, in_channels = args.variant, args.num_labels, args.in_channels
+    if args.hub_config:
+        hub_config, processor_dict = _read_hub_config(Path(args.hub_config))
+        overrides = _hub_config_segmenter_kwargs(hub_config)
+        labels = hub_config.get("id2label")
+        hub_values = {"variant": hub_config.get("variant"), "num_labels": len(labels) if labels else None,
+                      "in_channels": hub_config.get("in_channels")}
+        for name, value in (("variant", variant), ("num_labels", num_labels), ("in_channels", in_channels)):
+            if value is not None and hub_values[name] is not None and value != hub_values[name]:
+                raise ConversionError(f"--{name.replace('_', '-')} {value} disagrees with {args.hub_config} "
+                                      f"({name}={hub_values[name]})")
+        variant = variant or hub_values["variant"]
+        num_labels = num_labels or hub_values["num_labels"]
+        in_channels = in_channels or hub_values["in_channels"]
+    if variant is None:
+        variant = infer_variant(state)
+        if variant is None:
+            check_variant(state, "b", args.src)  # raises with the shapes found
+    if args.id2label:
+        overrides["id2label"] = _parse_labels(args.id2label)
+        num_labels = num_labels or len(overrides["id2label"])
+    if args.image_size:
+        overrides["image_size"] = args.image_size
+    model = convert_segmenter(state, variant=variant, num_labels=num_labels, in_channels=in_channels,
+                              config_overrides=overrides, src=args.src)
+    if args.dtype != "float32":
+        model = model.to(getattr(torch, args.dtype))
+    dst = Path(args.dst)
+    model.save_pretrained(dst)
+    if processor_dict is not None:
+        processor_dict = {k: v for k, v in processor_dict.items() if k not in ("image_processor_type", "auto_map")}
+        processor = RWKVUNetImageProcessor(**processor_dict)
+    else:
+        processor = default_processor(model.config)
+    if processor.num_channels != model.config.in_channels:
+        raise ConversionError(f"the image processor gives {processor.num_channels} channels but the model takes "
+                              f"{model.config.in_channels}; fix num_channels in preprocessor_config.json")
+    processor.save_pretrained(dst)
+    if args.with_code:
+        add_code(dst)
+    return dst
+
+
+def _parse_labels(text: str) -> Dict[int, str]:
+    path = Path(text)
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data = data.get("id2label", data) if isinstance(data, dict) else data
+    else:
+        data = [name.strip() for name in text.split(",")]
+    if isinstance(data, list):
+        return dict(enumerate(data))
+    return {int(k): str(v) for k, v in data.items()}
+
+
+# --- encoder --------------------------------------------------------------------------------------------
+def convert_encoder(state, *, variant: str, src="checkpoint"):
+    """A timm ``rwkvunet_enc_{variant}`` holding the weights of an authors' encoder (ImageNet) checkpoint."""
+    import timm
+
+    from ..models.encoder import checkpoint_filter_fn
+
+    if is_segmenter(state):
+        state = _encoder_part(state)
+    check_variant(state, variant, src)
+    head = state.get("head.weight")
+    model = timm.create_model(f"rwkvunet_enc_{variant}", pretrained=False,
+                              num_classes=int(head.shape[0]) if head is not None else 0)
+    missing, unexpected = model.load_state_dict(checkpoint_filter_fn(state, model), strict=False)
+    if missing or unexpected:
+        raise ConversionError(f"{src} does not fit rwkvunet_enc_{variant}: missing {missing[:6]}, unexpected "
+                              f"{unexpected[:6]}")
+    return model.eval()
+
+
+def write_encoder(args) -> Path:
+    from timm.models import save_for_hf
+
+    state = load_checkpoint(args.src, args.prefix)
+    variant = args.variant or infer_variant(state)
+    if variant is None:
+        check_variant(state, "b", args.src)
+    model = convert_encoder(state, variant=variant, src=args.src)
+    dst = Path(args.dst)
+    save_for_hf(model, dst, safe_serialization=True)
+    return dst
+
+
+# --- publishing -----------------------------------------------------------------------------------------
+def hub_repo_id(hub_config: Optional[str], explicit: Optional[str] = None) -> str:
+    if explicit:
+        return explicit
+    if not hub_config:
+        raise ConversionError("--publish needs a repo id (--publish ORG/NAME) or --hub-config to name it")
+    return f"{HUB_ORG}/{Path(hub_config).resolve().name}"
+
+
+def publish(folder, repo_id: str, private: bool = False) -> str:
+    """Upload a converted folder to the Hub (needs network and a token with write access)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True, private=private)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Add converted weights")
+    return getattr(info, "commit_url", str(info))
+
+
+def copy_card(hub_config: Optional[str], dst: Path) -> None:
+    if hub_config and (Path(hub_config) / "README.md").is_file():
+        shutil.copyfile(Path(hub_config) / "README.md", dst / "README.md")
+
+
+# --- command line ---------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="the authors' checkpoint: .pth/.pt/.bin (read with weights_only=True) or "
+                                    ".safetensors; a state_dict, possibly inside 'state_dict' or 'model'")
+    parser.add_argument("dst", help="output folder (created)")
+    parser.add_argument("--variant", choices=tuple(ENCODER_VARIANTS), help="model size; inferred from the "
+                        "checkpoint when omitted, and checked against it when given")
+    parser.add_argument("--num-labels", type=int, help="classes including background (default: the checkpoint's)")
+    parser.add_argument("--in-channels", type=int, help="input channels of the converted model (1 for CT/MRI: the "
+                        "first conv is summed over RGB, which equals repeating a grey image; default: the "
+                        "checkpoint's)")
+    parser.add_argument("--id2label", help="class names: a JSON file (list or {id: name}) or 'a,b,c'")
+    parser.add_argument("--image-size", type=int, help="training resolution for the config and the image "
+                        "processor (default 224)")
+    parser.add_argument("--encoder", action="store_true", help="SRC is an ImageNet encoder checkpoint: write a timm "
+                        "folder (model.safetensors + config.json) instead of a segmenter")
+    parser.add_argument("--with-code", action="store_true", help="also copy the model code into DST (auto_map), so "
+                        "it loads with trust_remote_code=True without rwkvunet installed")
+    parser.add_argument("--hub-config", help="a hub_configs/<repo> folder: take its config, preprocessor config and "
+                        "model card")
+    parser.add_argument("--prefix", default="", help="only use the keys starting with this prefix (removed)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                        help="dtype of the saved weights")
+    parser.add_argument("--publish", nargs="?", const="", default=None, metavar="REPO_ID",
+                        help=f"upload DST to the Hub (default repo: {HUB_ORG}/<hub-config folder name>)")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument("--force", action="store_true", help="write into a DST that is not empty")
+
+
+def run(args) -> int:
+    dst = Path(args.dst)
+    if dst.exists() and any(dst.iterdir()) and not args.force:
+        print(f"error: {dst} is not empty; choose another folder or pass --force", file=sys.stderr)
+        return 2
+    try:
+        if args.encoder:
+            if args.num_labels or args.in_channels or args.with_code or args.id2label:
+                raise ConversionError("--num-labels, --in-channels, --id2label and --with-code apply to segmenters, "
+                                      "not to --encoder")
+            write_encoder(args)
+        else:
+            write_segmenter(args)
+        copy_card(args.hub_config, dst)
+        if args.publish is not None:
+            repo_id = hub_repo_id(args.hub_config, args.publish)
+            print(f"uploaded to {publish(dst, repo_id, private=args.private)}")
+    except (ConversionError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {dst}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="rwkvunet convert", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -130,8 +130,9 @@ def convert_segmenter(state, *, variant: str, num_labels: Optional[int] = None, 
     if num_labels is None:
         num_labels = rows
     elif rows is not None and rows != num_labels:
-        raise ConversionError(f"{src} predicts {rows} classes but --num-labels is {num_labels}; use "
-                              f"--num-labels {rows}")
+        raise ConversionError(f"{src} predicts {rows} classes, not {num_labels} (--num-labels or the hub "
+                              f"config's id2label); convert it with --num-labels {rows} or pick the matching "
+                              "hub config")
     first = _encoder_part(state).get("stage0.0.conv.conv.weight", _encoder_part(state).get("stem.conv.conv.weight"))
     if in_channels is None:
         in_channels = int(first.shape[1]) if first is not None else 3

@@ -1,0 +1,59 @@
+"""Assemble a publishable Hub folder from an authors' checkpoint and its hub_configs/<repo> folder, and push it.
+
+    python training/publish_hub.py synapse_b.pth hub_configs/rwkvunet-b-synapse --out build/rwkvunet-b-synapse
+    python training/publish_hub.py enc_b.pth hub_configs/rwkvunet_enc_b.in1k --push        # needs network + token
+
+Segmenters get their weights, config, image processor config, model card and the model code (auto_map, so the
+repo also loads with trust_remote_code=True); encoders become timm Hub folders with their card. The repo id is
+``rwkvunet.hub.HUB_ORG/<hub config folder name>`` unless --repo-id says otherwise. Without --push nothing
+leaves the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rwkvunet.commands import convert
+
+
+def is_encoder_config(hub_config: Path) -> bool:
+    """timm Hub configs name an ``architecture``; transformers configs a ``model_type``."""
+    return "architecture" in json.loads((hub_config / "config.json").read_text(encoding="utf-8"))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="the authors' checkpoint (.pth / .safetensors)")
+    parser.add_argument("hub_config", type=Path, help="hub_configs/<repo> folder")
+    parser.add_argument("--out", type=Path, help="folder to assemble (default: build/<repo>)")
+    parser.add_argument("--push", action="store_true", help="upload with huggingface_hub (needs network and a token)")
+    parser.add_argument("--repo-id", help="Hub repo (default: HUB_ORG/<hub config folder name>)")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--prefix", default="", help="only use checkpoint keys under this prefix")
+    parser.add_argument("--force", action="store_true", help="assemble into a folder that is not empty")
+    args = parser.parse_args(argv)
+
+    hub_config = args.hub_config.resolve()
+    if not (hub_config / "config.json").is_file():
+        parser.error(f"{hub_config} has no config.json; pass a hub_configs/<repo> folder")
+    out = args.out or Path("build") / hub_config.name
+    encoder = is_encoder_config(hub_config)
+    variant = json.loads((hub_config / "config.json").read_text(encoding="utf-8"))
+    variant = variant["architecture"][-1] if encoder else variant["variant"]
+    cli = [str(args.checkpoint), str(out), "--variant", variant, "--hub-config", str(hub_config)]
+    cli += ["--encoder"] if encoder else ["--with-code"]
+    if args.prefix:
+        cli += ["--prefix", args.prefix]
+    if args.force:
+        cli += ["--force"]
+    if args.push:
+        cli += ["--publish", convert.hub_repo_id(str(hub_config), args.repo_id)]
+        if args.private:
+            cli += ["--private"]
+    return convert.main(cli)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -66,6 +66,8 @@ def load_segmentation_dataset(source: str, *, image_column: str = "image", mask_
         ``image`` (a lazily decoded ``datasets.Image`` for image files; float32 (H, W) for Synapse/ACDC
         slices), ``mask`` (uint8 label map) and ``case_id`` (str). Synapse test and ACDC validation/test rows
         are volumes: ``image`` float32 (D, H, W), ``mask`` uint8 (D, H, W); :func:`is_volume_split` tells.
+        Masks are stored as uint8; ``with_format("numpy")`` hands integer arrays out as int64 (a choice of
+        ``datasets``), which is why readers should not rely on the in-memory dtype.
 
     Raises:
         DataError: naming the file, for unreadable files, image/mask size mismatches and labels outside the

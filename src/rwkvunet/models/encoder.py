@@ -33,6 +33,12 @@ STEM_CHS = 24
 STEM_MID_CHS = 3  # the stem's expansion is 1 on 3 RGB channels; kept at 3 for any in_chans
 
 
+def _check_head(num_classes: int, pool: SelectAdaptivePool2d) -> None:
+    if num_classes > 0 and pool.is_identity():
+        raise ValueError("a classifier needs pooled features: use global_pool='avg' (or 'max'), or num_classes=0 "
+                         "with global_pool='' for unpooled feature maps")
+
+
 def _make_stage(in_chs, out_chs, depth, expansion, norm, mixer, drop_path_rates, **block_kwargs) -> nn.Sequential:
     """Block 0 downsamples (stride 2, twice the expansion, no mixer, no residual); the rest mix and add."""
     blocks = []
@@ -105,7 +111,8 @@ class RWKVUNetEncoder(nn.Module):
             in_chs, start = dim, start + depth
         self.num_features = self.head_hidden_size = dims[-1]
         self.norm = LayerNorm2d(self.num_features, eps=1e-6)
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        _check_head(num_classes, self.global_pool)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -135,9 +142,10 @@ class RWKVUNetEncoder(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        _check_head(num_classes, self.global_pool)
+        self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:

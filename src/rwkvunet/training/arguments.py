@@ -1,0 +1,169 @@
+"""Options of ``training/finetune.py``: defaults, then a YAML config, then the command line.
+
+Every field of :class:`TrainArguments` is an option ``--field-name`` and a config key ``field_name``
+(dashes and underscores are both accepted in configs). The defaults are the no-argument run: RWKV-UNet-T
+on the built-in synthetic set for a few minutes on a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union, get_args, get_origin, get_type_hints
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainArguments:
+    # data
+    dataset: str = _opt("synthetic", "'synthetic' (built-in), a Hub data set id, a save_to_disk folder, an "
+                                     "images/ + masks/ folder, or a Synapse / ACDC root")
+    image_column: str = _opt("image", "image column of Hub / save_to_disk sets")
+    mask_column: str = _opt("mask", "mask column of Hub / save_to_disk sets")
+    split_seed: int = _opt(0, "seed of the 8:1:1 split of sets without their own splits (paper: 0, 1, 2)")
+    num_labels: Optional[int] = _opt(None, "classes including background (1 = binary with a sigmoid); "
+                                           "default: from the data")
+    in_channels: Optional[int] = _opt(None, "input channels; default: from the data (1 grey, 3 colour)")
+    cache_dir: Optional[str] = _opt(None, "datasets cache folder")
+    synthetic_size: int = _opt(64, "image size of the synthetic set")
+    synthetic_train: int = _opt(96, "training images of the synthetic set")
+    synthetic_eval: int = _opt(12, "validation and test images (each) of the synthetic set")
+    # model
+    variant: str = _opt("t", "model size: t, s or b")
+    encoder_pretrained: Optional[str] = _opt(None, "timm encoder weights to start from: a file "
+                                                   "(.safetensors / .pth) or a Hub id (hf-hub:org/name)")
+    pretrained: Optional[str] = _opt(None, "a saved segmenter to fine-tune: folder or Hub id")
+    ce_weight: float = _opt(0.5, "weight of the cross-entropy in the loss")
+    dice_weight: float = _opt(0.5, "weight of the Dice loss")
+    drop_path_rate: float = _opt(0.05, "stochastic depth of the encoder")
+    # schedule
+    epochs: int = _opt(5, "training epochs")
+    max_steps: Optional[int] = _opt(None, "optimizer steps; overrides --epochs")
+    img_size: int = _opt(64, "training and evaluation resolution")
+    batch_size: int = _opt(8, "batch size per process")
+    eval_batch_size: Optional[int] = _opt(None, "images or slices per forward pass in evaluation (default: "
+                                                "--batch-size)")
+    lr: float = _opt(1e-3, "peak learning rate (AdamW)")
+    min_lr: float = _opt(0.0, "learning rate at the end of the cosine schedule")
+    warmup_steps: int = _opt(0, "linear warm-up steps")
+    weight_decay: float = _opt(1e-4, "AdamW weight decay")
+    max_grad_norm: Optional[float] = _opt(1.0, "gradient clipping norm (0 or none: off)")
+    gradient_accumulation_steps: int = _opt(1, "batches per optimizer step")
+    mixed_precision: str = _opt("no", "no, fp16 or bf16")
+    seed: int = _opt(0, "seed of the model, the data order and the augmentation")
+    num_workers: int = _opt(0, "data loader workers")
+    # evaluation and checkpoints
+    eval_every: int = _opt(1, "validate every N epochs (0: never; the last epoch's weights are tested)")
+    tta: bool = _opt(False, "flip test-time augmentation in validation and test")
+    save_every_steps: Optional[int] = _opt(None, "also checkpoint every N optimizer steps (always at epoch ends)")
+    keep_checkpoints: int = _opt(2, "training checkpoints kept")
+    resume: Optional[str] = _opt(None, "continue from the latest checkpoint in --output-dir ('latest') or "
+                                       "from a given checkpoint folder", nargs="?", const="latest")
+    output_dir: Optional[str] = _opt(None, "output folder (default: runs/rwkvunet-<variant>-<dataset>)")
+    overlay_samples: int = _opt(8, "validation samples in the overlay grid")
+    # logging and sharing
+    report_to: Optional[str] = _opt(None, "Accelerate trackers: tensorboard, wandb, all ... (comma separated)")
+    log_every: int = _opt(10, "log the training loss every N steps")
+    push_to_hub: bool = _opt(False, "upload the model folder to the Hub at the end")
+    hub_model_id: Optional[str] = _opt(None, "Hub repo for --push-to-hub (default: the output folder's name)")
+    crash_at_step: Optional[int] = _opt(None, argparse.SUPPRESS)  # test hook: os._exit right after this step
+
+    @property
+    def run_name(self) -> str:
+        data = "synthetic" if self.dataset == "synthetic" else Path(str(self.dataset).rstrip("/")).name
+        return f"rwkvunet-{self.variant}-{data}".replace("/", "-")
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "crash_at_step"}
+
+
+def _base_type(tp) -> type:
+    if get_origin(tp) is Union:
+        tp = next(a for a in get_args(tp) if a is not type(None))
+    return tp
+
+
+def _none_or(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Fine-tune RWKV-UNet with Accelerate. Options override the --config YAML, which overrides "
+                    "the defaults (the defaults train RWKV-UNet-T on a built-in synthetic set).",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="YAML file of options (keys as the option names)")
+    hints = get_type_hints(TrainArguments)
+    for f in dataclasses.fields(TrainArguments):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help")
+        kind = _base_type(hints[f.name])
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif "nargs" in f.metadata:
+            parser.add_argument(flag, nargs=f.metadata["nargs"], const=f.metadata["const"], help=help_text)
+        else:
+            parser.add_argument(flag, type=_none_or(kind), help=help_text, metavar=kind.__name__.upper())
+    return parser
+
+
+def load_config(path) -> dict:
+    """Read a YAML config into option names; unknown keys are an error naming them."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found; pass --config with an existing YAML file "
+                                "(see training/configs/)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of option: value, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainArguments)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ValueError(f"{path}: unknown option {key!r}; valid options: {', '.join(sorted(known))}")
+        out[name] = value
+    return out
+
+
+def parse_arguments(argv: Optional[Sequence[str]] = None) -> TrainArguments:
+    """Defaults < ``--config`` YAML < command line."""
+    given = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    config = given.pop("config", None)
+    if config:
+        values.update(load_config(config))
+    values.update(given)
+    hints = get_type_hints(TrainArguments)
+    for name, value in list(values.items()):  # YAML may give "1e-3" as a string
+        kind = _base_type(hints[name])
+        if value is not None and kind in (int, float) and not isinstance(value, bool):
+            values[name] = kind(float(value)) if kind is int and isinstance(value, str) else kind(value)
+    args = TrainArguments(**values)
+    _check(args)
+    return args
+
+
+def _check(args: TrainArguments) -> None:
+    if args.variant not in ("t", "s", "b"):
+        raise ValueError(f"--variant must be t, s or b, got {args.variant!r}")
+    if args.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {args.mixed_precision!r}")
+    for name in ("epochs", "img_size", "batch_size", "gradient_accumulation_steps", "keep_checkpoints"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}")
+    if args.encoder_pretrained and args.pretrained:
+        raise ValueError("give either --encoder-pretrained (a timm encoder) or --pretrained (a whole segmenter), "
+                         "not both")

@@ -1,0 +1,128 @@
+"""The data set and the model a fine-tuning run starts from, with what it can infer from the data."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: Class names (index = label) of the layouts whose classes are fixed.
+KNOWN_CLASSES = {
+    "synapse": ("background", "aorta", "gallbladder", "left_kidney", "right_kidney", "liver", "pancreas",
+                "spleen", "stomach"),
+    "acdc": ("background", "RV", "myocardium", "LV"),
+}
+
+
+def load_data(args):
+    """``(DatasetDict, layout)`` for ``args.dataset`` ('synthetic' or anything ``load_segmentation_dataset`` reads)."""
+    if args.dataset == "synthetic":
+        from ..data.synthetic import make_synthetic_dataset
+
+        ds = make_synthetic_dataset(seed=args.split_seed, size=args.synthetic_size, num_train=args.synthetic_train,
+                                    num_validation=args.synthetic_eval, num_test=args.synthetic_eval)
+        return ds, "synthetic"
+    from ..data import detect_layout, load_segmentation_dataset
+
+    layout = detect_layout(args.dataset)
+    ds = load_segmentation_dataset(args.dataset, image_column=args.image_column, mask_column=args.mask_column,
+                                   split_seed=args.split_seed, num_labels=args.num_labels, cache_dir=args.cache_dir)
+    if "train" not in ds:
+        raise ValueError(f"{args.dataset} has no training split (found {list(ds)}); fine-tuning needs one")
+    return ds, layout
+
+
+def class_names(layout: str, num_labels: int) -> list[str]:
+    if layout == "synthetic":
+        from ..data.synthetic import SYNTHETIC_CLASSES
+
+        return list(SYNTHETIC_CLASSES)
+    if layout in KNOWN_CLASSES and len(KNOWN_CLASSES[layout]) == num_labels:
+        return list(KNOWN_CLASSES[layout])
+    if num_labels == 1:
+        return ["foreground"]
+    return ["background"] + [f"class_{k}" for k in range(1, num_labels)]
+
+
+def infer_num_labels(train_split, layout: str, max_rows: int = 64) -> int:
+    """Classes of the data: fixed for Synapse/ACDC/synthetic; otherwise 1 (binary, sigmoid) when the masks hold
+    only 0 and 1, else the largest label + 1 (from the first ``max_rows`` masks)."""
+    if layout == "synthetic":
+        from ..data.synthetic import SYNTHETIC_CLASSES
+
+        return len(SYNTHETIC_CLASSES)
+    if layout in KNOWN_CLASSES:
+        return len(KNOWN_CLASSES[layout])
+    from ..data.transforms import to_mask_tensor
+
+    top = 0
+    for row in train_split.select(range(min(max_rows, len(train_split)))):
+        top = max(top, int(np.asarray(to_mask_tensor(row["mask"])).max()))
+    if top > 1:
+        logger.info("masks hold labels up to %d: %d classes (pass --num-labels to change)", top, top + 1)
+    return 1 if top <= 1 else top + 1
+
+
+def infer_in_channels(train_split) -> int:
+    from ..data.transforms import to_image_tensor
+
+    return int(to_image_tensor(train_split[0]["image"]).shape[0])
+
+
+def _encoder_overlay(source: str) -> dict:
+    """timm ``pretrained_cfg_overlay`` for a weights file or a Hub id (``hf-hub:org/name`` or ``org/name``)."""
+    if Path(source).is_file():
+        return {"file": str(Path(source).resolve())}
+    if Path(source).is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (Path(source) / name).is_file():
+                return {"file": str((Path(source) / name).resolve())}
+        raise FileNotFoundError(f"{source} holds no model.safetensors; pass the weights file or a Hub id")
+    return {"hf_hub_id": source.removeprefix("hf-hub:")}
+
+
+def build_model(args, num_labels: int, in_channels: int, names: list[str]):
+    """A segmenter from a variant name, a timm encoder checkpoint, or a saved segmenter (folder or Hub id)."""
+    from ..models.rwkv_unet import RWKVUNetConfig, RWKVUNetForSemanticSegmentation
+
+    labels = dict(id2label={k: n for k, n in enumerate(names)}, label2id={n: k for k, n in enumerate(names)})
+    common = dict(num_labels=num_labels, in_channels=in_channels, ce_weight=args.ce_weight,
+                  dice_weight=args.dice_weight, drop_path_rate=args.drop_path_rate, image_size=args.img_size,
+                  **labels)
+    if args.pretrained:
+        config = RWKVUNetConfig.from_pretrained(args.pretrained)
+        if config.in_channels != in_channels:
+            raise ValueError(f"{args.pretrained} takes {config.in_channels}-channel images but the data has "
+                             f"{in_channels}; pass --in-channels {config.in_channels} to convert the images")
+        resized = config.num_labels != num_labels
+        common.pop("in_channels")
+        model = RWKVUNetForSemanticSegmentation.from_pretrained(args.pretrained, ignore_mismatched_sizes=resized,
+                                                                **common)
+        if resized:
+            logger.warning("%s has %d labels; its head was replaced for %d", args.pretrained, config.num_labels,
+                           num_labels)
+        return model
+    if args.encoder_pretrained:
+        return RWKVUNetForSemanticSegmentation.from_encoder_pretrained(
+            f"rwkvunet_enc_{args.variant}", pretrained_cfg_overlay=_encoder_overlay(args.encoder_pretrained),
+            **common)
+    return RWKVUNetForSemanticSegmentation(RWKVUNetConfig(variant=args.variant, **common))
+
+
+def build_image_processor(img_size: int, in_channels: int):
+    """The processor that feeds the saved model as training did (resize, [0, 1] for 8-bit, no normalisation)."""
+    try:
+        from ..models.rwkv_unet.image_processing_rwkv_unet import RWKVUNetImageProcessor
+    except ImportError:  # pragma: no cover - older package layout
+        return None
+    return RWKVUNetImageProcessor(size={"height": img_size, "width": img_size}, num_channels=in_channels,
+                                  do_normalize=False)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+

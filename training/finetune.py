@@ -1,0 +1,290 @@
+#!/usr/bin/env python
+"""Fine-tune RWKV-UNet with Accelerate.
+
+    accelerate launch training/finetune.py                                   # RWKV-UNet-T, synthetic set, CPU minutes
+    accelerate launch training/finetune.py --config training/configs/acdc_b.yaml --dataset /data/ACDC
+    accelerate launch training/finetune.py --dataset kvasir/ --variant s --epochs 300 --resume
+
+Options override the ``--config`` YAML, which overrides the defaults (``--help`` lists them all). The run
+writes to ``--output-dir``: the model as a ``save_pretrained`` folder with its image processor and a model
+card, ``metrics.json``, per-class and per-case CSV of the test split, loss/Dice curves and an overlay grid,
+and ``checkpoints/`` from which ``--resume`` continues exactly where a killed run stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+import rwkvunet  # noqa: F401  (registers the model with transformers)
+from rwkvunet.data.transforms import EvalTransform, SegmentationDataset, TrainTransform, collate_fn, to_image_tensor
+from rwkvunet.evaluation import evaluate, predict_probabilities, probabilities_to_labels
+from rwkvunet.training import CheckpointManager, EpochSampler, SeededSamples, TrainState, cosine_schedule
+from rwkvunet.training.arguments import parse_arguments
+from rwkvunet.training.inputs import (build_image_processor, build_model, class_names, count_parameters,
+                                      infer_in_channels, infer_num_labels, load_data)
+from rwkvunet.training.model_card import write_model_card
+from rwkvunet.training.plots import plot_curves, plot_overlays
+
+logger = logging.getLogger("finetune")
+
+
+def make_train_loader(split, args, num_labels: int, in_channels: int):
+    transform = TrainTransform(args.img_size, num_channels=in_channels, num_labels=num_labels)
+    samples = SeededSamples(SegmentationDataset(split, transform), seed=args.seed)
+    sampler = EpochSampler(len(samples), seed=args.seed)
+    loader = torch.utils.data.DataLoader(
+        samples, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_fn, num_workers=args.num_workers,
+        drop_last=len(samples) >= args.batch_size, generator=torch.Generator().manual_seed(args.seed),
+    )
+    return loader, sampler, samples
+
+
+def run_evaluation(model, split, args, accelerator, desc: str):
+    return evaluate(model, split, img_size=args.img_size, batch_size=args.eval_batch_size or args.batch_size,
+                    tta=args.tta, accelerator=accelerator, progress=accelerator.is_main_process)
+
+
+@torch.no_grad()
+def overlay_samples(model, split, args, in_channels: int, limit: int) -> list:
+    """(case_id, image, ground truth, prediction) for the first validation cases; volumes show the slice with
+    the most foreground."""
+    from rwkvunet.data.loading import is_volume_split
+    from rwkvunet.data.transforms import to_mask_tensor
+
+    transform = EvalTransform(args.img_size, num_channels=in_channels)
+    rows = split.with_format("numpy") if is_volume_split(split) else split
+    out = []
+    model.eval()
+    device = next(model.parameters()).device
+    for index in range(min(limit, len(split))):
+        row = rows[index]
+        image, mask = row["image"], row["mask"]
+        if is_volume_split(split):
+            mask = np.asarray(mask)
+            z = int((mask.reshape(mask.shape[0], -1) > 0).sum(1).argmax())
+            image, mask = np.asarray(image)[z], mask[z]
+        gt = to_mask_tensor(mask).numpy()
+        if gt.max() > 1 and model.config.num_labels == 1:
+            gt = (gt >= 128).astype(np.int64)
+        x = transform(image)["pixel_values"][None].to(device)
+        pred = probabilities_to_labels(predict_probabilities(model, x))[0].float()
+        pred = torch.nn.functional.interpolate(pred[None, None], size=gt.shape, mode="nearest")[0, 0]
+        out.append((str(row.get("case_id", index)), to_image_tensor(image).numpy(), gt, pred.long().cpu().numpy()))
+    return out
+
+
+def save_pretrained_atomic(model, folder: Path, processor=None) -> None:
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if processor is not None:
+        processor.save_pretrained(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def main(argv=None) -> int:
+    args = parse_arguments(argv)
+    output_dir = Path(args.output_dir or Path("runs") / args.run_name)
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
+    accelerator = Accelerator(mixed_precision=args.mixed_precision,
+                              gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              log_with=[t.strip() for t in args.report_to.split(",")] if args.report_to else None,
+                              project_config=project)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("accelerate", "matplotlib", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    set_seed(args.seed)
+    checkpoints = CheckpointManager(output_dir / "checkpoints", keep_last=args.keep_checkpoints)
+    resume_from = None
+    if args.resume:
+        resume_from = checkpoints.latest() if args.resume == "latest" else Path(args.resume)
+        if resume_from is None or not resume_from.is_dir():
+            raise FileNotFoundError(f"no checkpoint to resume from in {checkpoints.directory} ({args.resume}); "
+                                    "run without --resume to start, or pass a checkpoint folder")
+
+    # --- data and model -----------------------------------------------------------------------------------
+    with accelerator.main_process_first():  # the main process builds the datasets cache, the others read it
+        data, layout = load_data(args)
+    num_labels = args.num_labels or infer_num_labels(data["train"], layout)
+    in_channels = args.in_channels or infer_in_channels(data["train"])
+    names = class_names(layout, num_labels)
+    model = build_model(args, num_labels, in_channels, names)
+    processor = build_image_processor(args.img_size, in_channels)
+    logger.info("%s: %d train rows, splits %s; %d labels, %d channels; %.2f M parameters", args.dataset,
+                len(data["train"]), {k: len(v) for k, v in data.items()}, num_labels, in_channels,
+                count_parameters(model) / 1e6)
+
+    train_loader, sampler, samples = make_train_loader(data["train"], args, num_labels, in_channels)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    # stepped once per optimizer step by the loop itself, so the schedule does not depend on the process count
+    scheduler = cosine_schedule(optimizer, total_steps, args.warmup_steps, args.min_lr)
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        accelerator.step = state.micro_step
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, state.epoch,
+                    state.batch_in_epoch)
+    if args.report_to:
+        accelerator.init_trackers(args.run_name, config={k: v for k, v in args.to_dict().items()
+                                                         if isinstance(v, (int, float, str, bool))})
+    validation = data.get("validation") if args.eval_every else None
+    best_dir = output_dir / "best-model"
+    unwrapped = accelerator.unwrap_model(model)
+
+    def validate():
+        result = run_evaluation(unwrapped, validation, args, accelerator, "validation")
+        dice = float(result.mean_dice or 0.0)
+        state.validation.append([state.step, state.epoch, dice])
+        accelerator.log({"validation/mean_dice": dice}, step=state.step)
+        if dice > state.best_dice:
+            state.best_dice, state.best_step = dice, state.step
+            if accelerator.is_main_process:
+                save_pretrained_atomic(unwrapped, best_dir)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            tqdm.write(f"epoch {state.epoch} step {state.step}: validation mean Dice {dice:.4f} "
+                       f"(best {state.best_dice:.4f} at step {state.best_step})")
+
+    # --- training -----------------------------------------------------------------------------------------
+    start = time.time()
+    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
+               disable=not accelerator.is_main_process, dynamic_ncols=True)
+    while state.step < total_steps:
+        sampler.set_epoch(state.epoch)
+        samples.set_epoch(state.epoch)
+        model.train()
+        loader = train_loader
+        if state.batch_in_epoch:
+            from accelerate import skip_first_batches
+
+            loader = skip_first_batches(train_loader, state.batch_in_epoch)
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batch_in_epoch += 1
+            state.micro_step = accelerator.step
+            if not accelerator.sync_gradients:
+                continue
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            state.step += 1
+            loss_value = accelerator.reduce(loss.detach().float(), "mean").item()
+            state.train_loss.append([state.step, state.epoch, loss_value, lr])
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", epoch=state.epoch)
+            if state.step % args.log_every == 0 or state.step == total_steps:
+                accelerator.log({"train/loss": loss_value, "train/lr": lr, "train/epoch": state.epoch},
+                                step=state.step)
+            if args.save_every_steps and state.step % args.save_every_steps == 0:
+                checkpoints.save(accelerator, state.step)
+            if args.crash_at_step is not None and state.step == args.crash_at_step:
+                os._exit(3)  # test hook: stop like a killed process, no clean-up
+            if state.step >= total_steps:
+                break
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        finished = state.step >= total_steps
+        if validation is not None and (state.epoch % args.eval_every == 0 or finished):
+            validate()
+        checkpoints.save(accelerator, state.step)
+    bar.close()
+    train_seconds = time.time() - start
+
+    # --- test and outputs ---------------------------------------------------------------------------------
+    if best_dir.is_dir() and state.best_step >= 0:
+        from safetensors.torch import load_file
+
+        unwrapped.load_state_dict(load_file(str(best_dir / "model.safetensors")))
+        logger.info("testing the best checkpoint (step %d, validation mean Dice %.4f)", state.best_step,
+                    state.best_dice)
+    test = run_evaluation(unwrapped, data["test"], args, accelerator, "test") if "test" in data else None
+    overlays = []
+    if accelerator.is_main_process and args.overlay_samples > 0:
+        source = data["validation"] if "validation" in data else data.get("test")
+        if source is not None:
+            overlays = overlay_samples(unwrapped, source, args, in_channels, args.overlay_samples)
+    if accelerator.is_main_process:
+        write_outputs(output_dir, args, unwrapped, processor, state, test, overlays, num_labels, train_seconds,
+                      num_epochs)
+        if best_dir.is_dir():
+            shutil.rmtree(best_dir)
+    accelerator.wait_for_everyone()
+    if args.report_to:
+        accelerator.end_training()
+    if args.push_to_hub and accelerator.is_main_process:
+        push_to_hub(output_dir, args)
+    return 0
+
+
+def write_outputs(output_dir: Path, args, model, processor, state, test, overlays, num_labels, train_seconds,
+                  num_epochs) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    if processor is not None:
+        processor.save_pretrained(output_dir)
+    test_dict = test.to_dict() if test is not None else None
+    if test is not None:
+        test.write_csv(output_dir, prefix="test_")
+        print(test.format_table())
+    metrics = {
+        "test": test_dict,
+        "best_validation_mean_dice": state.best_dice if state.best_step >= 0 else None,
+        "best_step": state.best_step if state.best_step >= 0 else None,
+        "steps": state.step, "epochs": state.epoch, "train_seconds": round(train_seconds, 1),
+        "validation_history": state.validation,
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with (output_dir / "train_log.csv").open("w") as f:
+        f.write("step,epoch,loss,lr\n")
+        f.writelines(f"{s},{e},{loss:.6f},{lr:.6e}\n" for s, e, loss, lr in state.train_loss)
+    import yaml
+
+    (output_dir / "training_config.yaml").write_text(yaml.safe_dump(args.to_dict(), sort_keys=False))
+    plot_curves(state.train_loss, state.validation, output_dir / "curves.png")
+    if overlays:
+        plot_overlays(overlays, max(num_labels, 2), output_dir / "overlays.png")
+    write_model_card(output_dir, args=args.to_dict(), test=test_dict,
+                     validation_best=state.best_dice if state.best_step >= 0 else None, steps=state.step,
+                     epochs=state.epoch, num_parameters=count_parameters(model), train_seconds=train_seconds)
+    logger.info("wrote the model and the results to %s", output_dir)
+
+
+def push_to_hub(output_dir: Path, args) -> None:
+    from huggingface_hub import HfApi
+
+    repo_id = args.hub_model_id or output_dir.resolve().name
+    api = HfApi()
+    repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
+    api.upload_folder(folder_path=str(output_dir), repo_id=repo_id,
+                      ignore_patterns=["checkpoints/*", "logs/*", "best-model/*", ".tmp-*"],
+                      commit_message="Upload fine-tuned RWKV-UNet")
+    logger.info("pushed %s to https://huggingface.co/%s", output_dir, repo_id)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .data.files import DataError, check_labels, prepare_mask
 from .data.loading import is_volume_split
-from .data.transforms import EvalTransform, to_mask_tensor
+from .data.transforms import EvalTransform, image_hw, to_mask_tensor
 from .metrics import case_metrics
 
 
@@ -177,19 +177,9 @@ def _predict_images(model, images: Sequence, transform, device, tta: bool, batch
         x = torch.stack(tensors).to(device)
         labels = probabilities_to_labels(predict_probabilities(model, x, tta)).cpu()
         for img, lab in zip(chunk, labels):
-            size = _spatial_size(img)
+            size = image_hw(img)
             out.append(_resize_labels(lab[None], size)[0].numpy().astype(np.uint8))
     return out
-
-
-def _spatial_size(image) -> tuple[int, int]:
-    if hasattr(image, "size") and not isinstance(image, (np.ndarray, torch.Tensor)):
-        w, h = image.size  # PIL
-        return h, w
-    arr = np.asarray(image)
-    if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4) and arr.shape[0] not in (1, 3):
-        return arr.shape[0], arr.shape[1]
-    return arr.shape[-2], arr.shape[-1]
 
 
 def _model_info(model):

@@ -29,27 +29,46 @@ def _size(size: Size) -> list[int]:
     return [int(size), int(size)] if isinstance(size, (int, np.integer)) else [int(s) for s in size]
 
 
+def _channels_last(shape) -> bool:
+    """(H, W, C) rather than (C, H, W) for a 3-D array: few channels last and not first."""
+    return shape[-1] in (1, 2, 3, 4) and shape[0] not in (1, 2, 3, 4)
+
+
+def image_hw(image) -> tuple[int, int]:
+    """Height and width of a PIL image, an array (H, W), (H, W, C) or (C, H, W), or a tensor (C, H, W)."""
+    if isinstance(image, PILImage.Image):
+        return image.height, image.width
+    shape = tuple(image.shape) if isinstance(image, torch.Tensor) else np.shape(image)
+    if len(shape) == 3 and not isinstance(image, torch.Tensor) and _channels_last(shape):
+        return shape[0], shape[1]
+    return shape[-2], shape[-1]
+
+
 def to_image_tensor(image, num_channels: Optional[int] = None) -> torch.Tensor:
-    """A PIL image, array (H, W), (H, W, C) or (C, H, W), or tensor as float32 (C, H, W).
+    """A PIL image, array (H, W), (H, W, C) or (C, H, W), or tensor (C, H, W) as float32 (C, H, W).
+
+    Arrays are read as (H, W, C) when their last axis has 1-4 entries and their first does not.
 
     ``num_channels`` converts grey to RGB (repeat) or RGB to grey (luma) to match a model.
     """
+    channels_last = None
     if isinstance(image, PILImage.Image):
         if image.mode in ("P", "PA", "RGBA", "CMYK", "YCbCr", "HSV", "LAB", "RGBX", "RGBa"):
             image = image.convert("RGB")
         elif image.mode in ("1", "LA", "La"):
             image = image.convert("L")
         image = np.asarray(image)
+        channels_last = True
     if isinstance(image, torch.Tensor):
         arr = image.detach().cpu()
-        chw = arr.ndim == 3
+        channels_last = False
     else:
         arr = np.asarray(image)
-        chw = False
     if arr.ndim == 2:
         arr = arr[None]
-    elif arr.ndim == 3 and not chw:
-        channels_last = arr.shape[-1] in (1, 2, 3, 4) and arr.shape[0] not in (1, 3)
+    elif arr.ndim == 3:
+        if channels_last is None:
+            channels_last = _channels_last(arr.shape)
         arr = arr.transpose(2, 0, 1) if channels_last else arr
     elif arr.ndim != 3:
         raise DataError(f"an image must be 2-D or 3-D, got shape {tuple(arr.shape)}")

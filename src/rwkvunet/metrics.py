@@ -16,7 +16,11 @@ Spacing = Optional[Union[float, Sequence[float]]]
 
 
 def dice(pred, gt) -> float:
-    """Dice coefficient ``2|P & G| / (|P| + |G|)`` of two binary masks; 1.0 when both are empty (as medpy)."""
+    """Dice coefficient ``2|P & G| / (|P| + |G|)`` of two binary masks.
+
+    1.0 when both are empty: the value medpy's ``dc`` means to return there (its ``ZeroDivisionError``
+    branch), although with numpy integers it actually returns nan with a warning.
+    """
     pred = np.atleast_1d(np.asarray(pred).astype(bool))
     gt = np.atleast_1d(np.asarray(gt).astype(bool))
     total = np.count_nonzero(pred) + np.count_nonzero(gt)

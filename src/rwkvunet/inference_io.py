@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
@@ -169,7 +170,7 @@ def read_volume(path: os.PathLike | str):
     try:
         img = nib.load(str(path))
         data = np.asarray(img.dataobj, dtype=np.float32)
-    except (OSError, ValueError, EOFError, nib.filebasedimages.ImageFileError) as err:
+    except (OSError, ValueError, EOFError, zlib.error, nib.filebasedimages.ImageFileError) as err:
         raise InputError(f"{path}: cannot read the NIfTI volume ({err}); check that the file is complete "
                          "(a .nii.gz must be gzip-compressed .nii)") from err
     while data.ndim > 3 and data.shape[-1] == 1:

@@ -1,0 +1,332 @@
+"""`rwkvunet predict` and the Segmenter API on generated images and volumes.
+
+A small randomly initialised RWKV-UNet-T (seeded) is saved with save_pretrained; references are computed here
+by calling the model directly, independently of the code under test.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import rwkvunet  # noqa: F401  (registers the Auto classes)
+from rwkvunet import RWKVUNetConfig, RWKVUNetForSemanticSegmentation
+from rwkvunet.cli import main as cli_main
+from rwkvunet.inference import Segmenter, labels_from_probs, match_channels
+from rwkvunet.inference_io import InputError
+
+NUM_LABELS = 3
+
+
+def _build(seed: int, **kwargs) -> RWKVUNetForSemanticSegmentation:
+    torch.manual_seed(seed)
+    cfg = RWKVUNetConfig(variant="t", num_labels=kwargs.pop("num_labels", NUM_LABELS),
+                         in_channels=kwargs.pop("in_channels", 1), **kwargs)
+    return RWKVUNetForSemanticSegmentation(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _build(0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("model_t")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def segmenter(model_dir):
+    return Segmenter.from_pretrained(model_dir, device="cpu")
+
+
+def _probs(model, x: torch.Tensor) -> torch.Tensor:
+    """Reference class probabilities straight from the model, float64."""
+    with torch.no_grad():
+        logits = model(pixel_values=x.float()).logits.double()
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(1)
+
+
+# --- images through the command ------------------------------------------------------------------------------
+def test_cli_images_all_formats(model, model_dir, tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    src = tmp_path / "in"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    images = {  # RGB and grey in every format; rgb.bmp shares its name with rgb.png; one 16-bit TIFF
+        "rgb.png": rng.integers(0, 256, (40, 56, 3), dtype=np.uint8),
+        "rgb.bmp": rng.integers(0, 256, (30, 45, 3), dtype=np.uint8),
+        "sub/photo.jpg": rng.integers(0, 256, (33, 47, 3), dtype=np.uint8),
+        "sub/grey.jpeg": rng.integers(0, 256, (21, 35), dtype=np.uint8),
+        "sub/grey.tif": rng.integers(0, 256, (48, 31), dtype=np.uint8),
+        "sub/deep.tiff": rng.integers(0, 65536, (18, 22), dtype=np.uint16),
+        "sub/deeper/grey.bmp": rng.integers(0, 256, (25, 19), dtype=np.uint8),
+        "grey.png": rng.integers(0, 256, (37, 50), dtype=np.uint8),
+    }
+    # of two names that would collide, the second in sorted order gets its extension
+    outputs = {"rgb.png": "rgb_png", "sub/grey.tif": "sub/grey_tif"}
+    for name, arr in images.items():
+        Image.fromarray(arr).save(src / name)
+    (src / ".hidden.png").write_bytes(b"skipped: hidden")
+    (src / "notes.txt").write_text("skipped: not an image")
+    out = tmp_path / "out"
+
+    rc = cli_main(["predict", str(model_dir), str(src), "--out", str(out), "--color", "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    for name, arr in images.items():
+        stem = outputs.get(name, name.rsplit(".", 1)[0])
+        labels = np.asarray(Image.open(out / f"{stem}_labels.png"))
+        assert labels.dtype == np.uint8 and labels.shape == arr.shape[:2]
+        assert labels.max() < NUM_LABELS
+        overlay = Image.open(out / f"{stem}_overlay.png")
+        assert overlay.mode == "RGB" and overlay.size == (arr.shape[1], arr.shape[0])
+        assert Image.open(out / f"{stem}_labels_color.png").size == overlay.size
+    assert not list(out.rglob(".hidden*")) and not list(out.rglob("notes*"))
+    # the grey model gets RGB images converted, and says so
+    assert "RGB image converted to grey" in err and "rgb.bmp" in err  # said at the first one
+    assert "(3 files)" in err  # three RGB images: the note is counted
+    assert "wrote 24 files for 8 of 8 inputs" in err
+
+    # the command's label map equals the model's own argmax on the same pixels (luma, / 255)
+    rgb = images["rgb.png"].astype(np.float64)
+    grey = np.round(rgb @ np.array([0.299, 0.587, 0.114])) / 255.0
+    ref = _probs(model, torch.from_numpy(grey)[None, None])[0]
+    got = np.asarray(Image.open(out / "rgb_png_labels.png"))
+    top2 = ref.topk(2, dim=0).values
+    decided = (top2[0] - top2[1] > 1e-4).numpy()  # float32 ties may go either way
+    assert decided.mean() > 0.99
+    np.testing.assert_array_equal(got[decided], ref.argmax(0).numpy()[decided])
+
+
+# --- volumes -------------------------------------------------------------------------------------------------
+def _nifti(path, data, affine):
+    nib = pytest.importorskip("nibabel")
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=2)
+    nib.save(img, str(path))
+    return nib.load(str(path))
+
+
+def _affine():
+    rot = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    tilt = np.array([[1.0, 0.0, 0.0], [0.0, np.cos(0.3), -np.sin(0.3)], [0.0, np.sin(0.3), np.cos(0.3)]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ tilt @ np.diag([0.7, 0.8, 2.5])
+    aff[:3, 3] = [-120.5, 33.0, 410.25]
+    return aff
+
+
+def test_cli_nifti_volume_keeps_geometry(model, model_dir, tmp_path, capsys):
+    nib = pytest.importorskip("nibabel")
+    rng = np.random.default_rng(3)
+    vol = rng.normal(40, 250, (24, 3, 20)).astype(np.int16)  # CT-like HU, sliced along axis 1
+    vol[:4] = -1000
+    src = _nifti(tmp_path / "case.nii.gz", vol, _affine())
+    out = tmp_path / "out"
+
+    rc = cli_main(["predict", str(model_dir), str(tmp_path / "case.nii.gz"), "--out", str(out), "--ct",
+                   "--axis", "1", "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "CT window [-125, 275]" in err and "3 slices along axis 1" in err
+    res = nib.load(str(out / "case_labels.nii.gz"))
+    labels = np.asarray(res.dataobj)
+    assert res.shape == src.shape and labels.dtype == np.uint8 and res.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(res.affine, src.affine, atol=1e-6)
+    np.testing.assert_allclose(res.header.get_zooms(), src.header.get_zooms())
+    assert int(res.header["sform_code"]) == 2 and int(res.header["qform_code"]) == 1
+    np.testing.assert_allclose(res.header.get_qform(), src.header.get_qform(), atol=1e-5)
+    assert res.header.get_xyzt_units() == src.header.get_xyzt_units()
+    assert labels.max() < NUM_LABELS
+    assert Image.open(out / "case_montage.png").mode == "RGB"
+
+    # each slice equals the model's argmax on that slice alone, windowed here by the formula
+    for k in range(vol.shape[1]):
+        x = (np.clip(vol[:, k, :].astype(np.float64), -125, 275) + 125) / 400
+        ref = _probs(model, torch.from_numpy(x)[None, None])[0]
+        top2 = ref.topk(2, dim=0).values
+        decided = (top2[0] - top2[1] > 1e-4).numpy()
+        np.testing.assert_array_equal(labels[:, k, :][decided], ref.argmax(0).numpy()[decided])
+
+
+def test_volume_resized_to_training_size_keeps_shape(model, tmp_path):
+    """With a processor that resizes, slices run at its size and the probabilities come back bilinearly."""
+    from rwkvunet import RWKVUNetImageProcessor
+
+    proc = RWKVUNetImageProcessor(size={"height": 32, "width": 32}, num_channels=1)
+    model.save_pretrained(tmp_path / "m")
+    proc.save_pretrained(tmp_path / "m")
+    seg = Segmenter.from_pretrained(tmp_path / "m", device="cpu")
+    assert seg.preprocessing.size == (32, 32)
+    vol = np.random.default_rng(4).random((20, 36, 2)).astype(np.float32)
+    labels = seg.predict_volume(vol, axis=2, intensity=None)
+    assert labels.shape == vol.shape and labels.dtype == np.uint8
+
+    # reference: the image processor's own pixel values, the model, a bilinear resize back, argmax
+    for k in range(vol.shape[2]):
+        pixels = proc(vol[:, :, k], return_tensors="pt")["pixel_values"]
+        assert tuple(pixels.shape) == (1, 1, 32, 32)
+        probs = F.interpolate(_probs(model, pixels), size=vol.shape[:2], mode="bilinear", align_corners=False,
+                              antialias=True)[0]
+        top2 = probs.topk(2, dim=0).values
+        decided = (top2[0] - top2[1] > 1e-4).numpy()
+        np.testing.assert_array_equal(labels[:, :, k][decided], probs.argmax(0).numpy()[decided])
+
+
+# --- test-time augmentation ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_labels", [NUM_LABELS, 1])
+def test_tta_is_mean_of_flipped_probabilities(model, num_labels):
+    model = model if num_labels == NUM_LABELS else _build(5, num_labels=num_labels)
+    image = np.random.default_rng(5).random((32, 48)).astype(np.float32)
+    got = Segmenter(model, device="cpu", tta=True).predict_proba(image)
+    x = torch.from_numpy(image)[None, None]
+    views = [_probs(model, x), _probs(model, x.flip(-1)).flip(-1), _probs(model, x.flip(-2)).flip(-2)]
+    want = torch.stack(views).mean(0)[0].numpy()
+    assert got.shape == (num_labels, 32, 48)
+    # float32 model outputs against a float64 mean of the same views: probabilities agree to ~1e-6
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert np.abs(want - views[0][0].numpy()).max() > 1e-3  # the flips do change the answer
+    labels = labels_from_probs(got)
+    expect = (want[0] > 0.5) if num_labels == 1 else want.argmax(0)
+    decided = np.abs(want[0] - 0.5) > 1e-4 if num_labels == 1 else np.diff(np.sort(want, 0)[-2:], axis=0)[0] > 1e-4
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) <= set(range(max(num_labels, 2)))
+    np.testing.assert_array_equal(labels[decided], expect[decided])
+
+
+# --- tiles ---------------------------------------------------------------------------------------------------
+class LocalModel(nn.Module):
+    """Three 3x3 convolutions: each output pixel depends on the input within 3 pixels only."""
+
+    radius = 3
+
+    def __init__(self, in_channels=1, num_labels=NUM_LABELS):
+        super().__init__()
+        self.config = SimpleNamespace(in_channels=in_channels, num_labels=num_labels)
+        self.net = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 8, 3, padding=1),
+                                 nn.Tanh(), nn.Conv2d(8, num_labels, 3, padding=1))
+        self.seen = []
+
+    def forward(self, pixel_values):
+        self.seen.append(tuple(pixel_values.shape))
+        return SimpleNamespace(logits=self.net(pixel_values) * 4)
+
+
+def _tile_edges(length, tile, overlap):
+    """Tile layout by definition: stride tile - overlap from 0, the last tile flush with the end."""
+    starts = list(range(0, max(length - tile, 0), tile - overlap)) + [max(length - tile, 0)]
+    return [(s, min(s + tile, length)) for s in starts]
+
+
+def _near_inner_edge(length, tile, overlap, radius):
+    """Pixels within ``radius`` of a tile edge that is not an image edge (their context is cut by a tile)."""
+    near = np.zeros(length, bool)
+    for s, e in _tile_edges(length, tile, overlap):
+        if s > 0:
+            near[s:s + radius] = True
+        if e < length:
+            near[e - radius:e] = True
+    return near
+
+
+def test_tiles_agree_with_whole_image_away_from_tile_borders():
+    """Blending is exact where every tile sees the pixel's whole receptive field.
+
+    RWKV-UNet itself has a global receptive field whatever its spatial mixer: the stem's squeeze-excite
+    gate averages over the whole image (and Bi-WKV mixes globally), so its tiles cannot equal the whole image
+    anywhere; a model with a known 3-pixel receptive field tests the tiling and blending instead.
+    """
+    torch.manual_seed(6)
+    model = LocalModel()
+    image = np.random.default_rng(6).random((100, 90)).astype(np.float32)
+    seg = Segmenter(model, device="cpu", batch_size=3)
+    whole = seg.predict_proba(image, native=True)
+    model.seen.clear()
+    tiled = seg.predict_proba(image, tile=48, overlap=16)
+    # memory is bounded by the tile: at most batch_size tiles of at most 48 x 48 reach the model
+    assert len(model.seen) > 1 and all(b <= 3 and h <= 48 and w <= 48 for b, _, h, w in model.seen)
+    assert sum(b for b, *_ in model.seen) == len(_tile_edges(100, 48, 16)) * len(_tile_edges(90, 48, 16))
+    near = _near_inner_edge(100, 48, 16, model.radius)[:, None] | _near_inner_edge(90, 48, 16, model.radius)[None]
+    interior = ~near
+    assert interior.mean() > 0.7
+    np.testing.assert_allclose(tiled[:, interior], whole[:, interior], atol=1e-5)
+    np.testing.assert_array_equal(tiled.argmax(0)[interior], whole.argmax(0)[interior])
+    assert np.abs(tiled - whole)[:, near].max() > 1e-3  # cut context does show, so the mask matters
+    np.testing.assert_allclose(tiled.sum(0), 1.0, atol=1e-5)
+
+
+def test_one_tile_covering_the_image_equals_whole_image(segmenter):
+    image = np.random.default_rng(7).random((40, 36)).astype(np.float32)
+    whole = segmenter.predict_proba(image, native=True)
+    tiled = segmenter.predict_proba(image, tile=64, overlap=16)
+    np.testing.assert_allclose(tiled, whole, atol=1e-6)
+
+
+# --- channels ------------------------------------------------------------------------------------------------
+def test_channel_conversion_rules():
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    rgb, note = match_channels(grey, 3)
+    assert rgb.shape == (3, 4, 3) and (rgb == grey[..., None]).all() and "repeated" in note
+    same, note = match_channels(np.repeat(grey[..., None], 3, -1), 1)
+    assert (same[..., 0] == grey).all() and "nothing is lost" in note
+    rgba = np.zeros((3, 4, 4), np.uint8)
+    assert match_channels(rgba, 3)[0].shape == (3, 4, 3) and "alpha" in match_channels(rgba, 3)[1]
+    assert match_channels(grey, 1)[1] is None
+    with pytest.raises(InputError, match="3 channels but the model takes 2"):
+        match_channels(np.zeros((3, 4, 3)), 2)
+    with pytest.raises(InputError, match="2 channels but the model takes 1"):
+        match_channels(np.zeros((3, 4, 2)), 1)
+
+
+# --- errors --------------------------------------------------------------------------------------------------
+def test_cli_missing_and_unsupported_inputs(model_dir, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert cli_main(["predict", str(model_dir), str(tmp_path / "nope.png"), "--out", out]) == 2
+    assert "nope.png: no such file or folder" in capsys.readouterr().err
+    (tmp_path / "scan.dcm").write_bytes(b"\0" * 10)
+    assert cli_main(["predict", str(model_dir), str(tmp_path / "scan.dcm"), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "unsupported format .dcm" in err and ".nii.gz" in err
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["predict", str(model_dir), str(tmp_path / "empty"), "--out", out]) == 2
+    assert "no images or NIfTI volumes found" in capsys.readouterr().err
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "ok.png")
+    assert cli_main(["predict", str(tmp_path / "empty"), str(tmp_path / "ok.png"), "--out", out]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert cli_main(["predict", str(model_dir), str(tmp_path / "ok.png"), "--out", out,
+                     "--window", "300", "-100"]) == 2
+    assert "LOW < HIGH" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written when nothing could start
+
+
+def test_cli_unreadable_files_fail_alone(model_dir, tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.full((16, 20), 128, np.uint8)).save(src / "good.png")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 4)
+    (src / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
+    out = tmp_path / "out"
+    rc = cli_main(["predict", str(model_dir), str(src), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "broken.png: cannot read the image" in err and "broken.nii.gz: cannot read the NIfTI volume" in err
+    assert "2 input(s) could not be segmented" in err
+    assert (out / "good_labels.png").is_file() and (out / "good_overlay.png").is_file()
+
+
+def test_missing_nibabel_names_the_extra(monkeypatch):
+    import sys
+
+    from rwkvunet import inference_io
+
+    monkeypatch.setitem(sys.modules, "nibabel", None)
+    with pytest.raises(ImportError, match=r'pip install "rwkvunet\[nifti\]"'):
+        inference_io.read_volume("case.nii.gz")

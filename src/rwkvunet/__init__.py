@@ -9,6 +9,7 @@ from .models.rwkv_unet import (
     RWKVUNetConfig, RWKVUNetForSemanticSegmentation, RWKVUNetImageProcessor, RWKVUNetPreTrainedModel,
 )
 from .ops import bi_wkv
+from .inference import Segmenter, predict
 
 __version__ = "0.1.0"
 
@@ -27,5 +28,5 @@ _register_auto_classes()
 
 __all__ = [
     "HUB_ORG", "ENCODER_VARIANTS", "RWKVUNetEncoder", "RWKVUNetConfig", "RWKVUNetForSemanticSegmentation",
-    "RWKVUNetImageProcessor", "RWKVUNetPreTrainedModel", "bi_wkv", "__version__",
+    "RWKVUNetImageProcessor", "RWKVUNetPreTrainedModel", "Segmenter", "bi_wkv", "predict", "__version__",
 ]

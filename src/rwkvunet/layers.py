@@ -114,9 +114,9 @@ class SpatialMix(nn.Module):
     def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
         T = x.shape[1]
         xx = q_shift(x, grid)
-        xk = torch.lerp(xx, x, self.spatial_mix_k)
-        xv = torch.lerp(xx, x, self.spatial_mix_v)
-        xr = torch.lerp(xx, x, self.spatial_mix_r)
+        xk = torch.lerp(xx, x, self.spatial_mix_k.to(x.dtype))
+        xv = torch.lerp(xx, x, self.spatial_mix_v.to(x.dtype))
+        xr = torch.lerp(xx, x, self.spatial_mix_r.to(x.dtype))
         k, v, r = self.key(xk), self.value(xv), self.receptance(xr)
         y = bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v)
         return self.output(torch.sigmoid(r) * self.key_norm(y))
@@ -157,8 +157,8 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
         xx = q_shift(x, grid)
-        xk = torch.lerp(xx, x, self.spatial_mix_k)
-        xr = torch.lerp(xx, x, self.spatial_mix_r)
+        xk = torch.lerp(xx, x, self.spatial_mix_k.to(x.dtype))
+        xr = torch.lerp(xx, x, self.spatial_mix_r.to(x.dtype))
         k = torch.square(torch.relu(self.key(xk)))
         return torch.sigmoid(self.receptance(xr)) * self.value(self.key_norm(k))
 

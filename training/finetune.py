@@ -12,32 +12,41 @@ and ``checkpoints/`` from which ``--resume`` continues exactly where a killed ru
 """
 from __future__ import annotations
 
-import json
-import logging
-import math
 import os
-import shutil
-import sys
-import time
-from pathlib import Path
 
-import numpy as np
-import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
-from tqdm.auto import tqdm
+# On shared or busy CPUs, OpenMP threads that spin while waiting for each other slow training several fold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import rwkvunet  # noqa: F401  (registers the model with transformers)
-from rwkvunet.data.transforms import EvalTransform, SegmentationDataset, TrainTransform, collate_fn, to_image_tensor
-from rwkvunet.evaluation import evaluate, predict_probabilities, probabilities_to_labels
-from rwkvunet.training import CheckpointManager, EpochSampler, SeededSamples, TrainState, cosine_schedule
-from rwkvunet.training.arguments import parse_arguments
-from rwkvunet.training.inputs import (build_image_processor, build_model, class_names, count_parameters,
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import rwkvunet  # noqa: F401,E402  (registers the model with transformers)
+from rwkvunet.data.transforms import (EvalTransform, SegmentationDataset, TrainTransform, collate_fn,  # noqa: E402
+                                      to_image_tensor)
+from rwkvunet.evaluation import evaluate, predict_probabilities, probabilities_to_labels  # noqa: E402
+from rwkvunet.training import CheckpointManager, EpochSampler, SeededSamples, TrainState, cosine_schedule  # noqa: E402
+from rwkvunet.training.arguments import parse_arguments  # noqa: E402
+from rwkvunet.training.inputs import (build_image_processor, build_model, class_names, count_parameters,  # noqa: E402
                                       infer_in_channels, infer_num_labels, load_data)
-from rwkvunet.training.model_card import write_model_card
-from rwkvunet.training.plots import plot_curves, plot_overlays
+from rwkvunet.training.model_card import write_model_card  # noqa: E402
+from rwkvunet.training.plots import plot_curves, plot_overlays  # noqa: E402
 
 logger = logging.getLogger("finetune")
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by the test hook ``--crash-at-step``: the run stops as if killed after that step."""
 
 
 def make_train_loader(split, args, num_labels: int, in_channels: int):
@@ -98,6 +107,8 @@ def save_pretrained_atomic(model, folder: Path, processor=None) -> None:
 
 def main(argv=None) -> int:
     args = parse_arguments(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     output_dir = Path(args.output_dir or Path("runs") / args.run_name)
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
     accelerator = Accelerator(mixed_precision=args.mixed_precision,
@@ -170,14 +181,16 @@ def main(argv=None) -> int:
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     while state.step < total_steps:
-        sampler.set_epoch(state.epoch)
-        samples.set_epoch(state.epoch)
         model.train()
         loader = train_loader
         if state.batch_in_epoch:
             from accelerate import skip_first_batches
 
             loader = skip_first_batches(train_loader, state.batch_in_epoch)
+        # Accelerate's loaders pass their own iteration count to the sampler when iterated: make it the epoch
+        loader.set_epoch(state.epoch)
+        sampler.set_epoch(state.epoch)
+        samples.set_epoch(state.epoch)
         for batch in loader:
             with accelerator.accumulate(model):
                 loss = model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
@@ -203,7 +216,7 @@ def main(argv=None) -> int:
             if args.save_every_steps and state.step % args.save_every_steps == 0:
                 checkpoints.save(accelerator, state.step)
             if args.crash_at_step is not None and state.step == args.crash_at_step:
-                os._exit(3)  # test hook: stop like a killed process, no clean-up
+                raise SimulatedCrash(f"stopped after step {state.step} (--crash-at-step)")
             if state.step >= total_steps:
                 break
         state.epoch += 1

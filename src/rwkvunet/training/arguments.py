@@ -41,7 +41,7 @@ class TrainArguments:
     dice_weight: float = _opt(0.5, "weight of the Dice loss")
     drop_path_rate: float = _opt(0.05, "stochastic depth of the encoder")
     # schedule
-    epochs: int = _opt(5, "training epochs")
+    epochs: int = _opt(20, "training epochs")
     max_steps: Optional[int] = _opt(None, "optimizer steps; overrides --epochs")
     img_size: int = _opt(64, "training and evaluation resolution")
     batch_size: int = _opt(8, "batch size per process")
@@ -56,6 +56,7 @@ class TrainArguments:
     mixed_precision: str = _opt("no", "no, fp16 or bf16")
     seed: int = _opt(0, "seed of the model, the data order and the augmentation")
     num_workers: int = _opt(0, "data loader workers")
+    num_threads: Optional[int] = _opt(None, "CPU threads of each process (default: torch's choice)")
     # evaluation and checkpoints
     eval_every: int = _opt(1, "validate every N epochs (0: never; the last epoch's weights are tested)")
     tta: bool = _opt(False, "flip test-time augmentation in validation and test")
@@ -70,7 +71,7 @@ class TrainArguments:
     log_every: int = _opt(10, "log the training loss every N steps")
     push_to_hub: bool = _opt(False, "upload the model folder to the Hub at the end")
     hub_model_id: Optional[str] = _opt(None, "Hub repo for --push-to-hub (default: the output folder's name)")
-    crash_at_step: Optional[int] = _opt(None, argparse.SUPPRESS)  # test hook: os._exit right after this step
+    crash_at_step: Optional[int] = _opt(None, argparse.SUPPRESS)  # test hook: stop right after this step
 
     @property
     def run_name(self) -> str:

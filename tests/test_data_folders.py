@@ -152,9 +152,9 @@ def test_gif_palette_images_and_masks(tmp_path):
     rng = np.random.default_rng(6)
     root = tmp_path / "gifs"
     rgb = rng.integers(0, 255, (24, 28, 3), dtype=np.uint8)
+    (root / "images").mkdir(parents=True)
     for i in range(3):
-        Image.fromarray(rgb).quantize(16).save((root / "images").mkdir(parents=True, exist_ok=True) or
-                                               root / "images" / f"{i}.gif")
+        Image.fromarray(rgb).quantize(16).save(root / "images" / f"{i}.gif")  # palette image
         _save(_blocks(rng) * 255, root / "masks" / f"{i}.gif")
     dd = _load(root, tmp_path)
     row = dd["train"][0]
@@ -245,6 +245,8 @@ def test_datasets_source_columns_renamed_and_split(tmp_path, monkeypatch):
     assert set(dd["train"].column_names) == {"image", "mask", "case_id"}
     with pytest.raises(DataError, match="no column 'image'"):
         load_segmentation_dataset("someone/polyps")
+    with pytest.raises(DataError, match="does not exist"):  # a mistyped folder is not sent to the Hub
+        load_segmentation_dataset(str(tmp_path / "Kvasir-SEG"))
 
 
 def test_converter_command_writes_a_standalone_dataset(tmp_path):

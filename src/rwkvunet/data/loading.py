@@ -22,6 +22,8 @@ def detect_layout(source: str) -> str:
     ``synapse``, ``acdc``, ``glas`` (``_anno`` masks) or ``folder`` (any image/mask folder)."""
     root = Path(source)
     if not root.exists():
+        if source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source:
+            raise DataError(f"{source} does not exist (and is not a Hub id of the form 'org/name').")
         return "hub"
     if not root.is_dir():
         raise DataError(f"{source} is a file; pass a folder or a Hub data set id.")

@@ -330,3 +330,73 @@ def test_missing_nibabel_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "nibabel", None)
     with pytest.raises(ImportError, match=r'pip install "rwkvunet\[nifti\]"'):
         inference_io.read_volume("case.nii.gz")
+
+
+# --- API details ---------------------------------------------------------------------------------------------
+def test_pixels_match_the_image_processor():
+    """Without resizing, the segmenter's model inputs equal RWKVUNetImageProcessor's for the same settings."""
+    from rwkvunet import RWKVUNetImageProcessor
+    from rwkvunet.inference import Preprocessing
+
+    proc = RWKVUNetImageProcessor(do_resize=False, do_normalize=True, num_channels=3)
+    seg = Segmenter(LocalModel(in_channels=3), Preprocessing.from_dict(proc.to_dict(), 3), device="cpu")
+    rng = np.random.default_rng(8)
+    for image in (rng.integers(0, 256, (9, 11, 3), dtype=np.uint8), rng.integers(0, 256, (9, 11), dtype=np.uint8),
+                  rng.random((9, 11)).astype(np.float32)):
+        want = proc(image, return_tensors="pt")["pixel_values"]
+        got, _ = seg.to_pixels(image)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
+
+
+def test_find_inputs_skips_the_output_folder(tmp_path):
+    from rwkvunet.inference_io import find_inputs
+
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "pred").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "pred" / "a_labels.png")
+    (tmp_path / "vol.nii.gz").write_bytes(b"")
+    found = find_inputs([tmp_path], exclude=tmp_path / "pred")
+    assert [f.name for f, _ in found] == ["a.png", "vol.nii.gz"]
+
+
+def test_predict_function_routes_arrays_paths_and_volumes(segmenter, tmp_path):
+    image = np.random.default_rng(9).integers(0, 256, (24, 20), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "img.png")
+    from_array, from_path = rwkvunet.predict(segmenter, [image, tmp_path / "img.png"])
+    assert from_array.shape == image.shape and from_array.dtype == np.uint8
+    np.testing.assert_array_equal(from_array, from_path)
+    volume = np.random.default_rng(9).random((16, 18, 2)).astype(np.float32)
+    labels = rwkvunet.predict(segmenter, volume, axis=2, intensity="minmax")
+    assert labels.shape == volume.shape and labels.max() < NUM_LABELS
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(InputError, match="unsupported format"):
+        rwkvunet.predict(segmenter, tmp_path / "notes.txt")
+
+
+def test_nifti_labels_keep_a_trailing_singleton_axis(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    from rwkvunet.inference_io import read_volume, save_nifti_labels
+
+    src = _nifti(tmp_path / "t.nii", np.random.default_rng(10).random((4, 5, 3, 1)).astype(np.float32), _affine())
+    data, img = read_volume(tmp_path / "t.nii")
+    assert data.shape == (4, 5, 3)
+    labels = (data > 0.5).astype(np.uint8)
+    save_nifti_labels(tmp_path / "t_labels.nii", labels, img)
+    res = nib.load(str(tmp_path / "t_labels.nii"))
+    assert res.shape == src.shape
+    np.testing.assert_allclose(res.affine, src.affine, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(res.dataobj)[..., 0], labels)
+
+
+def test_bf16_autocast_runs_and_stays_close(segmenter):
+    """The reduced-precision path (the CUDA default) on the CPU: float32 probabilities close to fp32's.
+
+    bfloat16 keeps 8 mantissa bits (relative rounding 2**-9 per op); over the ~40 layers of the T model this
+    moves the logits by about 0.1 where they span about +-4, so probabilities agree to a few hundredths."""
+    image = np.random.default_rng(11).random((32, 32)).astype(np.float32)
+    fp32 = segmenter.predict_proba(image)
+    bf16 = Segmenter(segmenter.model, device="cpu", dtype="bf16").predict_proba(image)
+    assert bf16.dtype == np.float32
+    np.testing.assert_allclose(bf16.sum(0), 1.0, atol=1e-5)
+    assert np.abs(bf16 - fp32).mean() < 0.02 and np.abs(bf16 - fp32).max() < 0.15
+    assert (bf16.argmax(0) == fp32.argmax(0)).mean() > 0.9

@@ -188,7 +188,9 @@ def save_nifti_labels(path: os.PathLike | str, labels: np.ndarray, reference) ->
     qform/sform and their codes, units); intensity scaling is reset so the stored values are the labels."""
     nib = require_nibabel()
     labels = np.asarray(labels)
-    if tuple(labels.shape) != tuple(reference.shape[:labels.ndim]):
+    if labels.size == int(np.prod(reference.shape)) and labels.ndim < len(reference.shape):
+        labels = labels.reshape(reference.shape)  # e.g. (X, Y, Z) labels of an (X, Y, Z, 1) file
+    if tuple(labels.shape) != tuple(reference.shape):
         raise ValueError(f"labels {labels.shape} do not match the volume {reference.shape}")
     header = reference.header.copy()
     header.set_data_shape(labels.shape)

@@ -301,6 +301,8 @@ def test_cli_missing_and_unsupported_inputs(model_dir, tmp_path, capsys):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "ok.png")
     assert cli_main(["predict", str(tmp_path / "empty"), str(tmp_path / "ok.png"), "--out", out]) == 2
     assert "no config.json" in capsys.readouterr().err
+    assert cli_main(["predict", str(tmp_path / "typo"), str(tmp_path / "ok.png"), "--out", out]) == 2
+    assert "typo does not exist (and is not a Hub id" in capsys.readouterr().err
     assert cli_main(["predict", str(model_dir), str(tmp_path / "ok.png"), "--out", out,
                      "--window", "300", "-100"]) == 2
     assert "LOW < HIGH" in capsys.readouterr().err
@@ -400,3 +402,23 @@ def test_bf16_autocast_runs_and_stays_close(segmenter):
     np.testing.assert_allclose(bf16.sum(0), 1.0, atol=1e-5)
     assert np.abs(bf16 - fp32).mean() < 0.02 and np.abs(bf16 - fp32).max() < 0.15
     assert (bf16.argmax(0) == fp32.argmax(0)).mean() > 0.9
+
+
+def test_hub_id_from_a_local_cache(model_dir, tmp_path):
+    """A Hub id resolves through a cache laid out like the Hub's (offline), with or without a processor."""
+    import shutil
+
+    from rwkvunet import RWKVUNetImageProcessor
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    for repo, with_processor in (("rwkv-unet/tiny-test", True), ("rwkv-unet/tiny-bare", False)):
+        root = tmp_path / f"models--{repo.replace('/', '--')}"
+        snapshot = root / "snapshots" / commit
+        shutil.copytree(model_dir, snapshot)
+        if with_processor:
+            RWKVUNetImageProcessor(size={"height": 48, "width": 40}).save_pretrained(snapshot)
+        (root / "refs").mkdir()
+        (root / "refs" / "main").write_text(commit)
+        seg = Segmenter.from_pretrained(repo, device="cpu", cache_dir=str(tmp_path), local_files_only=True)
+        assert seg.num_labels == NUM_LABELS and seg.in_channels == 1
+        assert seg.preprocessing.size == ((48, 40) if with_processor else None)

@@ -269,6 +269,9 @@ class Segmenter:
         from transformers import AutoModelForSemanticSegmentation
 
         source = str(model_id_or_folder)
+        if not os.path.exists(source) and (source.startswith(("/", ".", "~")) or source.count("/") > 1
+                                           or "\\" in source):
+            raise OSError(f"{source} does not exist (and is not a Hub id of the form 'org/name'); check the path")
         if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
             raise OSError(f"{source} has no config.json; give a folder written by save_pretrained or a Hub id")
         try:

@@ -214,7 +214,9 @@ def evaluate(model, dataset_split, *, img_size=224, batch_size: int = 8, tta: bo
     """
     from tqdm.auto import tqdm
 
-    cfg_labels, channels, id2label = _model_info(_unwrap(model, accelerator))
+    # the bare module: processes run different numbers of forward passes, so no DDP collectives may happen
+    model = _unwrap(model, accelerator)
+    cfg_labels, channels, id2label = _model_info(model)
     num_labels = num_labels or cfg_labels
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     transform = transform or EvalTransform(img_size, num_channels=channels)
@@ -283,19 +285,25 @@ def evaluate(model, dataset_split, *, img_size=224, batch_size: int = 8, tta: bo
     num_classes = num_classes or 2
     binary = num_classes <= 2
     if class_names is None:
-        if id2label and len(id2label) >= num_classes:
-            class_names = [str(id2label.get(k, id2label.get(str(k), k))) for k in range(1, num_classes)]
-        else:
-            class_names = [f"class_{k}" for k in range(1, num_classes)]
-        if binary and num_labels == 1:
-            class_names = ["foreground"]
+        class_names = _class_names(id2label, num_labels, num_classes)
     return EvaluationResult(class_names=list(class_names), cases=cases, binary=binary)
+
+
+def _class_names(id2label, num_labels, num_classes) -> list[str]:
+    """Foreground class names from ``id2label`` (label 0 of a one-label sigmoid model is the foreground)."""
+    id2label = {int(k): str(v) for k, v in (id2label or {}).items()}
+    if num_labels == 1:
+        name = id2label.get(0, "")
+        return [name if name and not name.startswith("LABEL_") else "foreground"]
+    return [id2label.get(k, f"class_{k}") for k in range(1, num_classes)]
 
 
 def _unwrap(model, accelerator):
     if accelerator is not None:
         return accelerator.unwrap_model(model)
-    return getattr(model, "module", model)
+    if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        return model.module
+    return model
 
 
 def _num_classes(model, num_labels, sample_image, transform, device) -> int:

@@ -1,0 +1,74 @@
+"""Encoder pretraining: two steps on a tiny ImageFolder, then the EMA export loads through timm's Hub path."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pretrain():
+    spec = importlib.util.spec_from_file_location("pretrain_script", REPO / "training" / "pretrain_imagenet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _image_folder(root: Path, split: str, per_class: int) -> None:
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (root / split / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+
+
+def test_recipe_matches_the_paper():
+    recipe = yaml.safe_load((REPO / "training" / "pretrain_imagenet.yaml").read_text())
+    assert recipe["device_modules"] == ["rwkvunet"]
+    expected = dict(opt="adamw", weight_decay=0.05, epochs=300, warmup_epochs=20, warmup_lr=5e-7, min_lr=5e-7,
+                    aa="rand-m9-mstd0.5-inc1", color_jitter=0.4, train_interpolation="random", reprob=0.0,
+                    mixup=0.0, cutmix=0.0, smoothing=0.1, model_ema_decay=0.9998, drop_path=0.05, amp=True)
+    for key, value in expected.items():
+        assert recipe[key] == value, key
+
+
+def test_two_steps_then_export_loads_with_timm(pretrain, tmp_path):
+    import timm
+
+    import rwkvunet  # noqa: F401
+
+    _image_folder(tmp_path / "data", "train", 4)
+    _image_folder(tmp_path / "data", "val", 2)
+    out = tmp_path / "run"
+    assert pretrain.main(["--config", str(REPO / "training" / "pretrain_imagenet.yaml"), "--data-dir",
+                          str(tmp_path / "data"), "--model", "rwkvunet_enc_t", "--num-classes", "2", "--img-size",
+                          "32", "--batch-size", "4", "--max-steps", "2", "--workers", "0", "--output", str(out),
+                          "--no-amp", "--model-ema-decay", "0.5", "--num-threads", "1"]) == 0
+    export = out / "export"
+    config = json.loads((export / "config.json").read_text())
+    assert config["architecture"] == "rwkvunet_enc_t" and config["num_classes"] == 2
+    model = timm.create_model("rwkvunet_enc_t", pretrained=True, num_classes=2,
+                              pretrained_cfg_overlay=dict(file=str(export / "model.safetensors"), num_classes=2))
+    # the exported weights are the EMA's: checkpointed EMA state equals the loaded model's
+    from safetensors.torch import load_file
+
+    exported = load_file(str(export / "model.safetensors"))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, exported[key]), key
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    ema_state = torch.load(ckpt / "custom_checkpoint_2.pkl", weights_only=True)
+    for key, value in ema_state.items():
+        name = key.removeprefix("module.")
+        assert torch.equal(value, exported[name]), key
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, 32, 32))
+    assert logits.shape == (1, 2) and torch.isfinite(logits).all()

@@ -1,0 +1,226 @@
+#!/usr/bin/env python
+"""Pretrain an RWKV-UNet encoder on an ImageFolder (ImageNet-1k) with Accelerate and timm's helpers.
+
+    accelerate launch training/pretrain_imagenet.py --config training/pretrain_imagenet.yaml \
+        --data-dir /data/imagenet --model rwkvunet_enc_t
+
+The recipe is the authors' (training/pretrain_imagenet.yaml, shared with timm's train.py): timm's data
+pipeline (create_dataset + create_transform with RandAugment), optimizer (create_optimizer_v2), scheduler
+(create_scheduler_v2, updated per step) and EMA (ModelEmaV3). ``--data-dir`` holds ``train/<class>/*.jpg`` and
+optionally ``validation/`` (or ``val/``). Checkpoints are written atomically and ``--resume`` continues from the
+latest; at the end the EMA weights are exported in timm's Hub format (``model.safetensors`` + ``config.json``)
+to ``<output>/export``, loadable with ``timm.create_model(name, pretrained=True,
+pretrained_cfg_overlay=dict(file=".../model.safetensors"))`` or pushed to the Hub as they are.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy CPUs: do not let OpenMP threads spin
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import rwkvunet  # noqa: F401,E402  (registers rwkvunet_enc_{t,s,b} with timm)
+from rwkvunet.training.checkpoints import CheckpointManager  # noqa: E402
+from rwkvunet.training.state import TrainState  # noqa: E402
+
+logger = logging.getLogger("pretrain")
+
+#: Options (timm train.py names) and defaults: the authors' recipe for RWKV-UNet-B.
+DEFAULTS = dict(
+    data_dir=None, model="rwkvunet_enc_b", num_classes=None, img_size=224, batch_size=128, epochs=300,
+    max_steps=None, opt="adamw", lr=3e-3, weight_decay=0.05, sched="cosine", warmup_epochs=20, warmup_lr=5e-7,
+    min_lr=5e-7, cooldown_epochs=0, aa="rand-m9-mstd0.5-inc1", color_jitter=0.4, train_interpolation="random",
+    reprob=0.0, smoothing=0.1, drop_path=0.05, model_ema=True, model_ema_decay=0.9998, amp=True, workers=4,
+    output="runs/pretrain", seed=42, resume=None, keep_checkpoints=2, num_threads=None,
+)
+#: Keys of the shared YAML that only timm's train.py uses.
+TIMM_ONLY = {"device_modules", "mixup", "cutmix", "mixup_prob", "pin_mem"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML recipe (training/pretrain_imagenet.yaml)")
+    for name, default in DEFAULTS.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction)
+        elif name == "resume":
+            parser.add_argument(flag, nargs="?", const="latest", help="continue from the latest checkpoint")
+        else:
+            kind = type(default) if default is not None else (int if name in ("num_classes", "max_steps",
+                                                                               "num_threads") else str)
+            parser.add_argument(flag, type=kind)
+    given = vars(parser.parse_args(argv))
+    values = dict(DEFAULTS)
+    if "config" in given:
+        recipe = yaml.safe_load(Path(given.pop("config")).read_text()) or {}
+        unknown = set(recipe) - set(DEFAULTS) - TIMM_ONLY
+        if unknown:
+            raise ValueError(f"unknown keys in the recipe: {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+        if recipe.get("mixup") or recipe.get("cutmix"):
+            raise ValueError("this script does not implement mixup/cutmix; use timm's train.py for them")
+        values.update({k: v for k, v in recipe.items() if k in DEFAULTS})
+    values.update(given)
+    if not values["data_dir"]:
+        parser.error("--data-dir is required (an ImageFolder root with train/)")
+    return argparse.Namespace(**values)
+
+
+def find_split(root: Path, names) -> Path | None:
+    return next((root / n for n in names if (root / n).is_dir()), None)
+
+
+def make_loader(root: Path, args, training: bool, data_config: dict):
+    from timm.data import create_dataset, create_transform
+
+    transform = create_transform(
+        data_config["input_size"], is_training=training, auto_augment=args.aa if training else None,
+        color_jitter=args.color_jitter, interpolation=args.train_interpolation if training else
+        data_config["interpolation"], re_prob=args.reprob, mean=data_config["mean"], std=data_config["std"],
+        crop_pct=None if training else data_config["crop_pct"],
+    )
+    dataset = create_dataset("", root=str(root), is_training=training, transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=training,
+                                         num_workers=args.workers, drop_last=training and len(dataset) >= args.batch_size,
+                                         generator=torch.Generator().manual_seed(args.seed))
+    return dataset, loader
+
+
+def export_for_hub(model, folder: Path, model_name: str) -> Path:
+    """timm's Hub format: ``model.safetensors`` and ``config.json`` (architecture + pretrained_cfg)."""
+    from timm.models._hub import save_for_hf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"architecture": model_name, "num_classes": model.num_classes}
+    save_for_hf(model, str(folder), model_config=config, safe_serialization=True)
+    return folder
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    import timm
+    from timm.data import resolve_data_config
+    from timm.loss import LabelSmoothingCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3, accuracy
+
+    amp = ("bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16") \
+        if args.amp and torch.cuda.is_available() else "no"
+    accelerator = Accelerator(mixed_precision=amp)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    set_seed(args.seed)
+    root, output = Path(args.data_dir), Path(args.output)
+    train_dir = find_split(root, ("train",))
+    if train_dir is None:
+        raise FileNotFoundError(f"{root} has no train/ folder; expected an ImageFolder: train/<class>/<image>")
+    val_dir = find_split(root, ("validation", "val"))
+
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    num_classes = args.num_classes or len(classes)
+    model = timm.create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path)
+    data_config = resolve_data_config({"input_size": (3, args.img_size, args.img_size)}, model=model)
+    _, train_loader = make_loader(train_dir, args, True, data_config)
+    val_loader = make_loader(val_dir, args, False, data_config)[1] if val_dir else None
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay)
+    ema = ModelEmaV3(model, decay=args.model_ema_decay, device=accelerator.device) if args.model_ema else None
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if val_loader is not None:
+        val_loader = accelerator.prepare(val_loader)
+    updates_per_epoch = len(train_loader)
+    epochs = math.ceil(args.max_steps / updates_per_epoch) if args.max_steps else args.epochs
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr, min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs, step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch)
+    loss_fn = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing else torch.nn.CrossEntropyLoss()
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    checkpoints = CheckpointManager(output / "checkpoints", keep_last=args.keep_checkpoints)
+    if args.resume:
+        ckpt = checkpoints.latest() if args.resume == "latest" else Path(args.resume)
+        if ckpt is None:
+            raise FileNotFoundError(f"no checkpoint in {checkpoints.directory} to resume from")
+        accelerator.load_state(str(ckpt))
+        logger.info("resumed from %s (epoch %d, step %d)", ckpt, state.epoch, state.step)
+
+    total = args.max_steps or epochs * updates_per_epoch
+    bar = tqdm(total=total, initial=state.step, desc="pretraining", disable=not accelerator.is_main_process)
+    start = time.time()
+    while state.step < total:
+        model.train()
+        loader = train_loader
+        if state.batch_in_epoch:
+            from accelerate import skip_first_batches
+
+            loader = skip_first_batches(train_loader, state.batch_in_epoch)
+        loader.set_epoch(state.epoch)
+        for images, targets in loader:
+            with accelerator.autocast():
+                loss = loss_fn(model(images), targets)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.batch_in_epoch += 1
+            scheduler.step_update(num_updates=state.step)
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(model), step=state.step)
+            value = accelerator.reduce(loss.detach().float(), "mean").item()
+            state.train_loss.append([state.step, state.epoch, value, optimizer.param_groups[0]["lr"]])
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            if state.step >= total:
+                break
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        scheduler.step(state.epoch)
+        if val_loader is not None:
+            top1 = validate(ema.module if ema is not None else model, val_loader, accelerator, accuracy)
+            state.validation.append([state.step, state.epoch, top1])
+            if accelerator.is_main_process:
+                tqdm.write(f"epoch {state.epoch}: top-1 {top1:.2f}" + (" (EMA)" if ema is not None else ""))
+        checkpoints.save(accelerator, state.step)
+    bar.close()
+
+    if accelerator.is_main_process:
+        final = ema.module if ema is not None else accelerator.unwrap_model(model)
+        folder = export_for_hub(final, output / "export", args.model)
+        logger.info("exported %s weights to %s in %.1f min", "EMA" if ema is not None else "final", folder,
+                    (time.time() - start) / 60)
+    accelerator.wait_for_everyone()
+    return 0
+
+
+@torch.no_grad()
+def validate(model, loader, accelerator, accuracy) -> float:
+    model.eval()
+    correct, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    for images, targets in loader:
+        logits = model(images.to(accelerator.device))
+        logits, targets = accelerator.gather_for_metrics((logits, targets))
+        correct += accuracy(logits, targets, topk=(1,))[0] * targets.shape[0] / 100
+        count += targets.shape[0]
+    return float(100 * correct / count.clamp_min(1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

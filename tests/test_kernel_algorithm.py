@@ -146,7 +146,9 @@ def emulate(w, u, k, v, gy, L):
         brefs.append(_refs(lam, w, n))
     pin, qin = _scan([s[0] for s in bsums], [s[1] for s in bsums], lengths, w)
 
-    # backward kernel `grad_output`: dk, dv per token; dw, du partials per (b, chunk, c)
+    # backward kernel `grad_output`: dk, dv per token; dw, du partials per (b, chunk, c). As in the CUDA
+    # source, the anti-causal sums of p and q (step 3) are fixed by their incoming state and reference, so
+    # their weights and the dw term that pairs them with the causal forward sums are accumulated in step 2.
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dw_part, du_part = torch.zeros_like(k[:, 0]), torch.zeros_like(k[:, 0])
     for j, (t0, t1) in enumerate(chunks):
@@ -155,17 +157,34 @@ def emulate(w, u, k, v, gy, L):
         F, G, yc, logd = _forward_token_states(w, u, kc, vc, n, fin[j], bin_[j])
         lam, hc = [-d for d in logd], [-g * yy for g, yy in zip(gc, yc)]
         P = _causal_pass(lam, gc, hc, w, n, brefs[j][0], pin[j])  # sums over t < j of p_t, q_t
-        Q = _anticausal_pass(lam, gc, hc, w, n, brefs[j][1], qin[j])  # sums over t > j
+        q_in, q_ref = qin[j], brefs[j][1]
+        r_q = torch.maximum(q_in[0] - w, q_ref)
+        c_in, c_loc = torch.exp(q_in[0] - w - r_q), torch.exp(q_ref - r_q)
+        dv_p, dk_p, wg, wh, e2 = [], [], [], [], []
+        dw_gp = dw_fq = sum_fa = sum_fb = 0.0
         for i in range(n):
             e0 = torch.exp(u + kc[i] - logd[i])
             e1 = torch.exp(kc[i] + P[i][2])
-            e2 = torch.exp(kc[i] + Q[i][2])
-            dvi = e0 * gc[i] + e1 * P[i][0] + e2 * Q[i][0]
-            dki = vc[i] * dvi + e0 * hc[i] + e1 * P[i][1] + e2 * Q[i][1]
-            dv[:, t0 + i], dk[:, t0 + i] = dvi, dki
+            dv_p.append(e0 * gc[i] + e1 * P[i][0])
+            dk_p.append(e0 * hc[i] + e1 * P[i][1])
             du_part = du_part + e0 * (gc[i] * vc[i] + hc[i])
-            dw_part = dw_part + (F[i][0] * Q[i][0] + F[i][1] * Q[i][1]) * torch.exp(F[i][2] + Q[i][2])
-            dw_part = dw_part + (G[i][0] * P[i][0] + G[i][1] * P[i][1]) * torch.exp(G[i][2] + P[i][2])
+            dw_gp = dw_gp + G[i][0] * P[i][0] + G[i][1] * P[i][1]
+            eq = torch.exp(lam[i] + (n - 1 - i) * w - q_ref)
+            wg.append(eq * gc[i])
+            wh.append(eq * hc[i])
+            e2.append(torch.exp(kc[i] + r_q - (n - i - 2) * w))
+            dw_fq = dw_fq + wg[i] * sum_fa + wh[i] * sum_fb
+            sum_fa, sum_fb = sum_fa + F[i][0], sum_fb + F[i][1]
+        r_f, r_b, r_p = F[0][2] - w, G[0][2] + (n - 2) * w, P[0][2] - w  # the walks' scales at i = 0
+        shift = -(n - 3) * w
+        dw_part = dw_part + dw_gp * torch.exp(r_b + r_p + shift)
+        dw_part = dw_part + (c_in * (q_in[1] * sum_fa + q_in[2] * sum_fb) + c_loc * dw_fq) * torch.exp(r_f + r_q + shift)
+        acc_a = acc_b = 0.0
+        for i in reversed(range(n)):
+            dvi = dv_p[i] + e2[i] * (q_in[1] * c_in + acc_a * c_loc)
+            dk[:, t0 + i] = vc[i] * dvi + dk_p[i] + e2[i] * (q_in[2] * c_in + acc_b * c_loc)
+            dv[:, t0 + i] = dvi
+            acc_a, acc_b = acc_a + wg[i], acc_b + wh[i]
     dw = -torch.exp(-w) * dw_part.sum(0)
     du = du_part.sum(0)
     return y, dw, du, dk, dv

@@ -27,7 +27,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <ATen/Dispatch.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -275,8 +276,8 @@ __global__ void __launch_bounds__(SCAN_CHANNELS* SCAN_GROUPS * 2)
     scan_kernel(const float* __restrict__ w, float* __restrict__ states, int B, int T_, int C, int NC) {
   __shared__ State group_sum[2][SCAN_GROUPS][SCAN_CHANNELS];
   __shared__ int group_len[2][SCAN_GROUPS];
-  const int64_t c = (int64_t)blockIdx.x * SCAN_CHANNELS + threadIdx.x;
-  const int64_t b = blockIdx.y;
+  const int64_t c = (int64_t)blockIdx.y * SCAN_CHANNELS + threadIdx.x;
+  const int64_t b = blockIdx.x;
   const int g = threadIdx.y, dir = threadIdx.z;
   const bool valid = c < C;
   const float wc = valid ? w[c] : 0.f;
@@ -503,14 +504,33 @@ void check_inputs(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k,
               u.scalar_type());
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && w.is_contiguous() && u.is_contiguous(),
               "bi_wkv: w, u, k, v must be contiguous (call .contiguous() on them)");
-  TORCH_CHECK(k.size(0) * num_chunks(k.size(1)) * C < (int64_t(1) << 40) && k.size(1) < (int64_t(1) << 30),
+  TORCH_CHECK(k.size(0) * num_chunks(k.size(1)) * C < (int64_t(1) << 40) && k.size(0) < (int64_t(1) << 31) &&
+                  k.size(1) < (int64_t(1) << 30) && C < (int64_t(1) << 22),
               "bi_wkv: input too large: ", k.sizes());
+}
+
+// Calls f with a value of the CUDA element type of `dtype` (float, c10::Half or c10::BFloat16).
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kHalf:
+      f(c10::Half{});
+      break;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      break;
+    default:
+      TORCH_CHECK(false, "bi_wkv: unsupported dtype ", dtype);
+  }
 }
 
 int blocks_for(int64_t threads, int per_block) { return (int)((threads + per_block - 1) / per_block); }
 
 void launch_scan(const at::Tensor& w, at::Tensor& planes, int B, int T, int C, int NC, cudaStream_t stream) {
-  const dim3 grid((C + SCAN_CHANNELS - 1) / SCAN_CHANNELS, B);
+  const dim3 grid(B, (C + SCAN_CHANNELS - 1) / SCAN_CHANNELS);
   const dim3 block(SCAN_CHANNELS, SCAN_GROUPS, 2);
   scan_kernel<<<grid, block, 0, stream>>>(w.data_ptr<float>(), planes.data_ptr<float>(), B, T, C, NC);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -530,7 +550,8 @@ std::tuple<at::Tensor, at::Tensor> bi_wkv_forward(const at::Tensor& w, const at:
   if (k.numel() == 0) return {y, states};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int blocks = blocks_for((int64_t)B * NC * C, THREADS);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "bi_wkv_forward", [&] {
+  dispatch_dtype(k.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
     summarize_kernel<scalar_t><<<blocks, THREADS, 0, stream>>>(w.data_ptr<float>(), k.data_ptr<scalar_t>(),
                                                                v.data_ptr<scalar_t>(), states.data_ptr<float>(), B, T,
                                                                C, NC);
@@ -573,7 +594,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bi_wkv_backward(
   auto grad_refs = at::empty({2, B, NC, C}, f32);
   auto partials = at::empty({2, B, NC, C}, f32);
   const int blocks = blocks_for((int64_t)B * NC * C, THREADS);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "bi_wkv_backward", [&] {
+  dispatch_dtype(k.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
     grad_summarize_kernel<scalar_t><<<blocks, THREADS, 0, stream>>>(
         w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         grad_y.data_ptr<scalar_t>(), states.data_ptr<float>(), grad_states.data_ptr<float>(),

@@ -109,15 +109,21 @@ def _lookup(setting: str) -> Optional[BiWKVFn]:
 
 
 @torch.compiler.assume_constant_result
+def _looked_up(setting: str) -> bool:
+    """Runs the lookup once per setting; a compiled graph runs it at trace time and keeps the answer."""
+    if setting not in _resolved:
+        _resolved[setting] = _lookup(setting)
+    return _resolved[setting] is not None
+
+
 def cuda_bi_wkv() -> Optional[BiWKVFn]:
     """The kernel's Bi-WKV function for CUDA tensors, or None to use the PyTorch op.
 
-    Looked up on first use and cached per ``RWKVUNET_BI_WKV`` value; a compiled graph takes the result as a
-    constant, so the lookup never breaks a graph.
+    Looked up on first use and cached per ``RWKVUNET_BI_WKV`` value; under torch.compile the lookup runs
+    while tracing and its result is a constant, so it never breaks a graph.
     """
     setting = kernel_setting()
-    if setting not in _resolved:
-        _resolved[setting] = _lookup(setting)
+    _looked_up(setting)
     return _resolved[setting]
 
 

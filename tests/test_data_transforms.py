@@ -120,7 +120,8 @@ def test_torch_dataset_collate_and_set_transform():
     rows = {"image": [Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)) for _ in range(3)],
             "mask": [Image.fromarray(_labels(12, 16, 2, seed=i)) for i in range(3)],
             "case_id": ["a", "b", "c"]}
-    feats = datasets.Features({"image": datasets.Image(), "mask": datasets.Image(), "case_id": datasets.Value("string")})
+    feats = datasets.Features({"image": datasets.Image(), "mask": datasets.Image(),
+                               "case_id": datasets.Value("string")})
     split = datasets.Dataset.from_dict(rows, features=feats)
     tf = EvalTransform(8)
     batch = collate_fn([SegmentationDataset(split, tf)[i] for i in range(3)])

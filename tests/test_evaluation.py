@@ -144,7 +144,8 @@ def _binary_image_split(rng, n=5):
     masks[0][:] = 0  # an image without foreground
     images = [Image.fromarray((np.where(m > 0, 200, 40) + rng.integers(0, 20, m.shape)).astype(np.uint8))
               for m in masks]
-    features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image(), "case_id": datasets.Value("string")})
+    features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image(),
+                                  "case_id": datasets.Value("string")})
     return datasets.Dataset.from_dict({"image": images, "mask": [Image.fromarray(m * 255) for m in masks],
                                        "case_id": [f"img{i}" for i in range(n)]}, features=features), masks
 
@@ -183,7 +184,8 @@ def test_binary_images_scored_per_image_and_written(tmp_path):
     rows = list(csv.DictReader(per_case.open()))
     assert len(rows) == 5 and float(rows[2]["dice_class_1"]) == pytest.approx(everywhere.cases[2].dice[0], abs=1e-4)
     class_rows = list(csv.DictReader(per_class.open()))
-    assert class_rows[-1]["class"] == "mean" and float(class_rows[-1]["iou"]) == pytest.approx(everywhere.mean_iou, abs=1e-4)
+    assert class_rows[-1]["class"] == "mean"
+    assert float(class_rows[-1]["iou"]) == pytest.approx(everywhere.mean_iou, abs=1e-4)
     table = everywhere.format_table()
     assert "IoU" in table and f"{everywhere.mean_dice:.4f}" in table
 

@@ -71,6 +71,21 @@ def load_segmentation_dataset(source: str, *, image_column: str = "image", mask_
         Masks are stored as uint8; ``with_format("numpy")`` hands integer arrays out as int64 (a choice of
         ``datasets``), which is why readers should not rely on the in-memory dtype.
 
+    Splits (see :mod:`rwkvunet.data.splits`):
+        * image folders: 8:1:1 with ``split_seed``; a folder with ``train/`` and ``test/`` (``val/``)
+          subfolders keeps them, and a missing validation split takes a ninth of the training cases. GlaS and
+          ISIC are pooled and split 8:1:1 like the other binary sets.
+        * ACDC: patients 031-100 train (slices), 021-030 validation and 001-020 test (volumes).
+        * Synapse: ``train_npz`` train, ``test_vol_h5`` test; validation repeats the last two training cases
+          as volumes (the paper has no validation split and reports its last epoch).
+        * Hub / ``save_to_disk`` sets keep their splits (``val``/``valid`` renamed ``validation``); a set with
+          only ``train`` is split 8:1:1, one without validation gives a ninth of ``train``. Their masks are
+          checked when transformed (:class:`rwkvunet.data.transforms.TrainTransform` with ``num_labels``)
+          or evaluated, not when loaded.
+
+    Layouts ``kvasir``, ``cvc``, ``busi`` and ``isic`` are read as ``folder``; ``glas`` also makes every
+    non-zero (gland instance) value foreground.
+
     Raises:
         DataError: naming the file, for unreadable files, image/mask size mismatches and labels outside the
             classes.
@@ -198,7 +213,8 @@ def _load_datasets_source(source, layout, image_column, mask_column, split_seed,
         for column, wanted in ((image_column, "image"), (mask_column, "mask")):
             if column not in split.column_names:
                 raise DataError(f"split {name!r} of {source} has no column {column!r}; its columns are "
-                                f"{split.column_names}. Pass image_column=/mask_column= (--image-column, --mask-column).")
+                                f"{split.column_names}. Pass image_column=/mask_column= "
+                                f"(--image-column, --mask-column).")
             if column != wanted:
                 if wanted in split.column_names:
                     split = split.remove_columns(wanted)

@@ -135,7 +135,8 @@ class _JointTransform:
         if self.mean is not None:
             out["pixel_values"] = F.normalize(out["pixel_values"], list(self.mean), list(self.std))
         if msk is not None:
-            out["labels"] = F.resize(msk, self.size, interpolation=v2.InterpolationMode.NEAREST)[0].as_subclass(torch.Tensor)
+            labels = F.resize(msk, self.size, interpolation=v2.InterpolationMode.NEAREST)
+            out["labels"] = labels[0].as_subclass(torch.Tensor)
         return out
 
 

@@ -3,8 +3,8 @@ across processes, the JSON/CSV writers and training/evaluate.py."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -226,7 +226,7 @@ def test_every_case_scored_once_across_processes(monkeypatch):
     assert [c.case_id for c in result.cases] == [f"case{i}" for i in range(5)]
 
 
-def test_evaluate_script_on_a_saved_segmenter(tmp_path, monkeypatch):
+def test_evaluate_script_on_a_saved_segmenter(tmp_path):
     rwkvunet = pytest.importorskip("rwkvunet")
     if not hasattr(rwkvunet, "RWKVUNetForSemanticSegmentation"):
         pytest.fail("rwkvunet must provide RWKVUNetForSemanticSegmentation")
@@ -241,9 +241,9 @@ def test_evaluate_script_on_a_saved_segmenter(tmp_path, monkeypatch):
         (root / "masks").mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (20, 24), dtype=np.uint8)).save(root / "images" / f"{i}.png")
         Image.fromarray((rng.random((20, 24)) > 0.5).astype(np.uint8) * 255).save(root / "masks" / f"{i}.png")
-    monkeypatch.syspath_prepend(str(REPO / "training"))
-    sys.modules.pop("evaluate", None)
-    import evaluate as script
+    spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "training" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
 
     out = tmp_path / "eval"
     code = script.main([str(tmp_path / "model"), "--dataset", str(root), "--img-size", "32", "--tta",
@@ -252,4 +252,3 @@ def test_evaluate_script_on_a_saved_segmenter(tmp_path, monkeypatch):
     data = json.loads((out / "metrics.json").read_text())
     assert data["num_cases"] == 1 and data["binary"] and 0.0 <= data["mean_dice"] <= 1.0
     assert (out / "per_class.csv").is_file() and (out / "per_case.csv").is_file()
-    sys.modules.pop("evaluate", None)

@@ -261,7 +261,7 @@ class CrossChannelMix(nn.Module):
     def forward(self, skips):
         deep_first = list(skips)[::-1]
         size = skips[0].shape[-2:]
-        grid = (int(size[0]), int(size[1]))
+        grid = (size[0], size[1])  # no int(): symbolic sizes stay symbolic under torch.export
         p = [proj(resize_bilinear(e, size)) for proj, e in zip(self.projections, deep_first)]
         t = map_to_tokens(torch.cat(p, dim=1))
         t = t + self.drop_path(self.ln1(self.channel(t, grid)))

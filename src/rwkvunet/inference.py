@@ -229,7 +229,9 @@ def default_device() -> torch.device:
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if isinstance(dtype, str):
         names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                  "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -247,7 +249,8 @@ class Segmenter:
             (``RWKVUNetForSemanticSegmentation``); it is put in eval mode on ``device``.
         preprocessing: the intensity settings it was trained with (defaults: see :class:`Preprocessing`).
         device: ``"cuda"``, ``"cpu"``, ...; default CUDA when available, else CPU.
-        dtype: autocast precision; default bfloat16 on CUDA, float32 elsewhere.
+        dtype: autocast precision (a torch dtype or ``"fp32"``, ``"bf16"``, ``"fp16"``); default bfloat16 on
+            CUDA (float16 on GPUs without bfloat16), float32 elsewhere. Probabilities are always float32.
         tta: average the probabilities over left-right and up-down flips.
         batch_size: slices or tiles per forward pass.
     """
@@ -268,7 +271,7 @@ class Segmenter:
         """Load a model folder (``save_pretrained``) or Hub id, with its image processor settings if any."""
         from transformers import AutoModelForSemanticSegmentation
 
-        source = str(model_id_or_folder)
+        source = os.path.expanduser(str(model_id_or_folder))
         if not os.path.exists(source) and (source.startswith(("/", ".", "~")) or source.count("/") > 1
                                            or "\\" in source):
             raise OSError(f"{source} does not exist (and is not a Hub id of the form 'org/name'); check the path")

@@ -5,6 +5,7 @@ by calling the model directly, independently of the code under test.
 """
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -93,6 +94,9 @@ def test_cli_images_all_formats(model, model_dir, tmp_path, capsys):
     assert "RGB image converted to grey" in err and "rgb.bmp" in err  # said at the first one
     assert "(3 files)" in err  # three RGB images: the note is counted
     assert "wrote 24 files for 8 of 8 inputs" in err
+    legend = json.loads((out / "labels.json").read_text())
+    assert sorted(legend) == ["0", "1", "2"] and legend["2"]["name"] == "LABEL_2"
+    assert legend["0"]["color"] == [0, 0, 0] and legend["1"]["color"] != legend["2"]["color"]
 
     # the command's label map equals the model's own argmax on the same pixels (luma, / 255)
     rgb = images["rgb.png"].astype(np.float64)
@@ -357,8 +361,8 @@ def test_find_inputs_skips_the_output_folder(tmp_path):
     (tmp_path / "pred").mkdir()
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "pred" / "a_labels.png")
     (tmp_path / "vol.nii.gz").write_bytes(b"")
-    found = find_inputs([tmp_path], exclude=tmp_path / "pred")
-    assert [f.name for f, _ in found] == ["a.png", "vol.nii.gz"]
+    found = find_inputs([tmp_path, tmp_path / "a.png"], exclude=tmp_path / "pred")
+    assert [f.name for f, _ in found] == ["a.png", "vol.nii.gz"]  # a.png named twice, segmented once
 
 
 def test_predict_function_routes_arrays_paths_and_volumes(segmenter, tmp_path):

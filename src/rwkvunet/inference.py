@@ -306,6 +306,14 @@ class Segmenter:
     def id2label(self) -> dict:
         return dict(getattr(self.config, "id2label", {}) or {})
 
+    @property
+    def label_names(self) -> dict:
+        """Name of each value in the label maps (a one-logit model's foreground is 1)."""
+        names = {int(k): str(v) for k, v in self.id2label.items()}
+        if self.num_labels == 1:
+            return {0: "background", 1: names.get(0, "foreground")}
+        return {i: names.get(i, f"class {i}") for i in range(self.num_labels)}
+
     # --- pixels --------------------------------------------------------------------------------------------
     def to_pixels(self, image: ImageLike) -> Tuple[torch.Tensor, Optional[str]]:
         """``((1, C, H, W) float model input, channel note)`` for an image array / PIL image / tensor."""

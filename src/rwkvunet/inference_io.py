@@ -53,6 +53,14 @@ def find_inputs(paths: Iterable[os.PathLike | str], exclude: Optional[os.PathLik
     format raises :class:`InputError`, before any work starts."""
     exclude_dir = Path(exclude).resolve() if exclude is not None else None
     found: List[Tuple[Path, Path]] = []
+    seen: set = set()
+
+    def add(file: Path, root: Path) -> None:
+        key = file.resolve()
+        if key not in seen:  # a file named and also inside a named folder is segmented once
+            seen.add(key)
+            found.append((file, root))
+
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
@@ -62,12 +70,12 @@ def find_inputs(paths: Iterable[os.PathLike | str], exclude: Optional[os.PathLik
                     continue
                 if exclude_dir is not None and exclude_dir in file.resolve().parents:
                     continue
-                found.append((file, path))
+                add(file, path)
         elif path.is_file():
             if file_kind(path) is None:
                 raise InputError(f"{path}: unsupported format {''.join(path.suffixes) or '(no extension)'}; "
                                  f"use one of {supported_formats()}")
-            found.append((path, path.parent))
+            add(path, path.parent)
         else:
             raise InputError(f"{path}: no such file or folder; check the path")
     return found
@@ -245,6 +253,18 @@ def montage_slices(labels: np.ndarray, axis: int, max_slices: int = 16) -> List[
     return candidates[pick].tolist()
 
 
+def save_legend(path: os.PathLike | str, names: dict) -> Path:
+    """A JSON legend: for each label value, its name and overlay colour."""
+    import json
+
+    legend = {str(int(i)): {"name": str(name), "color": [int(c) for c in colorize(np.array([int(i)]))[0]]}
+              for i, name in sorted(names.items())}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(legend, indent=2) + "\n")
+    return path
+
+
 def strip_extension(path: os.PathLike | str) -> str:
     """The file name without its image or NIfTI extension (``case1.nii.gz`` -> ``case1``)."""
     name = Path(path).name
@@ -258,5 +278,6 @@ def strip_extension(path: os.PathLike | str) -> str:
 __all__ = [
     "IMAGE_EXTENSIONS", "NIFTI_EXTENSIONS", "PALETTE", "InputError", "file_kind", "find_inputs", "read_image",
     "to_display", "colorize", "overlay", "save_png", "require_nibabel", "read_volume", "save_nifti_labels",
+    "save_legend",
     "montage", "montage_slices", "strip_extension",
 ]

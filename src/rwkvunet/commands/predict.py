@@ -2,7 +2,7 @@
 
 Per image: ``<name>_labels.png`` (uint8 class indices, the image's size) and ``<name>_overlay.png``; per volume:
 ``<name>_labels.nii.gz`` (uint8, the input's shape, affine and header geometry) and ``<name>_montage.png``.
-Folders keep their layout under ``--out``. Exit status: 0 all done, 1 some files could not be segmented
+Folders keep their layout under ``--out``; ``labels.json`` there names each label value and its colour. Exit status: 0 all done, 1 some files could not be segmented
 (the others are written), 2 nothing done (bad arguments, model or inputs).
 """
 from __future__ import annotations
@@ -201,11 +201,13 @@ def run(args) -> int:
         except (io.InputError, OSError) as err:
             failed[file] = str(err)
             say(f"error: {err}")
+    if written:
+        io.save_legend(args.out / "labels.json", seg.label_names)
     for note, count in notes.items():
         if count > 1:
             print(f"note: {note} ({count} files)", file=sys.stderr)
-    print(f"wrote {len(written)} files for {len(files) - len(failed)} of {len(files)} inputs to {args.out}",
-          file=sys.stderr)
+    print(f"wrote {len(written)} files for {len(files) - len(failed)} of {len(files)} inputs to {args.out} "
+          "(label values, names and overlay colours in labels.json)", file=sys.stderr)
     if failed:
         print(f"error: {len(failed)} input(s) could not be segmented:", file=sys.stderr)
         for file, msg in failed.items():

@@ -1,0 +1,112 @@
+"""The kernel-builder project in src/bi-wkv: a valid build.toml, and CUDA sources that compile with nvcc.
+
+The compile test (``-m cuda_build``, a few minutes on two cores) builds the extension with
+torch.utils.cpp_extension into the kernels build layout and loads it with ``kernels.get_local_kernel``;
+no GPU is needed for that: the ops register, their fake implementations run on meta tensors, and CPU
+tensors are refused with the dispatcher's error.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from rwkvunet.hub import KERNEL_REPO_ID, KERNEL_VERSION
+
+KERNEL = Path(__file__).resolve().parents[1] / "src" / "bi-wkv"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bi_wkv_{name}", KERNEL / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_build_toml_has_what_kernel_builder_needs():
+    config = tomllib.loads((KERNEL / "build.toml").read_text())
+    general = config["general"]
+    assert general["name"] == KERNEL_REPO_ID.split("/")[1] == "bi-wkv"
+    assert general["version"] == KERNEL_VERSION
+    assert general["backends"] == ["cuda"]
+    assert general["hub"]["repo-id"] == KERNEL_REPO_ID
+    package = KERNEL / "torch-ext" / general["name"].replace("-", "_")
+    assert (package / "__init__.py").is_file() and (package / "layers.py").is_file()
+    for src in config["torch"]["src"]:
+        assert (KERNEL / src).is_file(), src
+    (cuda,) = [k for k in config["kernel"].values() if k["backend"] == "cuda"]
+    assert cuda["depends"] == ["torch"]
+    assert "9.0" in cuda["cuda-capabilities"]  # H100
+    for src in cuda["src"]:
+        assert (KERNEL / src).is_file(), src
+    assert (KERNEL / "README.md").is_file()
+
+
+def test_build_toml_parses_with_kernels_own_validator():
+    rust = pytest.importorskip("kernels._rust")
+    build = rust.Build.open(KERNEL)
+    assert [str(b).lower() for b in build.general.backends] == ["cuda"]
+
+
+def test_chunk_length_agrees_between_cuda_source_and_package():
+    cu = (KERNEL / "bi_wkv_cuda" / "bi_wkv.cu").read_text()
+    py = (KERNEL / "torch-ext" / "bi_wkv" / "__init__.py").read_text()
+    (cu_chunk,) = re.findall(r"constexpr int CHUNK = (\d+);", cu)
+    (py_chunk,) = re.findall(r"^CHUNK = (\d+)$", py, re.M)
+    assert cu_chunk == py_chunk
+
+
+def test_binding_registers_ops_under_the_build_namespace():
+    binding = (KERNEL / "torch-ext" / "torch_binding.cpp").read_text()
+    assert "TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops)" in binding
+    assert "REGISTER_EXTENSION(TORCH_EXTENSION_NAME)" in binding
+    package = (KERNEL / "torch-ext" / "bi_wkv" / "__init__.py").read_text()
+    assert "from ._ops import add_op_namespace_prefix, ops" in package
+
+
+@pytest.mark.cuda_build
+def test_cuda_sources_compile_and_load_through_kernels(tmp_path):
+    if torch.version.cuda is None:
+        pytest.skip("compiling the CUDA extension needs a CUDA build of torch")
+    if shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").exists():
+        pytest.fail("nvcc not found: the cuda_build tests need the CUDA toolkit")
+    kernels = pytest.importorskip("kernels")
+    start = time.perf_counter()
+    variant = _script("build_local").build(tmp_path, arch="9.0")
+    print(f"nvcc build: {time.perf_counter() - start:.0f} s")
+    assert sorted(p.name for p in variant.iterdir() if p.suffix == ".py") == ["__init__.py", "_ops.py", "layers.py"]
+
+    module = kernels.get_local_kernel(tmp_path)
+    namespace = module._ops.add_op_namespace_prefix("x").split("::")[0]
+    assert namespace.startswith("_bi_wkv_")
+    schema = str(getattr(torch.ops, namespace).bi_wkv_backward.default._schema)
+    assert "Tensor state, Tensor grad_y) -> (Tensor, Tensor, Tensor, Tensor)" in schema
+
+    w = torch.zeros(5, device="meta")
+    k = torch.zeros(2, 37, 5, device="meta", dtype=torch.bfloat16)
+    y = module.bi_wkv(w, w, k, k)
+    assert y.shape == k.shape and y.dtype == torch.bfloat16
+    with pytest.raises(NotImplementedError, match="CPU"):
+        module.bi_wkv(torch.zeros(5), torch.zeros(5), torch.zeros(2, 3, 5), torch.zeros(2, 3, 5))
+
+
+def test_gpu_validation_script_runs_its_cpu_parts(capsys):
+    """Argument parsing, the float64 references and the tables, with the PyTorch op standing in."""
+    validate = _script("validate_gpu")
+    with pytest.raises(SystemExit):
+        validate.parse_args(["--iters", "5"])
+    w, u, k, v, _ = validate.make_inputs((2, 50, 3), torch.float32, "cpu")
+    exact = validate.direct_formula(w, u, k, v)
+    torch.testing.assert_close(validate.float64_reference(w, u, k, v, torch.ones_like(v))[0], exact,
+                               rtol=1e-12, atol=1e-12)
+    assert validate.main(["--dry-run", "--iters", "20", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    for title in ("Parity", "Determinism", "compute-sanitizer", "torch integration", "Timings", "Long sequences"):
+        assert f"### {title}" in out
+    assert "| (2, 64, 32)   | bfloat16 | dk     |" in out and "FAIL" not in out

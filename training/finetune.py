@@ -111,7 +111,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.num_threads)
     output_dir = Path(args.output_dir or Path("runs") / args.run_name)
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
-    accelerator = Accelerator(mixed_precision=args.mixed_precision,
+    # processes started by torchrun (`accelerate launch --multi_gpu`) on a machine without GPUs join with gloo
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = args.cpu or (world > 1 and not torch.accelerator.is_available())
+    accelerator = Accelerator(cpu=cpu, mixed_precision=args.mixed_precision,
                               gradient_accumulation_steps=args.gradient_accumulation_steps,
                               log_with=[t.strip() for t in args.report_to.split(",")] if args.report_to else None,
                               project_config=project)
@@ -136,6 +139,7 @@ def main(argv=None) -> int:
     names = class_names(layout, num_labels)
     model = build_model(args, num_labels, in_channels, names)
     processor = build_image_processor(args.img_size, in_channels)
+    logger.info("%d process(es) on %s", accelerator.num_processes, accelerator.device)
     logger.info("%s: %d train rows, splits %s; %d labels, %d channels; %.2f M parameters", args.dataset,
                 len(data["train"]), {k: len(v) for k, v in data.items()}, num_labels, in_channels,
                 count_parameters(model) / 1e6)

@@ -56,6 +56,7 @@ class TrainArguments:
     mixed_precision: str = _opt("no", "no, fp16 or bf16")
     seed: int = _opt(0, "seed of the model, the data order and the augmentation")
     num_workers: int = _opt(0, "data loader workers")
+    cpu: bool = _opt(False, "train on the CPU even when a GPU is available")
     num_threads: Optional[int] = _opt(None, "CPU threads of each process (default: torch's choice)")
     # evaluation and checkpoints
     eval_every: int = _opt(1, "validate every N epochs (0: never; the last epoch's weights are tested)")

@@ -45,6 +45,7 @@ class CheckpointManager:
             for stale in self.directory.glob(".tmp-checkpoint-*"):  # left by a run killed while saving
                 shutil.rmtree(stale, ignore_errors=True)
         accelerator.wait_for_everyone()
+        tmp.mkdir(parents=True, exist_ok=True)  # every process writes its own RNG state into it
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:

@@ -309,9 +309,13 @@ def test_kernelize_swaps_in_the_hub_layer(tmp_path):
     root = make_standin(tmp_path / "kernel")
     mapping = {"BiWKV": {"cpu": LocalLayerRepository(repo_path=root, layer_name="BiWKV")}}
     with use_kernel_mapping(mapping, inherit_mapping=False):
-        model = kernelize(torch.nn.Sequential(BiWKV()), mode=Mode.INFERENCE, device="cpu")
+        model = kernelize(torch.nn.Sequential(BiWKV()), mode=Mode.TRAINING | Mode.TORCH_COMPILE, device="cpu")
     w, u, k, v = _inputs()
-    torch.testing.assert_close(model[0](w, u, k, v), bi_wkv_torch(w, u, k, v), rtol=1e-5, atol=1e-6)
+    leaves = [t.clone().requires_grad_() for t in (w, u, k, v)]
+    y = torch.compile(model[0], fullgraph=True, backend="aot_eager")(*leaves)
+    torch.testing.assert_close(y, bi_wkv_torch(w, u, k, v), rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    assert all(t.grad is not None for t in leaves)
 
 
 def test_import_rwkvunet_does_not_import_kernels():

@@ -504,7 +504,7 @@ void check_inputs(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k,
               u.scalar_type());
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && w.is_contiguous() && u.is_contiguous(),
               "bi_wkv: w, u, k, v must be contiguous (call .contiguous() on them)");
-  TORCH_CHECK(k.size(0) * num_chunks(k.size(1)) * C < (int64_t(1) << 40) && k.size(0) < (int64_t(1) << 31) &&
+  TORCH_CHECK(k.size(0) * num_chunks(k.size(1)) * C < (int64_t(1) << 37) && k.size(0) < (int64_t(1) << 31) &&
                   k.size(1) < (int64_t(1) << 30) && C < (int64_t(1) << 22),
               "bi_wkv: input too large: ", k.sizes());
 }

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from . import layers
 from ._ops import add_op_namespace_prefix, ops
 
 __all__ = ["CHUNK", "bi_wkv", "layers"]
@@ -69,3 +68,6 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
         w.float().contiguous(), u.float().contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous()
     )
     return y.to(v.dtype)
+
+
+from . import layers  # noqa: E402  (layers uses bi_wkv)

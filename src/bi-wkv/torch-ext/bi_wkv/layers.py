@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import bi_wkv as _bi_wkv
+
 
 class BiWKV(nn.Module):
     """Stateless Bi-WKV: ``forward(w, u, k, v) -> y`` with ``w``, ``u`` (C,) and ``k``, ``v`` (B, T, C)."""
@@ -12,6 +14,4 @@ class BiWKV(nn.Module):
     has_backward = True
 
     def forward(self, w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        from . import bi_wkv
-
-        return bi_wkv(w, u, k, v)
+        return _bi_wkv(w, u, k, v)

@@ -343,7 +343,7 @@ def run(args) -> int:
         if args.publish is not None:
             repo_id = hub_repo_id(args.hub_config, args.publish)
             print(f"uploaded to {publish(dst, repo_id, private=args.private)}")
-    except (ConversionError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # ConversionError and invalid configurations
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {dst}")

@@ -115,3 +115,35 @@ def test_resume_after_crash_is_bit_identical(finetune, tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(finetune, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
         finetune.main(TINY + ["--max-steps", "1", "--output-dir", str(tmp_path), "--resume"])
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    """A real kill (SIGKILL at whatever moment follows the third checkpoint, possibly mid-save), then --resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = [sys.executable, str(REPO / "training" / "finetune.py")] + TINY + [
+        "--max-steps", "8", "--save-every-steps", "1", "--keep-checkpoints", "2", "--overlay-samples", "0"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    subprocess.run(common + ["--output-dir", str(straight)], env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(common + ["--output-dir", str(broken)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (broken / "checkpoints" / "checkpoint-00000003").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (broken / "metrics.json").exists()
+    subprocess.run(common + ["--output-dir", str(broken), "--resume"], env=env, check=True, capture_output=True)
+    last = Path("checkpoints") / "checkpoint-00000008" / "model.safetensors"
+    for name in (last, Path("model.safetensors")):
+        a, b = load_file(str(straight / name)), load_file(str(broken / name))
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    assert (straight / "train_log.csv").read_text() == (broken / "train_log.csv").read_text()

@@ -1,0 +1,137 @@
+"""Pieces of the fine-tuning script: options, schedule, checkpoints, data order, the paper's configs."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rwkvunet.training import CheckpointManager, EpochSampler, SeededSamples, cosine_schedule, parse_arguments
+from rwkvunet.training.arguments import TrainArguments
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "training" / "configs").glob("*.yaml"))
+
+
+def test_command_line_overrides_config_overrides_defaults(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("variant: s\nlr: 5.0e-4\nepochs: 7\nmax-steps: 9\n")
+    args = parse_arguments(["--config", str(cfg), "--epochs", "3", "--tta"])
+    assert (args.variant, args.lr, args.epochs, args.max_steps, args.tta) == ("s", 5e-4, 3, 9, True)
+    assert args.batch_size == TrainArguments.batch_size  # untouched default
+    assert parse_arguments([]).dataset == "synthetic" and parse_arguments([]).variant == "t"
+
+
+def test_bad_options_are_clear_errors(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learning_rate: 1\n")
+    with pytest.raises(ValueError, match="unknown option 'learning_rate'"):
+        parse_arguments(["--config", str(cfg)])
+    with pytest.raises(ValueError, match="--variant must be t, s or b"):
+        parse_arguments(["--variant", "x"])
+    with pytest.raises(FileNotFoundError, match="config file"):
+        parse_arguments(["--config", str(tmp_path / "missing.yaml")])
+
+
+def _paper(name: str) -> dict:
+    if name.startswith("synapse"):
+        return dict(img_size=224, epochs=30, batch_size=24, lr=1e-3, min_lr=0.0, ce_weight=0.5, dice_weight=0.5,
+                    num_labels=9, tta=True)
+    if name.startswith("acdc"):
+        return dict(img_size=224, epochs=150, batch_size=24, lr=5e-4, min_lr=0.0, ce_weight=0.3, dice_weight=0.7,
+                    num_labels=4, tta=True)
+    return dict(img_size=256, epochs=300, batch_size=8, lr=1e-4, min_lr=1e-5, ce_weight=0.5, dice_weight=1.0,
+                num_labels=1)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_configs_carry_the_paper_settings(path):
+    args = parse_arguments(["--config", str(path)])
+    for key, value in _paper(path.stem).items():
+        assert getattr(args, key) == value, key
+    assert args.encoder_pretrained == "imagenet"
+    if path.stem[-2:] in ("_t", "_s", "_b"):
+        assert args.variant == path.stem[-1]
+
+
+def test_every_paper_data_set_has_a_config():
+    names = {p.stem for p in CONFIGS}
+    assert {f"{d}_{v}" for d in ("synapse", "acdc") for v in "tsb"} <= names
+    assert {"busi", "cvc_clinicdb", "cvc_colondb", "kvasir_seg", "isic2017", "glas"} <= names
+
+
+def test_cosine_schedule_endpoints_and_warmup():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    sched = cosine_schedule(opt, total_steps=10, warmup_steps=2, min_lr=1e-5)
+    lrs = []
+    for _ in range(11):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-3 / 3) and lrs[1] == pytest.approx(2e-3 / 3)  # linear warm-up
+    assert lrs[2] == pytest.approx(1e-3)
+    # float64 reference of the cosine part
+    for step in range(2, 11):
+        ref = 1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * (step - 2) / 8))
+        assert lrs[step] == pytest.approx(ref, rel=1e-12)
+    assert lrs[10] == pytest.approx(1e-5)
+
+
+class _FakeAccelerator:
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, path):
+        Path(path, "model.safetensors").write_bytes(b"weights")
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / ".tmp-checkpoint-00000009").mkdir()  # a save killed half-way
+    assert manager.latest() is None
+    for step in (1, 2, 3):
+        manager.save(_FakeAccelerator(), step)
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names == ["checkpoint-00000002", "checkpoint-00000003"]
+    assert manager.latest().name == "checkpoint-00000003"
+    manager.save(_FakeAccelerator(), 3)  # the same step again replaces it
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == names
+
+
+def test_data_order_and_augmentation_depend_only_on_seed_epoch_index():
+    sampler = EpochSampler(10, seed=1)
+    sampler.set_epoch(0)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    sampler.set_epoch(0)
+    assert list(sampler) == first and second != first and sorted(first) == list(range(10))
+
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(3)
+
+    samples = SeededSamples(Noisy(), seed=5)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    a = samples[2]
+    assert torch.equal(torch.get_rng_state(), before)  # the global generator is left alone
+    torch.rand(7)  # whatever happened in between
+    assert torch.equal(samples[2], a) and not torch.equal(samples[3], a)
+    samples.set_epoch(1)
+    assert not torch.equal(samples[2], a)
+
+
+def test_config_values_are_plain_yaml():
+    for path in CONFIGS:
+        data = yaml.safe_load(path.read_text())
+        assert isinstance(data, dict) and "dataset" in data

@@ -328,6 +328,15 @@ def test_cli_unreadable_files_fail_alone(model_dir, tmp_path, capsys):
     assert (out / "good_labels.png").is_file() and (out / "good_overlay.png").is_file()
 
 
+def test_cli_channel_mismatch_without_a_conversion(tmp_path, capsys):
+    _build(12, in_channels=2).save_pretrained(tmp_path / "two")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "grey.png")
+    rc = cli_main(["predict", str(tmp_path / "two"), str(tmp_path / "grey.png"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "grey.png: the image has 1 channel but the model takes 2" in err and "no unambiguous conversion" in err
+
+
 def test_missing_nibabel_names_the_extra(monkeypatch):
     import sys
 

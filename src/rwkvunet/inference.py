@@ -105,7 +105,8 @@ def match_channels(image: np.ndarray, in_channels: int) -> Tuple[np.ndarray, Opt
         how = "its channels are equal, so nothing is lost" if equal else "luma 0.299 R + 0.587 G + 0.114 B"
         return grey.astype(arr.dtype), "; ".join(
             notes + [f"RGB image converted to grey because the model takes 1 channel ({how})"])
-    raise InputError(f"the image has {channels} channels but the model takes {in_channels} "
+    raise InputError(f"the image has {channels} channel{'s' if channels != 1 else ''} but the model takes "
+                     f"{in_channels} "
                      f"(config.in_channels) and there is no unambiguous conversion; give {in_channels}-channel "
                      "images or use a model trained on this kind of image")
 

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+import torch
 
 from .. import inference_io as io
-from ..inference import (CT_AIR_THRESHOLD, CT_WINDOW, InputConversionWarning, Segmenter, match_channels,
-                         prepare_volume)
+from ..inference import (CT_AIR_THRESHOLD, CT_WINDOW, InputConversionWarning, Segmenter, choose_intensity,
+                         match_channels, prepare_volume)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,13 +66,13 @@ def _check_args(args) -> Optional[str]:
         return f"--tile must be at least 16 pixels, got {args.tile}"
     if args.tile is not None and not 0 <= args.overlap < args.tile:
         return f"--overlap must be between 0 and the tile size minus 1, got {args.overlap}"
+    if not -3 <= args.axis <= 2:
+        return f"--axis must be 0, 1 or 2 (a slice axis of a 3-D volume), got {args.axis}"
     if args.batch_size < 1:
         return f"--batch-size must be positive, got {args.batch_size}"
     if not 0 <= args.alpha <= 1:
         return f"--alpha must be between 0 and 1, got {args.alpha}"
     if args.device and args.device.startswith("cuda"):
-        import torch
-
         if not torch.cuda.is_available():
             return "--device cuda asked but CUDA is not available here; use --device cpu"
     return None
@@ -105,7 +106,7 @@ def _intensity(args, volume: np.ndarray) -> Tuple[object, str]:
         return "ct", "--ct"
     if args.mri_minmax:
         return "minmax", "--mri-minmax"
-    if volume.size and float(volume.min()) < CT_AIR_THRESHOLD:
+    if choose_intensity(volume) == "ct":
         return "ct", f"chosen because it holds values below {CT_AIR_THRESHOLD:g} (CT in HU); " \
                      "give --mri-minmax or --window to change"
     return "minmax", f"chosen because it holds no values below {CT_AIR_THRESHOLD:g} (not CT in HU); " \
@@ -130,9 +131,6 @@ def _segment_image(seg: Segmenter, args, file: Path, base: Path, notes: Counter,
 def _segment_volume(seg: Segmenter, args, file: Path, base: Path, notes: Counter, say) -> List[Path]:
     data, img = io.read_volume(file)
     axis = args.axis
-    if not -data.ndim <= axis < data.ndim:
-        raise io.InputError(f"{file}: --axis {axis} does not exist in a volume of shape {data.shape}; "
-                            "use 0, 1 or 2")
     intensity, why = _intensity(args, data)
     prepared, how = prepare_volume(data, intensity)
     say(f"{file}: shape {data.shape}, {data.shape[axis]} slices along axis {axis % 3}; intensity: {how} ({why})")
@@ -199,8 +197,14 @@ def run(args) -> int:
         try:
             written += segment(seg, args, file, base, notes, say)
         except (io.InputError, OSError) as err:
-            failed[file] = str(err)
-            say(f"error: {err}")
+            message = str(err) if str(file) in str(err) else f"{file}: {err}"
+            failed[file] = message
+            say(f"error: {message}")
+        except torch.cuda.OutOfMemoryError:
+            failed[file] = f"{file}: out of device memory"
+            say(f"error: {file}: out of device memory; use --tile 512 (or smaller), a smaller --batch-size "
+                "or --device cpu")
+            torch.cuda.empty_cache()
     if written:
         io.save_legend(args.out / "labels.json", seg.label_names)
     for note, count in notes.items():

@@ -149,7 +149,12 @@ class RWKVUNetImageProcessor(TorchvisionBackend):
                              "pass a batch as a list or a 4-D array")
         if input_data_format is None:
             counts = tuple(sorted({1, 3, 4, int(num_channels or self.num_channels)}))
-            input_data_format = infer_channel_dimension_format(image, num_channels=counts)
+            try:
+                input_data_format = infer_channel_dimension_format(image, num_channels=counts)
+            except ValueError:
+                raise ValueError(f"cannot tell which axis of an image of shape {tuple(image.shape)} holds the "
+                                 f"channels (expected {counts}); pass input_data_format='channels_first' or "
+                                 "'channels_last'") from None
         if input_data_format == ChannelDimension.LAST:
             image = image.permute(2, 0, 1)
         image = image.contiguous()

@@ -81,6 +81,17 @@ def test_output_reloads_with_auto_classes(short_run):
     assert logits.shape == (1, 4, 32, 32) and torch.isfinite(logits).all()
 
 
+def test_finetune_a_saved_segmenter(finetune, short_run, tmp_path):
+    """--pretrained starts from a saved folder: with lr 0 one step changes nothing but BatchNorm statistics."""
+    out = tmp_path / "again"
+    assert finetune.main(TINY + ["--max-steps", "1", "--pretrained", str(short_run), "--lr", "0", "--min-lr", "0",
+                                 "--output-dir", str(out), "--eval-every", "0", "--overlay-samples", "0"]) == 0
+    before, after = load_file(str(short_run / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for key, value in before.items():
+        if "running_" not in key and "num_batches_tracked" not in key:
+            assert torch.equal(value, after[key]), key
+
+
 def test_resume_after_crash_is_bit_identical(finetune, tmp_path):
     """Steps 1-6 over two epochs of 3 steps, checkpoints every 2 steps and at epoch ends; the crash after step 5
     resumes from step 4, in the middle of epoch 1 (one batch of it consumed)."""

@@ -72,3 +72,20 @@ def test_two_steps_then_export_loads_with_timm(pretrain, tmp_path):
     with torch.no_grad():
         logits = model(torch.randn(1, 3, 32, 32))
     assert logits.shape == (1, 2) and torch.isfinite(logits).all()
+
+
+def test_export_starts_a_segmenter(pretrain, tmp_path):
+    """The exported folder is what ``finetune.py --encoder-pretrained`` takes: the segmenter's encoder carries it."""
+    import timm
+
+    from rwkvunet.training.arguments import parse_arguments
+    from rwkvunet.training.inputs import build_model
+
+    encoder = timm.create_model("rwkvunet_enc_t", num_classes=2)
+    folder = pretrain.export_for_hub(encoder, tmp_path / "export", "rwkvunet_enc_t")
+    args = parse_arguments(["--variant", "t", "--encoder-pretrained", str(folder)])
+    model = build_model(args, num_labels=3, in_channels=3, names=["background", "a", "b"])
+    reference = encoder.state_dict()
+    for key, value in model.encoder.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+    assert model.config.num_labels == 3 and model.config.id2label[2] == "b"

@@ -60,7 +60,7 @@ def add_op_namespace_prefix(op_name: str):
 
 def source_hash() -> str:
     h = hashlib.sha256()
-    for rel in SOURCES + ["torch-ext/torch_binding.h"]:
+    for rel in SOURCES + ["torch-ext/torch_binding.h", "bi_wkv_cuda/bi_wkv_kernels.cuh"]:
         h.update((KERNEL_DIR / rel).read_bytes())
     return h.hexdigest()[:10]
 

@@ -127,7 +127,11 @@ class AttentionMix(nn.Module):
 
     def __init__(self, dim: int, head_dim: int = 32):
         super().__init__()
-        self.num_heads = max(1, dim // head_dim)
+        # about head_dim channels per head, and a head count that divides dim (e.g. 560 -> 16 heads of 35)
+        num_heads = max(1, dim // head_dim)
+        while dim % num_heads:
+            num_heads -= 1
+        self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 

@@ -158,3 +158,9 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
         for key in a:
             assert torch.equal(a[key], b[key]), (name, key)
     assert (straight / "train_log.csv").read_text() == (broken / "train_log.csv").read_text()
+
+
+def test_missing_tracker_is_a_clear_error(finetune):
+    with pytest.raises(ValueError, match="not installed"):
+        finetune.check_trackers("no-such-tracker")
+    assert finetune.check_trackers(None) is None

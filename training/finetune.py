@@ -60,7 +60,7 @@ def make_train_loader(split, args, num_labels: int, in_channels: int):
     return loader, sampler, samples
 
 
-def run_evaluation(model, split, args, accelerator, desc: str):
+def run_evaluation(model, split, args, accelerator):
     return evaluate(model, split, img_size=args.img_size, batch_size=args.eval_batch_size or args.batch_size,
                     tta=args.tta, accelerator=accelerator, progress=accelerator.is_main_process)
 
@@ -94,6 +94,21 @@ def overlay_samples(model, split, args, in_channels: int, limit: int) -> list:
     return out
 
 
+def check_trackers(report_to):
+    """The ``--report-to`` trackers, refusing those whose package is missing (Accelerate would skip them)."""
+    if not report_to:
+        return None
+    from accelerate.tracking import get_available_trackers
+
+    wanted = [t.strip() for t in report_to.split(",") if t.strip()]
+    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    missing = [t for t in wanted if t != "all" and t not in available]
+    if missing:
+        raise ValueError(f"--report-to {','.join(missing)}: not installed (available: {sorted(available) or 'none'}); "
+                         f"install it, e.g. pip install {' '.join(missing)}")
+    return wanted
+
+
 def save_pretrained_atomic(model, folder: Path, processor=None) -> None:
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -114,9 +129,9 @@ def main(argv=None) -> int:
     # processes started by torchrun (`accelerate launch --multi_gpu`) on a machine without GPUs join with gloo
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cpu = args.cpu or (world > 1 and not torch.accelerator.is_available())
+    trackers = check_trackers(args.report_to)
     accelerator = Accelerator(cpu=cpu, mixed_precision=args.mixed_precision,
-                              gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              log_with=[t.strip() for t in args.report_to.split(",")] if args.report_to else None,
+                              gradient_accumulation_steps=args.gradient_accumulation_steps, log_with=trackers,
                               project_config=project)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -167,7 +182,7 @@ def main(argv=None) -> int:
     unwrapped = accelerator.unwrap_model(model)
 
     def validate():
-        result = run_evaluation(unwrapped, validation, args, accelerator, "validation")
+        result = run_evaluation(unwrapped, validation, args, accelerator)
         dice = float(result.mean_dice or 0.0)
         state.validation.append([state.step, state.epoch, dice])
         accelerator.log({"validation/mean_dice": dice}, step=state.step)
@@ -239,7 +254,7 @@ def main(argv=None) -> int:
         unwrapped.load_state_dict(load_file(str(best_dir / "model.safetensors")))
         logger.info("testing the best checkpoint (step %d, validation mean Dice %.4f)", state.best_step,
                     state.best_dice)
-    test = run_evaluation(unwrapped, data["test"], args, accelerator, "test") if "test" in data else None
+    test = run_evaluation(unwrapped, data["test"], args, accelerator) if "test" in data else None
     overlays = []
     if accelerator.is_main_process and args.overlay_samples > 0:
         source = data["validation"] if "validation" in data else data.get("test")

@@ -38,7 +38,6 @@
 #include <tuple>
 
 #include "bi_wkv_kernels.cuh"
-#include "torch_binding.h"
 
 namespace bi_wkv {
 

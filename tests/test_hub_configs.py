@@ -1,0 +1,96 @@
+"""hub_configs/: every folder loads, builds its model, matches the released checkpoints' shapes, and carries a
+model card whose metadata huggingface_hub parses (with the paper's numbers marked as reported by it)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import rwkvunet  # noqa: F401
+from rwkvunet import HUB_ORG, RWKVUNetForSemanticSegmentation, RWKVUNetImageProcessor
+from transformers import AutoConfig, AutoImageProcessor
+
+HUB_CONFIGS = Path(__file__).resolve().parents[1] / "hub_configs"
+ENCODERS = [f"rwkvunet_enc_{v}.in1k" for v in "tsb"]
+SEGMENTERS = [f"rwkvunet-{v}-{d}" for v in "tsb" for d in ("synapse", "acdc")]
+SYNAPSE = ["background", "aorta", "gallbladder", "left kidney", "right kidney", "liver", "pancreas", "spleen", "stomach"]
+ACDC = ["background", "right ventricle", "myocardium", "left ventricle"]
+# paper Tables 3 (Synapse: mean DSC, HD95) and 4 (ACDC: mean DSC)
+PAPER = {("t", "synapse"): (81.58, 17.83), ("s", "synapse"): (82.20, 21.16), ("b", "synapse"): (84.02, 15.70),
+         ("t", "acdc"): (90.92, None), ("s", "acdc"): (91.64, None), ("b", "acdc"): (92.17, None)}
+
+
+def test_every_release_has_a_folder():
+    assert sorted(p.name for p in HUB_CONFIGS.iterdir() if p.is_dir()) == sorted(ENCODERS + SEGMENTERS)
+
+
+@pytest.mark.parametrize("name", SEGMENTERS)
+def test_segmenter_config_builds_its_model(name):
+    folder = HUB_CONFIGS / name
+    _, variant, dataset = name.split("-")
+    config = AutoConfig.from_pretrained(folder)
+    names = SYNAPSE if dataset == "synapse" else ACDC
+    assert (config.model_type, config.variant, config.in_channels, config.image_size) == ("rwkv_unet", variant, 1, 224)
+    assert [config.id2label[i] for i in range(config.num_labels)] == names
+    assert all(config.label2id[n] == i for i, n in enumerate(names))
+    assert (config.ce_weight, config.dice_weight) == ((0.5, 0.5) if dataset == "synapse" else (0.3, 0.7))
+    processor = AutoImageProcessor.from_pretrained(folder)
+    assert type(processor) is RWKVUNetImageProcessor
+    assert processor.num_channels == 1 and (processor.size.height, processor.size.width) == (224, 224)
+    assert not processor.do_normalize  # slices already in [0, 1]
+    assert processor(torch.rand(50, 60), return_tensors="pt")["pixel_values"].shape == (1, 1, 224, 224)
+    model = RWKVUNetForSemanticSegmentation(config).eval()
+    with torch.no_grad():  # a small slice keeps the test quick; any size runs
+        logits = model(**processor(torch.rand(30, 40), do_resize=False, return_tensors="pt")).logits
+    assert logits.shape == (1, len(names), 30, 40)
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_encoder_config_is_timm_hub_format(name, tmp_path):
+    import timm
+
+    folder = HUB_CONFIGS / name
+    config = json.loads((folder / "config.json").read_text())
+    variant = name[len("rwkvunet_enc_")]
+    assert config["architecture"] == f"rwkvunet_enc_{variant}" and config["num_classes"] == 1000
+    assert config["num_features"] == rwkvunet.ENCODER_VARIANTS[variant]["dims"][-1]
+    assert config["pretrained_cfg"]["input_size"] == [3, 224, 224]
+    # the folder plus weights is what timm loads from the Hub: build it from local-dir with random weights
+    model = timm.create_model(config["architecture"])
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert timm.models.get_pretrained_cfg(f"rwkvunet_enc_{variant}.in1k").hf_hub_id == f"{HUB_ORG}/{name}"
+
+
+@pytest.mark.parametrize("name", ENCODERS + SEGMENTERS)
+def test_model_card_metadata(name):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(HUB_CONFIGS / name / "README.md")
+    data = card.data
+    assert data.license == "apache-2.0"
+    assert data.library_name == ("timm" if name in ENCODERS else "transformers")
+    assert data.datasets and data.tags
+    assert "arXiv:2501.08458" in card.text or "2501.08458" in card.text
+    assert "@article" in card.text and "```python" in card.text
+    if name in ENCODERS:
+        assert f'timm.create_model("{name.split(".")[0]}", pretrained=True)' in card.text
+        return
+    assert f'"{HUB_ORG}/{name}"' in card.text
+    results = {r.metric_name: r for r in data.eval_results}
+    _, variant, dataset = name.split("-")
+    dice, hd95 = PAPER[(variant, dataset)]
+    assert results["Mean Dice (%)"].metric_value == dice
+    if hd95 is not None:
+        assert results["Mean HD95 (mm)"].metric_value == hd95
+    for result in data.eval_results:
+        assert result.task_type == "image-segmentation" and result.verified is False
+        assert re.search(r"[Rr]eported by the paper", result.source_name)
+        assert result.source_url == "https://arxiv.org/abs/2501.08458"

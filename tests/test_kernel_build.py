@@ -55,7 +55,7 @@ def test_build_toml_parses_with_kernels_own_validator():
 
 
 def test_chunk_length_agrees_between_cuda_source_and_package():
-    cu = (KERNEL / "bi_wkv_cuda" / "bi_wkv.cu").read_text()
+    cu = (KERNEL / "bi_wkv_cuda" / "bi_wkv_kernels.cuh").read_text()
     py = (KERNEL / "torch-ext" / "bi_wkv" / "__init__.py").read_text()
     (cu_chunk,) = re.findall(r"constexpr int CHUNK = (\d+);", cu)
     (py_chunk,) = re.findall(r"^CHUNK = (\d+)$", py, re.M)

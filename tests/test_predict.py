@@ -98,9 +98,9 @@ def test_cli_images_all_formats(model, model_dir, tmp_path, capsys):
     assert sorted(legend) == ["0", "1", "2"] and legend["2"]["name"] == "LABEL_2"
     assert legend["0"]["color"] == [0, 0, 0] and legend["1"]["color"] != legend["2"]["color"]
 
-    # the command's label map equals the model's own argmax on the same pixels (luma, / 255)
-    rgb = images["rgb.png"].astype(np.float64)
-    grey = np.round(rgb @ np.array([0.299, 0.587, 0.114])) / 255.0
+    # the command's label map equals the model's own argmax on the same pixels (/ 255, then luma)
+    rgb = images["rgb.png"].astype(np.float64) / 255.0
+    grey = rgb @ np.array([0.299, 0.587, 0.114])
     ref = _probs(model, torch.from_numpy(grey)[None, None])[0]
     got = np.asarray(Image.open(out / "rgb_png_labels.png"))
     top2 = ref.topk(2, dim=0).values
@@ -355,14 +355,17 @@ def test_pixels_match_the_image_processor():
     from rwkvunet import RWKVUNetImageProcessor
     from rwkvunet.inference import Preprocessing
 
-    proc = RWKVUNetImageProcessor(do_resize=False, do_normalize=True, num_channels=3)
-    seg = Segmenter(LocalModel(in_channels=3), Preprocessing.from_dict(proc.to_dict(), 3), device="cpu")
     rng = np.random.default_rng(8)
-    for image in (rng.integers(0, 256, (9, 11, 3), dtype=np.uint8), rng.integers(0, 256, (9, 11), dtype=np.uint8),
-                  rng.random((9, 11)).astype(np.float32)):
-        want = proc(image, return_tensors="pt")["pixel_values"]
-        got, _ = seg.to_pixels(image)
-        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
+    images = (rng.integers(0, 256, (9, 11, 3), dtype=np.uint8), rng.integers(0, 256, (9, 11), dtype=np.uint8),
+              rng.random((9, 11)).astype(np.float32), rng.random((9, 11, 3)).astype(np.float32))
+    for channels, normalize in ((3, True), (1, False)):  # RGB model with ImageNet statistics; grey model
+        proc = RWKVUNetImageProcessor(do_resize=False, do_normalize=normalize, num_channels=channels)
+        seg = Segmenter(LocalModel(in_channels=channels), Preprocessing.from_dict(proc.to_dict(), channels),
+                        device="cpu")
+        for image in images:
+            want = proc(image, return_tensors="pt")["pixel_values"]
+            got, _ = seg.to_pixels(image)
+            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
 
 
 def test_find_inputs_skips_the_output_folder(tmp_path):

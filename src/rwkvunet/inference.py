@@ -318,9 +318,9 @@ class Segmenter:
     # --- pixels --------------------------------------------------------------------------------------------
     def to_pixels(self, image: ImageLike) -> Tuple[torch.Tensor, Optional[str]]:
         """``((1, C, H, W) float model input, channel note)`` for an image array / PIL image / tensor."""
-        arr = _as_array(image)
+        arr = self.preprocessing.scale(_as_array(image))  # scaled before any luma, as the image processor does
         arr, note = match_channels(arr, self.in_channels)
-        pixels = torch.from_numpy(np.ascontiguousarray(self.preprocessing.scale(arr))).permute(2, 0, 1)[None]
+        pixels = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)[None]
         return self.preprocessing.normalize(pixels), note
 
     # --- probabilities -------------------------------------------------------------------------------------

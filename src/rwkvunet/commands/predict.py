@@ -115,12 +115,14 @@ def _intensity(args, volume: np.ndarray) -> Tuple[object, str]:
 
 def _segment_image(seg: Segmenter, args, file: Path, base: Path, notes: Counter, say) -> List[Path]:
     image = io.read_image(file)
-    pixels, note = match_channels(image, seg.in_channels)
+    note = match_channels(image, seg.in_channels)[1]  # raises when no conversion is unambiguous
     if note:
         if not notes[note]:
             say(f"note: {file}: {note}")
         notes[note] += 1
-    labels = seg.predict_image(pixels, tile=args.tile, overlap=args.overlap, native=args.native)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InputConversionWarning)  # said above, once
+        labels = seg.predict_image(image, tile=args.tile, overlap=args.overlap, native=args.native)
     written = [io.save_png(f"{base}_labels.png", labels),
                io.save_png(f"{base}_overlay.png", io.overlay(image, labels, args.alpha))]
     if args.color:

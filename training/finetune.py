@@ -210,10 +210,12 @@ def main(argv=None) -> int:
         loader.set_epoch(state.epoch)
         sampler.set_epoch(state.epoch)
         samples.set_epoch(state.epoch)
+        loss_sum, micro_batches = 0.0, 0
         for batch in loader:
             with accelerator.accumulate(model):
                 loss = model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
                 accelerator.backward(loss)
+                loss_sum, micro_batches = loss_sum + loss.detach().float(), micro_batches + 1
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
@@ -225,7 +227,8 @@ def main(argv=None) -> int:
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             state.step += 1
-            loss_value = accelerator.reduce(loss.detach().float(), "mean").item()
+            loss_value = accelerator.reduce(loss_sum / micro_batches, "mean").item()  # mean over the step's batches
+            loss_sum, micro_batches = 0.0, 0
             state.train_loss.append([state.step, state.epoch, loss_value, lr])
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", epoch=state.epoch)
@@ -302,7 +305,8 @@ def write_outputs(output_dir: Path, args, model, processor, state, test, overlay
         plot_overlays(overlays, max(num_labels, 2), output_dir / "overlays.png")
     write_model_card(output_dir, args=args.to_dict(), test=test_dict,
                      validation_best=state.best_dice if state.best_step >= 0 else None, steps=state.step,
-                     epochs=state.epoch, num_parameters=count_parameters(model), train_seconds=train_seconds)
+                     epochs=state.epoch, num_parameters=count_parameters(model), train_seconds=train_seconds,
+                     repo_id=args.hub_model_id)
     logger.info("wrote the model and the results to %s", output_dir)
 
 

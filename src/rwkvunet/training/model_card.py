@@ -6,8 +6,6 @@ from typing import Optional
 
 import yaml
 
-from ..hub import HUB_ORG
-
 PAPER = "https://arxiv.org/abs/2501.08458"
 
 
@@ -16,7 +14,8 @@ def _fmt(value) -> str:
 
 
 def write_model_card(folder, *, args: dict, test: Optional[dict], validation_best: Optional[float],
-                     steps: int, epochs: int, num_parameters: int, train_seconds: float) -> Path:
+                     steps: int, epochs: int, num_parameters: int, train_seconds: float,
+                     repo_id: Optional[str] = None) -> Path:
     """Write ``folder/README.md`` with Hub metadata, the measured test scores and the training options."""
     variant = str(args.get("variant", "t")).upper()
     dataset = str(args.get("dataset"))
@@ -34,7 +33,8 @@ def write_model_card(folder, *, args: dict, test: Optional[dict], validation_bes
              f"{steps} steps ({epochs} epochs, {train_seconds / 60:.1f} min).", "",
              "```python", "import rwkvunet  # registers the model with transformers",
              "from transformers import AutoModelForSemanticSegmentation, AutoImageProcessor",
-             f'model = AutoModelForSemanticSegmentation.from_pretrained("{HUB_ORG}/...")  # or this folder',
+             f'model = AutoModelForSemanticSegmentation.from_pretrained("{repo_id or Path(folder).name}")',
+             f'processor = AutoImageProcessor.from_pretrained("{repo_id or Path(folder).name}")',
              "```", ""]
     lines += ["## Test results", ""]
     if test:

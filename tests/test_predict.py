@@ -440,3 +440,19 @@ def test_hub_id_from_a_local_cache(model_dir, tmp_path):
         seg = Segmenter.from_pretrained(repo, device="cpu", cache_dir=str(tmp_path), local_files_only=True)
         assert seg.num_labels == NUM_LABELS and seg.in_channels == 1
         assert seg.preprocessing.size == ((48, 40) if with_processor else None)
+
+
+@pytest.mark.gpu
+def test_cuda_default_is_bf16_and_close_to_cpu():
+    """On a GPU the segmenter picks CUDA with bfloat16 autocast; probabilities stay within bf16 rounding of
+    the CPU float32 ones (see the CPU bf16 test for the tolerance)."""
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu marker needs a CUDA device")
+    image = np.random.default_rng(13).random((64, 80)).astype(np.float32)
+    cpu = Segmenter(_build(0), device="cpu").predict_proba(image)
+    gpu_seg = Segmenter(_build(0))
+    assert gpu_seg.device.type == "cuda" and gpu_seg.dtype in (torch.bfloat16, torch.float16)
+    gpu = gpu_seg.predict_proba(image, tile=48, overlap=16)  # tiles too: crops move to the device and back
+    whole = gpu_seg.predict_proba(image)
+    assert gpu.dtype == np.float32 and np.abs(whole - cpu).mean() < 0.02 and np.abs(whole - cpu).max() < 0.15
+    np.testing.assert_allclose(gpu.sum(0), 1.0, atol=1e-4)

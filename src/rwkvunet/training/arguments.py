@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainArguments):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help")
+        if help_text != argparse.SUPPRESS and f.default is not None:
+            help_text = f"{help_text} (default: {f.default})"
         kind = _base_type(hints[f.name])
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)

@@ -63,6 +63,33 @@ def test_encoder_keys_are_timm_keys():
     assert own == {k for k in enc.state_dict() if not k.startswith("norm.")}
 
 
+def test_save_with_code_writes_flat_modules_and_auto_map(tmp_path):
+    """The saved code is self-contained: every relative import names a file of the folder, none reaches the
+    package by name, and auto_map points the Auto classes at it (loading it is tested without rwkvunet in
+    test_convert.py)."""
+    import re
+
+    from rwkvunet import RWKVUNetImageProcessor
+    from rwkvunet.models.rwkv_unet.remote_code import AUTO_MAP, save_with_code
+
+    save_with_code(tiny(), RWKVUNetImageProcessor(), tmp_path)
+    modules = {p.stem for p in tmp_path.glob("*.py")}
+    assert {"configuration_rwkv_unet", "modeling_rwkv_unet", "image_processing_rwkv_unet", "encoder", "layers",
+            "bi_wkv"} <= modules
+    for path in tmp_path.glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(from|import)\s+rwkvunet\b", text, re.M), path.name
+        for dots, name in re.findall(r"^\s*from\s+(\.+)(\w*)", text, re.M):
+            assert dots == "." and name in modules, (path.name, dots + name)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP
+    for ref in AUTO_MAP.values():
+        module, cls = ref.split(".")
+        assert f"class {cls}(" in (tmp_path / f"{module}.py").read_text()
+    processor = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert processor["auto_map"] == {"AutoImageProcessor": AUTO_MAP["AutoImageProcessor"]}
+
+
 def _snapshot(cache, repo_id: str, files: dict, sha: str = "0123456789abcdef0123456789abcdef01234567"):
     """Lay files out as huggingface_hub's cache does: models--org--name/{refs/main, snapshots/<sha>/...}."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"

@@ -68,7 +68,7 @@ void check_inputs(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k,
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && w.is_contiguous() && u.is_contiguous(),
               "bi_wkv: w, u, k, v must be contiguous (call .contiguous() on them)");
   TORCH_CHECK(k.size(0) * num_chunks(k.size(1)) * C < (int64_t(1) << 37) && k.size(0) < (int64_t(1) << 31) &&
-                  k.size(1) < (int64_t(1) << 30) && C < (int64_t(1) << 22),
+                  k.size(1) < (int64_t(1) << 30) && C <= int64_t(65535) * SCAN_CHANNELS,
               "bi_wkv: input too large: ", k.sizes());
 }
 
@@ -115,6 +115,14 @@ std::tuple<at::Tensor, at::Tensor> bi_wkv_forward(const at::Tensor& w, const at:
   const int blocks = blocks_for((int64_t)B * NC * C, THREADS);
   dispatch_dtype(k.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
+    if (NC <= FUSED_MAX_CHUNKS) {  // T <= 1024: one kernel, tokens read once
+      const dim3 grid(B, (C + SCAN_CHANNELS - 1) / SCAN_CHANNELS), block(SCAN_CHANNELS, NC);
+      fused_forward_kernel<scalar_t><<<grid, block, 0, stream>>>(
+          w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+          states.data_ptr<float>(), y.data_ptr<scalar_t>(), B, T, C, NC);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     summarize_kernel<scalar_t><<<blocks, THREADS, 0, stream>>>(w.data_ptr<float>(), k.data_ptr<scalar_t>(),
                                                                v.data_ptr<scalar_t>(), states.data_ptr<float>(), B, T,
                                                                C, NC);

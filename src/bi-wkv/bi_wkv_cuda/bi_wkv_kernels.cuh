@@ -278,6 +278,82 @@ __global__ void __launch_bounds__(SCAN_CHANNELS* SCAN_GROUPS * 2)
   }
 }
 
+// Whole forward pass in one kernel when a sequence has at most FUSED_MAX_CHUNKS chunks: block
+// (SCAN_CHANNELS, NC) holds every chunk of SCAN_CHANNELS channels of one batch row, scans the chunk states in
+// shared memory (Hillis-Steele over (state, length) pairs, both directions at once) and writes y from the
+// tokens still in registers, so k and v are read once. The incoming states are stored for the backward pass.
+constexpr int FUSED_MAX_CHUNKS = 64;
+
+template <typename T>
+__global__ void __launch_bounds__(SCAN_CHANNELS* FUSED_MAX_CHUNKS)
+    fused_forward_kernel(const float* __restrict__ w, const float* __restrict__ u, const T* __restrict__ k,
+                         const T* __restrict__ v, float* __restrict__ states, T* __restrict__ y, int B, int T_, int C,
+                         int NC) {
+  __shared__ State part[2][FUSED_MAX_CHUNKS][SCAN_CHANNELS];
+  __shared__ int part_len[2][FUSED_MAX_CHUNKS];
+  const int x = threadIdx.x, j = threadIdx.y;
+  const int64_t c = (int64_t)blockIdx.y * SCAN_CHANNELS + x;
+  const int64_t b = blockIdx.x;
+  const bool valid = c < C;
+  Chunk ch;
+  ch.c = valid ? c : 0;
+  ch.j = j;
+  ch.b = b;
+  ch.t0 = j * CHUNK;
+  ch.n = min(CHUNK, T_ - ch.t0);
+  ch.base = (b * T_ + ch.t0) * C + ch.c;
+  ch.slot = (b * NC + j) * C + ch.c;
+  const float wc = valid ? w[c] : 0.f, uc = valid ? u[c] : 0.f;
+  float kk[CHUNK], vv[CHUNK], one[CHUNK];
+  if (valid) {
+    load_chunk(k, ch, C, kk);
+    load_chunk(v, ch, C, vv);
+  } else {
+#pragma unroll
+    for (int i = 0; i < CHUNK; ++i) kk[i] = vv[i] = 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < CHUNK; ++i) one[i] = 1.f;
+  float mf, mb;
+  chunk_refs(kk, ch.n, wc, mf, mb);
+  State sf, sb;  // become the inclusive scans: chunks 0..j (causal) and j..NC-1 (anti-causal)
+  chunk_summary(kk, vv, one, ch.n, wc, mf, mb, sf, sb);
+  int len_f = ch.n, len_b = ch.n;
+  for (int offset = 1; offset < NC; offset *= 2) {
+    part[0][j][x] = sf;
+    part[1][j][x] = sb;
+    if (x == 0) {
+      part_len[0][j] = len_f;
+      part_len[1][j] = len_b;
+    }
+    __syncthreads();
+    const State pf = j >= offset ? part[0][j - offset][x] : empty_state();
+    const State pb = j + offset < NC ? part[1][j + offset][x] : empty_state();
+    const int len_pf = j >= offset ? part_len[0][j - offset] : 0;
+    const int len_pb = j + offset < NC ? part_len[1][j + offset] : 0;
+    __syncthreads();
+    sf = combine(decay(pf, len_f, wc), sf);  // earlier chunks, moved past this scan's tokens, then this scan
+    sb = combine(decay(pb, len_b, wc), sb);
+    len_f += len_pf;
+    len_b += len_pb;
+  }
+  // incoming states: the inclusive scans of the neighbouring chunks
+  part[0][j][x] = sf;
+  part[1][j][x] = sb;
+  __syncthreads();
+  const State in_f = j > 0 ? part[0][j - 1][x] : empty_state();
+  const State in_b = j + 1 < NC ? part[1][j + 1][x] : empty_state();
+  if (!valid) return;
+  const int64_t plane = (int64_t)B * NC * C;
+  write_state(states, plane, ch.slot, 0, in_f);
+  write_state(states, plane, ch.slot, 1, in_b);
+  float yy[CHUNK], log_d[CHUNK];
+  forward_tokens(kk, vv, ch.n, wc, uc, in_f, in_b, yy, log_d);
+#pragma unroll
+  for (int i = 0; i < CHUNK; ++i)
+    if (i < ch.n) y[ch.base + (int64_t)i * C] = static_cast<T>(yy[i]);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(THREADS)
     output_kernel(const float* __restrict__ w, const float* __restrict__ u, const T* __restrict__ k,

@@ -94,3 +94,31 @@ def test_model_card_metadata(name):
         assert result.task_type == "image-segmentation" and result.verified is False
         assert re.search(r"[Rr]eported by the paper", result.source_name)
         assert result.source_url == "https://arxiv.org/abs/2501.08458"
+
+
+def test_publish_script_assembles_a_hub_folder(tmp_path, monkeypatch, capsys):
+    """training/publish_hub.py: checkpoint + hub config -> weights, configs, card and code; with --push and no
+    network it keeps the folder and says the upload did not happen."""
+    import runpy
+
+    from huggingface_hub import constants
+
+    from conftest import require_shared
+
+    checkpoint = require_shared("fixtures", "official_s.safetensors")  # the authors' S with 4 classes, like ACDC
+    script = runpy.run_path(str(HUB_CONFIGS.parent / "training" / "publish_hub.py"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "rwkvunet-s-acdc"
+    rc = script["main"]([str(checkpoint), str(HUB_CONFIGS / "rwkvunet-s-acdc"), "--out", str(out), "--prefix", "sd.",
+                         "--push"])
+    assert rc == 2 and "not uploaded to rwkv-unet/rwkvunet-s-acdc" in capsys.readouterr().err
+    assert (out / "README.md").read_text() == (HUB_CONFIGS / "rwkvunet-s-acdc" / "README.md").read_text()
+    config = json.loads((out / "config.json").read_text())
+    hub = json.loads((HUB_CONFIGS / "rwkvunet-s-acdc" / "config.json").read_text())
+    assert {k: config[k] for k in hub} == hub | {"architectures": config["architectures"]}
+    assert "AutoModelForSemanticSegmentation" in config["auto_map"] and (out / "modeling_rwkv_unet.py").is_file()
+    assert (out / "model.safetensors").is_file() and (out / "preprocessor_config.json").is_file()
+    # the wrong hub config for this checkpoint is refused
+    rc = script["main"]([str(checkpoint), str(HUB_CONFIGS / "rwkvunet-s-synapse"), "--out", str(tmp_path / "x"),
+                         "--prefix", "sd."])
+    assert rc == 2 and "predicts 4 classes" in capsys.readouterr().err

@@ -175,7 +175,7 @@ def _hub_config_segmenter_kwargs(config: dict) -> dict:
         "transformers_version", "architectures", "model_type", "auto_map", "dtype", "torch_dtype")}
     if "id2label" in keep:
         keep["id2label"] = {int(k): v for k, v in keep["id2label"].items()}
-        keep.pop("label2id", None)
+        keep["label2id"] = keep.get("label2id") or {v: k for k, v in keep["id2label"].items()}
     return keep
 
 
@@ -205,6 +205,7 @@ def write_segmenter(args) -> Path:
             check_variant(state, "b", args.src)  # raises with the shapes found
     if args.id2label:
         overrides["id2label"] = _parse_labels(args.id2label)
+        overrides["label2id"] = {name: i for i, name in overrides["id2label"].items()}
         num_labels = num_labels or len(overrides["id2label"])
     if args.image_size:
         overrides["image_size"] = args.image_size
@@ -284,11 +285,17 @@ def hub_repo_id(hub_config: Optional[str], explicit: Optional[str] = None) -> st
 
 def publish(folder, repo_id: str, private: bool = False) -> str:
     """Upload a converted folder to the Hub (needs network and a token with write access)."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
 
+    if constants.HF_HUB_OFFLINE:
+        raise ConversionError(f"HF_HUB_OFFLINE is set: {folder} was written but not uploaded to {repo_id}")
     api = HfApi()
-    api.create_repo(repo_id, exist_ok=True, private=private)
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Add converted weights")
+    try:
+        api.create_repo(repo_id, exist_ok=True, private=private)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Add converted weights")
+    except Exception as err:  # network, authentication, permissions
+        raise ConversionError(f"{folder} was written but the upload to {repo_id} failed ({type(err).__name__}: "
+                              f"{err}); check the network and log in with `hf auth login`") from err
     return getattr(info, "commit_url", str(info))
 
 

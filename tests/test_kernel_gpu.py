@@ -63,7 +63,9 @@ def _rel(got, ref):
 
 
 @pytest.mark.parametrize("dtype,limit", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
-@pytest.mark.parametrize("shape", [(2, 64, 32), (1, 1, 3), (3, 37, 5), (2, 196, 48), (1, 1000, 40)])
+@pytest.mark.parametrize(  # fused forward up to T = 1024, chunked beyond
+    "shape", [(2, 64, 32), (1, 1, 3), (3, 37, 5), (2, 196, 48), (1, 1024, 40), (2, 1100, 24)]
+)
 def test_matches_float64_formula(kernel, shape, dtype, limit):
     w, u, k, v, gy = _inputs(*shape, dtype)
     got = _run(kernel.bi_wkv, w, u, k, v, gy)

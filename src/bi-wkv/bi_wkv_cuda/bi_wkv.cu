@@ -9,6 +9,7 @@
 //   2. scan: the chunk sums are combined along the sequence (log-sum-exp style, both directions), giving
 //      every chunk the exact state that enters it from the left and from the right;
 //   3. output: each chunk is re-run from its incoming states and writes y.
+// Up to 64 chunks (T <= 1024) the forward pass does the three steps in one kernel (fused_forward_kernel).
 // The backward pass reuses the same machinery: with lambda_t = -log D_t (D_t the denominator of y_t),
 // p_t = g_t exp(lambda_t), q_t = -g_t y_t exp(lambda_t),
 //   dv_j = e^{k_j} (e^u p_j + sum_{t!=j} e^{-(|t-j|-1) w} p_t)
@@ -21,8 +22,9 @@
 // dw and du are summed per (batch, chunk, channel) and then reduced over batch and chunks in a fixed
 // order, so all gradients are deterministic (no atomics).
 //
-// Exponents are kept relative to each chunk's maximum, the chunk states as (log-scale, a, b) triples,
-// so nothing overflows while range(k) + |w| * CHUNK stays below ~80 within a chunk (float32 accumulation).
+// Exponents are kept relative to each chunk's maximum and chunk states as (log-scale, a, b) triples, so with
+// float32 accumulation nothing overflows or vanishes while range(k) + |w| * T stays below ~80 (the range of
+// the PyTorch implementation; trained models have |w| * T <= 10).
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

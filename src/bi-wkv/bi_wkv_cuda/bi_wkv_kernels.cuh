@@ -256,7 +256,8 @@ __global__ void __launch_bounds__(SCAN_CHANNELS* SCAN_GROUPS * 2)
   State agg = empty_state();
   int len = 0;
   if (valid) {
-    for (int p = p0; p < p1; ++p) {
+#pragma unroll 4
+    for (int p = p0; p < p1; ++p) {  // unrolled so that several loads are in flight (latency-bound)
       const int j = chunk_of(p);
       const int n = length_of(j);
       agg = combine(decay(agg, n, wc), read_state(states, plane, slot_of(j), dir));
@@ -269,6 +270,7 @@ __global__ void __launch_bounds__(SCAN_CHANNELS* SCAN_GROUPS * 2)
   if (!valid) return;
   State in = empty_state();
   for (int h = 0; h < g; ++h) in = combine(decay(in, group_len[dir][h], wc), group_sum[dir][h][threadIdx.x]);
+#pragma unroll 4
   for (int p = p0; p < p1; ++p) {
     const int j = chunk_of(p);
     const int64_t slot = slot_of(j);

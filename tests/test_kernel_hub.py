@@ -168,6 +168,17 @@ def test_environment_folder_setting_uses_get_local_kernel(fresh, monkeypatch, tm
     assert kernel_hub.cuda_bi_wkv() is fn  # cached
 
 
+def test_float64_goes_to_the_pytorch_op(fresh, monkeypatch, tmp_path):
+    """The kernel has float32, float16 and bfloat16; float64 keeps the exact PyTorch op."""
+    monkeypatch.setenv(kernel_hub.ENV_VAR, str(make_standin(tmp_path / "kernel")))
+    fn = kernel_hub.cuda_bi_wkv()
+    calls = []
+    monkeypatch.setattr(fn.__wrapped__.__globals__["ops"], "bi_wkv_forward", lambda *a: calls.append(a))
+    w, u, k, v = (t.double() for t in _inputs())
+    torch.testing.assert_close(fn(w, u, k, v), bi_wkv_torch(w, u, k, v))
+    assert calls == []
+
+
 def test_local_kernels_override_is_found_by_repo_id(fresh, monkeypatch, offline_cache, tmp_path):
     monkeypatch.setenv("LOCAL_KERNELS", f"{KERNEL_REPO_ID}={make_standin(tmp_path / 'kernel')}")
     with warnings.catch_warnings():

@@ -20,6 +20,7 @@ lookup runs once per setting and its result is cached; ``import rwkvunet`` never
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Callable, Optional
 import torch
 
 from ..hub import KERNEL_REPO_ID, KERNEL_VERSION
+from .bi_wkv import bi_wkv_torch
 
 __all__ = ["ENV_VAR", "clear_cache", "cuda_bi_wkv", "kernel_setting", "load_kernel"]
 
@@ -36,6 +38,8 @@ ENV_VAR = "RWKVUNET_BI_WKV"
 BiWKVFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 _resolved: dict[str, Optional[BiWKVFn]] = {}
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def kernel_setting() -> str:
@@ -87,6 +91,18 @@ def load_kernel(setting: Optional[str] = None):
         return kernels.get_local_kernel(path)
 
 
+def _for_kernel_dtypes(kernel_fn: BiWKVFn) -> BiWKVFn:
+    """The kernel for the dtypes it has (float32, float16, bfloat16); the PyTorch op for others (float64)."""
+
+    @functools.wraps(kernel_fn)
+    def bi_wkv_cuda(w, u, k, v):
+        if torch.promote_types(k.dtype, v.dtype) in _KERNEL_DTYPES:
+            return kernel_fn(w, u, k, v)
+        return bi_wkv_torch(w, u, k, v)
+
+    return bi_wkv_cuda
+
+
 def _lookup(setting: str) -> Optional[BiWKVFn]:
     if setting == "torch":
         return None
@@ -105,7 +121,7 @@ def _lookup(setting: str) -> Optional[BiWKVFn]:
             stacklevel=4,
         )
         return None
-    return fn
+    return _for_kernel_dtypes(fn)
 
 
 @torch.compiler.assume_constant_result

@@ -332,3 +332,16 @@ def test_kernelize_swaps_in_the_hub_layer(tmp_path):
 def test_import_rwkvunet_does_not_import_kernels():
     code = "import sys, rwkvunet, rwkvunet.ops.bi_wkv, rwkvunet.ops.kernel_hub; assert 'kernels' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_kernel_package_exports_with_torch_export(tmp_path):
+    module = kernels.get_local_kernel(make_standin(tmp_path / "kernel"))
+
+    class Mix(torch.nn.Module):
+        def forward(self, w, u, k, v):
+            return module.bi_wkv(w, u, k, v)
+
+    args = tuple(_inputs())
+    program = torch.export.export(Mix(), args)
+    assert "bi_wkv_forward" in program.graph_module.code
+    torch.testing.assert_close(program.module()(*args), bi_wkv_torch(*args), rtol=1e-5, atol=1e-6)

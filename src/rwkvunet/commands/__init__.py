@@ -1,0 +1,1 @@
+"""Subcommands of the ``rwkvunet`` command; each module has ``add_arguments(parser)`` and ``run(args)``."""

@@ -24,12 +24,12 @@ Grid = Tuple[int, int]
 
 
 def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H*W, C)."""
+    """(B, C, H, W) -> (B, H*W, C); a view without copying for channels-last maps."""
     return x.flatten(2).transpose(1, 2)
 
 
 def tokens_to_map(x: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """(B, H*W, C) -> (B, C, H, W)."""
+    """(B, H*W, C) -> (B, C, H, W); a channels-last view of contiguous tokens, no copy."""
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grid[0], grid[1])
 
 
@@ -50,6 +50,45 @@ class ConvNormAct(nn.Sequential):
         self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False)
         self.norm = nn.BatchNorm2d(out_chs, eps=1e-6)
         self.act = act_layer(inplace=True) if act_layer is not None else nn.Identity()
+
+    def folded_weight_bias(self, pre_norm: Optional[nn.BatchNorm2d] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Conv weight and bias with the eval-mode BatchNorm after it (and ``pre_norm`` before a 1x1 conv)
+        folded in: one conv pass computes conv -> norm, so the norm never reads or writes the map."""
+        conv, norm = self.conv, self.norm
+        scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+        weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+        bias = norm.bias - norm.running_mean * scale
+        if pre_norm is not None:
+            pre_scale = pre_norm.weight * torch.rsqrt(pre_norm.running_var + pre_norm.eps)
+            pre_shift = pre_norm.bias - pre_norm.running_mean * pre_scale
+            bias = bias + (weight.flatten(1) * pre_shift).sum(1)  # elementwise: no autocast rounding
+            weight = weight * pre_scale.reshape(1, -1, 1, 1)
+        return weight, bias
+
+    def can_fold(self, pre_norm: Optional[nn.Module] = None) -> bool:
+        """Eval-mode BatchNorm with running statistics can be folded into the conv (``pre_norm`` only into
+        an unpadded, ungrouped 1x1 conv)."""
+        if self.training or not _is_frozen_bn(self.norm):
+            return False
+        if pre_norm is None:
+            return True
+        c = self.conv
+        return (_is_frozen_bn(pre_norm) and c.kernel_size == (1, 1) and c.groups == 1
+                and c.padding == (0, 0) and c.stride == (1, 1))
+
+    def forward(self, x: torch.Tensor, pre_norm: Optional[nn.Module] = None) -> torch.Tensor:
+        if self.can_fold(pre_norm):
+            weight, bias = self.folded_weight_bias(pre_norm)
+            c = self.conv
+            return self.act(F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups))
+        if pre_norm is not None:
+            x = pre_norm(x)
+        return self.act(self.norm(self.conv(x)))
+
+
+def _is_frozen_bn(m: nn.Module) -> bool:
+    return (isinstance(m, nn.BatchNorm2d) and not m.training and m.running_mean is not None
+            and m.running_var is not None and m.affine)
 
 
 class SqueezeExcite(nn.Module):
@@ -77,15 +116,20 @@ def q_shift(x: torch.Tensor, grid: Grid, shift: int = 1) -> torch.Tensor:
     x = x.reshape(B, H, W, C)
     c1, c2, c3, c4 = (int(C * g) for g in (0.25, 0.5, 0.75, 1.0))
     s = shift
-    parts = [
-        F.pad(x[:, :, : W - s, :c1], (0, 0, s, 0)),  # right
-        F.pad(x[:, :, s:, c1:c2], (0, 0, 0, s)),  # left
-        F.pad(x[:, : H - s, :, c2:c3], (0, 0, 0, 0, s, 0)),  # down
-        F.pad(x[:, s:, :, c3:c4], (0, 0, 0, 0, 0, s)),  # up
-    ]
+    # one output written once: each quarter is copied to its shifted place and only its uncovered border
+    # row or column is zeroed
+    out = torch.empty_like(x)
+    out[:, :, s:, :c1] = x[:, :, : W - s, :c1]  # right
+    out[:, :, :s, :c1] = 0
+    out[:, :, : W - s, c1:c2] = x[:, :, s:, c1:c2]  # left
+    out[:, :, W - s:, c1:c2] = 0
+    out[:, s:, :, c2:c3] = x[:, : H - s, :, c2:c3]  # down
+    out[:, :s, :, c2:c3] = 0
+    out[:, : H - s, :, c3:c4] = x[:, s:, :, c3:c4]  # up
+    out[:, H - s:, :, c3:c4] = 0
     if c4 < C:
-        parts.append(x[..., c4:])
-    return torch.cat(parts, dim=-1).reshape(B, T, C)
+        out[..., c4:] = x[..., c4:]
+    return out.reshape(B, T, C)
 
 
 class SpatialMix(nn.Module):
@@ -112,12 +156,13 @@ class SpatialMix(nn.Module):
             nn.init.constant_(p, 0.5)
 
     def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
-        T = x.shape[1]
+        B, T, C = x.shape
         xx = q_shift(x, grid)
-        xk = torch.lerp(xx, x, self.spatial_mix_k.to(x.dtype))
-        xv = torch.lerp(xx, x, self.spatial_mix_v.to(x.dtype))
-        xr = torch.lerp(xx, x, self.spatial_mix_r.to(x.dtype))
-        k, v, r = self.key(xk), self.value(xv), self.receptance(xr)
+        # the three token-shift mixes in one pass, then key/value/receptance as one batched matmul
+        mix = torch.cat([self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r]).to(x.dtype)
+        xs = torch.lerp(xx.unsqueeze(0), x.unsqueeze(0), mix.unsqueeze(1))  # (3, B, T, C)
+        weight = torch.stack([self.key.weight, self.value.weight, self.receptance.weight]).transpose(1, 2)
+        k, v, r = torch.bmm(xs.reshape(3, B * T, C), weight).reshape(3, B, T, C).unbind(0)
         y = bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v)
         return self.output(torch.sigmoid(r) * self.key_norm(y))
 
@@ -161,8 +206,8 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
         xx = q_shift(x, grid)
-        xk = torch.lerp(xx, x, self.spatial_mix_k.to(x.dtype))
-        xr = torch.lerp(xx, x, self.spatial_mix_r.to(x.dtype))
+        mix = torch.cat([self.spatial_mix_k, self.spatial_mix_r]).to(x.dtype)
+        xk, xr = torch.lerp(xx.unsqueeze(0), x.unsqueeze(0), mix.unsqueeze(1)).unbind(0)
         k = torch.square(torch.relu(self.key(xk)))
         return torch.sigmoid(self.receptance(xr)) * self.value(self.key_norm(k))
 
@@ -224,7 +269,10 @@ class IRBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        x = self.conv(self.norm(x))
+        if isinstance(self.norm, nn.BatchNorm2d):
+            x = self.conv(x, pre_norm=self.norm)  # folded into the 1x1 conv in eval mode
+        else:
+            x = self.conv(self.norm(x))
         if self.mix is not None:
             grid = (x.shape[2], x.shape[3])
             t = map_to_tokens(x)

@@ -149,6 +149,9 @@ class RWKVUNetEncoder(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # channels-last maps: 1x1 convs become plain matmuls, and the LayerNorm2d permutes and the
+        # map <-> token conversions of the mixing blocks become views instead of copies
+        x = x.contiguous(memory_format=torch.channels_last)
         if self.grad_checkpointing and not torch.jit.is_scripting() and isinstance(stage, nn.Sequential):
             return checkpoint_seq(stage, x)
         return stage(x)
@@ -196,7 +199,7 @@ class RWKVUNetEncoder(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        x = self._run_stage(self.stem, x)
         for stage in self.stages:
             x = self._run_stage(stage, x)
         return self.norm(x)

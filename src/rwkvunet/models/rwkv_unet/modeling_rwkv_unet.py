@@ -242,6 +242,7 @@ class RWKVUNetForSemanticSegmentation(RWKVUNetPreTrainedModel):
         logits = self.segmentation_head(d)
         if pad_h or pad_w:
             logits = logits[..., :height, :width]
+        logits = logits.contiguous()  # the decoder runs channels-last; hand back a plain NCHW tensor
 
         loss = None
         if labels is not None:

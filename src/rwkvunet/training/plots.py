@@ -79,7 +79,8 @@ def plot_overlays(samples: Sequence[tuple], num_classes: int, path, titles=("ima
             axes[r, c].set_yticks([])
             if r == 0:
                 axes[r, c].set_title(titles[c])
-        axes[r, 0].set_ylabel(str(case_id), fontsize=8)
+        name = str(case_id)
+        axes[r, 0].set_ylabel(name if len(name) <= 18 else name[:8] + "..." + name[-7:], fontsize=8)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)

@@ -1,0 +1,586 @@
+"""``rwkvunet bench``: training and inference speed and peak memory, with every comparison made in one run.
+
+For each case (model, input size, batch, precision, eager or compiled) it measures
+
+* inference: forward under ``torch.inference_mode`` in eval mode, images/s;
+* training: one step = forward + loss (CE + Dice, as the segmenter trains) + backward + AdamW, images/s;
+* peak memory: CUDA ``max_memory_allocated`` over the case (weights, gradients, optimizer state and
+  activations); CPU the rise of the peak resident memory (``ru_maxrss``) that building the case and running
+  its warm-up steps causes in a fresh process.
+
+Every model of a group (same device, size, batch, precision, compile mode and task) is timed in the same run,
+and on the CPU the models take turns, one short round each, so that a shared, busy machine slows them alike;
+the ratio column divides each time by that of the reference model (smp's ``Unet("resnet34")`` when
+segmentation-models-pytorch is installed). CUDA times come from CUDA events after warm-up; all figures are
+medians over the timed steps.
+
+    rwkvunet bench                                    # CPU: T/S/B and smp Unet(resnet34), one 3x256x256 image
+    rwkvunet bench --device cuda --preset h100        # the GPU figures: B at 224 (batch 24) and 512 (batch 8)
+    rwkvunet bench --models t,b --sizes 224 --batch-sizes 8 --precisions fp32,bf16 --compile eager,compile \\
+        --tasks train,infer --json bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+RWKV_MODELS = ("t", "s", "b")
+SMP_MODEL = "smp_unet_r34"
+MODEL_ALIASES = {"smp": SMP_MODEL, "unet_r34": SMP_MODEL, SMP_MODEL: SMP_MODEL,
+                 **{m: m for m in RWKV_MODELS}, **{f"rwkv_unet_{m}": m for m in RWKV_MODELS}}
+
+# one entry per case group: models are compared within a group
+PRESETS: Dict[str, List[dict]] = {
+    # the CPU target: one 3x256x256 image, inference latency of T (and S, B) against smp Unet(resnet34)
+    "cpu": [
+        dict(models="t,s,b,smp", sizes="256", batch_sizes="1", precisions="fp32", compile="eager",
+             tasks="infer", repeats=7, steps=3, warmup=3),
+        dict(models="t,smp", sizes="256", batch_sizes="1", precisions="fp32", compile="eager",
+             tasks="train", repeats=3, steps=2, warmup=2),
+    ],
+    # the GPU figures of the authors' table (shared anchors): B at 224 batch 24 and 512 batch 8, bf16 autocast
+    "h100": [
+        dict(models="b,smp", sizes="224", batch_sizes="24", precisions="bf16", compile="eager",
+             tasks="train,infer", repeats=1, steps=30, warmup=10),
+        dict(models="b", sizes="512", batch_sizes="8", precisions="bf16", compile="eager",
+             tasks="train,infer", repeats=1, steps=20, warmup=5),
+        dict(models="t,s,b", sizes="256", batch_sizes="8", precisions="bf16", compile="eager",
+             tasks="train,infer", repeats=1, steps=20, warmup=5),
+        dict(models="b", sizes="224", batch_sizes="24", precisions="fp32", compile="eager",
+             tasks="train,infer", repeats=1, steps=20, warmup=5),
+        dict(models="b", sizes="224", batch_sizes="24", precisions="bf16", compile="compile",
+             tasks="train,infer", repeats=1, steps=30, warmup=5),
+        dict(models="b", sizes="512", batch_sizes="8", precisions="bf16", compile="compile",
+             tasks="train", repeats=1, steps=20, warmup=5),
+    ],
+}
+
+
+@dataclass
+class Case:
+    model: str
+    size: int
+    batch: int
+    precision: str
+    compile: str
+    task: str
+    device: str
+    num_labels: int
+    in_channels: int
+
+
+@dataclass
+class Result:
+    model: str
+    size: int
+    batch: int
+    precision: str
+    compile: str
+    task: str
+    device: str
+    params_m: float
+    ms_per_step: float
+    images_per_s: float
+    ms_min: float
+    ms_max: float
+    steps: int
+    peak_mib: Optional[float]
+    ratio_to_reference: Optional[float] = None
+    reference: Optional[str] = None
+    error: Optional[str] = None
+    samples_ms: List[float] = field(default_factory=list)
+
+
+# --- models ---------------------------------------------------------------------------------------------
+def smp_available() -> bool:
+    try:
+        import segmentation_models_pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_model(name: str, num_labels: int, in_channels: int) -> torch.nn.Module:
+    if name == SMP_MODEL:
+        import segmentation_models_pytorch as smp
+
+        return smp.Unet("resnet34", encoder_weights=None, in_channels=in_channels, classes=num_labels)
+    from ..models.rwkv_unet import RWKVUNetConfig, RWKVUNetForSemanticSegmentation
+
+    config = RWKVUNetConfig(variant=name, num_labels=num_labels, in_channels=in_channels)
+    return RWKVUNetForSemanticSegmentation(config)
+
+
+def _loss_config(num_labels: int):
+    from ..models.rwkv_unet import RWKVUNetConfig
+
+    return RWKVUNetConfig(variant="t", num_labels=num_labels)
+
+
+def forward_fn(name: str, model: torch.nn.Module, loss_config) -> Callable:
+    """``fn(x, labels=None)`` returning logits, or the training loss when labels are given (the same
+    CE + Dice loss for every model, so training steps compare like with like)."""
+    from ..models.rwkv_unet.modeling_rwkv_unet import segmentation_loss
+
+    if name == SMP_MODEL:
+        def run(x, labels=None):
+            logits = model(x)
+            return logits if labels is None else segmentation_loss(logits, labels, loss_config)
+    else:
+        def run(x, labels=None):
+            out = model(pixel_values=x, labels=labels)
+            return out.logits if labels is None else out.loss
+    return run
+
+
+# --- memory ---------------------------------------------------------------------------------------------
+class CpuPeakMemory:
+    """Rise of the peak resident set size while a case runs (bytes)."""
+
+    def __init__(self):
+        self.can_reset = self._reset()
+
+    @staticmethod
+    def _reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _status(key: str) -> Optional[int]:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    def start(self) -> None:
+        gc.collect()
+        if self.can_reset:
+            self._reset()
+            self.base = self._status("VmRSS") or 0
+        else:
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+    def peak(self) -> float:
+        if self.can_reset:
+            hwm = self._status("VmHWM") or 0
+        else:
+            hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return max(0, hwm - self.base)
+
+
+def cpu_peak_in_subprocess(case: Case, warmup: int) -> Optional[float]:
+    """Peak resident memory (bytes) that building the case and running ``warmup + 1`` steps adds, measured in a
+    fresh process: in this one, memory freed by earlier cases stays mapped and would hide the rise."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "rwkvunet.commands.bench", "--memory-probe", json.dumps(asdict(case)),
+           "--warmup", str(warmup), "--threads", str(torch.get_num_threads())]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+    except Exception:
+        return None
+
+
+def _memory_probe(case_json: str, warmup: int) -> int:
+    case = Case(**json.loads(case_json))
+    # VmHWM belongs to this process image; ru_maxrss would carry the (larger) parent's peak over the exec
+    before = CpuPeakMemory._status("VmRSS")
+    ru_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    r = Runner(case)
+    for _ in range(warmup + 1):
+        r.step()
+    if before is not None:
+        print(CpuPeakMemory._status("VmHWM") - before)
+    else:
+        scale = 1 if sys.platform == "darwin" else 1024
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - ru_before) * scale)
+    return 0
+
+
+# --- timing ---------------------------------------------------------------------------------------------
+class Runner:
+    """One case ready to run: model, optimizer, inputs and its collected step times."""
+
+    def __init__(self, case: Case, seed: int = 0):
+        self.case = case
+        self.device = torch.device(case.device)
+        torch.manual_seed(seed)
+        model = build_model(case.model, case.num_labels, case.in_channels)
+        self.params_m = sum(p.numel() for p in model.parameters()) / 1e6
+        model.to(self.device, memory_format=torch.channels_last)
+        self.model = model
+        self.train = case.task == "train"
+        model.train(self.train)
+        self.x = torch.randn(case.batch, case.in_channels, case.size, case.size, device=self.device)
+        self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.labels = torch.randint(0, case.num_labels, (case.batch, case.size, case.size), device=self.device)
+        self.fn = forward_fn(case.model, model, _loss_config(case.num_labels))
+        if case.compile != "eager":
+            mode = None if case.compile == "compile" else case.compile.split(":", 1)[1]
+            self.fn = torch.compile(self.fn, mode=mode)
+        self.optimizer = None
+        if self.train:
+            kwargs = dict(lr=1e-4, weight_decay=0.01)
+            if self.device.type == "cuda":
+                kwargs["fused"] = True
+            self.optimizer = torch.optim.AdamW(model.parameters(), **kwargs)
+        self.samples: List[float] = []
+        self.peak_bytes = 0.0
+
+    def autocast(self):
+        if self.case.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.case.precision == "fp16":
+            return torch.autocast(self.device.type, dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def step(self) -> None:
+        if self.train:
+            with self.autocast():
+                loss = self.fn(self.x, self.labels)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            with torch.inference_mode(), self.autocast():
+                self.fn(self.x)
+
+    def timed_steps(self, n: int) -> List[float]:
+        """n steps, returning each step's time in ms."""
+        times = []
+        if self.device.type == "cuda":
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+            for start, end in events:
+                start.record()
+                self.step()
+                end.record()
+            torch.cuda.synchronize(self.device)
+            times = [start.elapsed_time(end) for start, end in events]
+        else:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                self.step()
+                times.append((time.perf_counter() - t0) * 1e3)
+        self.samples.extend(times)
+        return times
+
+    def release(self) -> None:
+        self.model = self.optimizer = self.fn = self.x = self.labels = None
+
+
+def _memory_start(device: torch.device, cpu_mem: Optional[CpuPeakMemory]) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    elif cpu_mem is not None:
+        cpu_mem.start()
+
+
+def _memory_peak(device: torch.device, cpu_mem: Optional[CpuPeakMemory], since: float = 0.0) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) - since
+    return cpu_mem.peak() if cpu_mem is not None else float("nan")
+
+
+def run_group(cases: List[Case], repeats: int, steps: int, warmup: int, progress,
+              cpu_memory: str = "subprocess") -> List[Result]:
+    """Time the cases of one group. On the CPU they stay built and take turns (``repeats`` rounds of
+    ``steps`` steps each); on CUDA each is built, measured and freed in turn (the device is not shared)."""
+    results: List[Result] = []
+    device = torch.device(cases[0].device)
+    interleave = device.type == "cpu"
+    cpu_mem = CpuPeakMemory() if device.type == "cpu" else None
+    runners: Dict[int, Runner] = {}
+    errors: Dict[int, str] = {}
+
+    bases: Dict[int, float] = {}
+
+    def base_of(i: int) -> float:
+        return bases.get(i, 0.0)
+
+    def build(i: int) -> Optional[Runner]:
+        _memory_start(device, cpu_mem)
+        # CUDA: what other live tensors hold is not this case's
+        base = bases[i] = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0.0
+        try:
+            r = Runner(cases[i])
+            for _ in range(warmup):
+                r.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        except Exception as err:  # report the case as failed and carry on with the others
+            errors[i] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            return None
+        r.peak_bytes = _memory_peak(device, cpu_mem, base)
+        return r
+
+    if interleave:
+        for i in range(len(cases)):
+            r = build(i)
+            if r is not None:
+                runners[i] = r
+            progress.update(1)
+        for _ in range(repeats):
+            for i, r in runners.items():
+                r.timed_steps(steps)
+                progress.update(1)
+    else:
+        for i in range(len(cases)):
+            r = build(i)
+            progress.update(1)
+            if r is not None:
+                try:
+                    for _ in range(repeats):
+                        r.timed_steps(steps)
+                        progress.update(1)
+                    r.peak_bytes = max(r.peak_bytes, _memory_peak(device, cpu_mem, base_of(i)))
+                    runners[i] = r
+                except Exception as err:  # e.g. out of memory: report it and go on
+                    errors[i] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                r.release()
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            else:
+                progress.update(repeats)
+
+    if device.type == "cpu" and cpu_memory == "subprocess":
+        for i, r in runners.items():
+            r.peak_bytes = cpu_peak_in_subprocess(cases[i], warmup)
+            if r.peak_bytes is None:
+                r.peak_bytes = float("nan")
+
+    for i, case in enumerate(cases):
+        r = runners.get(i)
+        if r is None:
+            results.append(Result(case.model, case.size, case.batch, case.precision, case.compile, case.task,
+                                  case.device, float("nan"), float("nan"), float("nan"), float("nan"),
+                                  float("nan"), 0, None, error=errors.get(i, "not run")))
+            continue
+        med = statistics.median(r.samples)
+        results.append(Result(
+            case.model, case.size, case.batch, case.precision, case.compile, case.task, case.device,
+            round(r.params_m, 2), med, case.batch / (med / 1e3), min(r.samples), max(r.samples), len(r.samples),
+            r.peak_bytes / 2 ** 20 if r.peak_bytes == r.peak_bytes else None,
+            samples_ms=[round(s, 3) for s in r.samples]))
+        r.release()
+    ref = next((res for res in results if res.model == SMP_MODEL and res.error is None), None)
+    if ref is None:
+        ref = next((res for res in results if res.error is None), None)
+    for res in results:
+        if ref is not None and res.error is None:
+            res.ratio_to_reference = res.ms_per_step / ref.ms_per_step
+            res.reference = ref.model
+    return results
+
+
+# --- table ----------------------------------------------------------------------------------------------
+def format_table(results: List[Result]) -> str:
+    head = ("model", "params M", "device", "size", "batch", "prec", "compile", "task", "ms/step", "min-max ms",
+            "img/s", "peak MiB", "time / ref")
+    rows = [head]
+    for r in results:
+        if r.error:
+            rows.append((r.model, "", r.device, str(r.size), str(r.batch), r.precision, r.compile, r.task,
+                         "failed: " + r.error[:60], "", "", "", ""))
+            continue
+        rows.append((
+            r.model, f"{r.params_m:.2f}", r.device, str(r.size), str(r.batch), r.precision, r.compile, r.task,
+            f"{r.ms_per_step:.1f}", f"{r.ms_min:.0f}-{r.ms_max:.0f}", f"{r.images_per_s:.1f}",
+            "" if r.peak_mib is None else f"{r.peak_mib:.0f}",
+            "" if r.ratio_to_reference is None else f"{r.ratio_to_reference:.2f} x {r.reference}",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def environment(device: str) -> dict:
+    from ..ops import kernel_hub
+
+    env = dict(torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
+               threads=torch.get_num_threads(), cpu_count=os.cpu_count(), device=device)
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        env["bi_wkv"] = "cuda kernel" if kernel_hub.cuda_bi_wkv() is not None else "pytorch (no kernel)"
+    else:
+        env["bi_wkv"] = "pytorch"
+    try:
+        env["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    return env
+
+
+# --- command --------------------------------------------------------------------------------------------
+def _csv(value: str) -> List[str]:
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a prepared set of groups (overrides the "
+                        "model/size/batch/precision/compile/task options): 'cpu' is the CPU target, 'h100' "
+                        "the GPU figures")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--models", default="t,s,b,smp",
+                        help="comma list of t, s, b and smp (smp Unet(resnet34), when installed); default %(default)s")
+    parser.add_argument("--sizes", default="256", help="input heights = widths, comma list; default %(default)s")
+    parser.add_argument("--batch-sizes", default=None, help="comma list; default 1 on CPU, 8 on CUDA")
+    parser.add_argument("--precisions", default=None, help="fp32, bf16 (autocast), fp16 (autocast); "
+                        "default fp32 on CPU, fp32,bf16 on CUDA")
+    parser.add_argument("--compile", default="eager", help="eager, compile (torch.compile) or compile:MODE "
+                        "(e.g. compile:max-autotune), comma list; default %(default)s")
+    parser.add_argument("--tasks", default="infer,train", help="infer, train, comma list; default %(default)s")
+    parser.add_argument("--num-labels", type=int, default=9, help="output classes (default %(default)s)")
+    parser.add_argument("--in-channels", type=int, default=3, help="input channels (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per round (default 5 CPU, 30 CUDA)")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds; on the CPU the models take turns "
+                        "each round (default 5 CPU, 1 CUDA)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2 CPU, 10 CUDA)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--cpu-memory", choices=("subprocess", "in-process"), default="subprocess",
+                        help="CPU peak memory: measured per case in a fresh process (default; exact, costs a "
+                        "process start per case) or from this process's peak RSS (approximate)")
+    parser.add_argument("--json", default=None, help="write every result (with all step times) to this file")
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+
+
+def _groups(args, device: str) -> List[dict]:
+    if args.preset:
+        groups = [dict(g) for g in PRESETS[args.preset]]
+        for g in groups:  # explicit timing options still apply
+            for key in ("repeats", "steps", "warmup"):
+                if getattr(args, key) is not None:
+                    g[key] = getattr(args, key)
+        return groups
+    cpu = device == "cpu"
+    return [dict(
+        models=args.models, sizes=args.sizes,
+        batch_sizes=args.batch_sizes or ("1" if cpu else "8"),
+        precisions=args.precisions or ("fp32" if cpu else "fp32,bf16"),
+        compile=args.compile, tasks=args.tasks,
+        repeats=args.repeats or (5 if cpu else 1), steps=args.steps or (5 if cpu else 30),
+        warmup=args.warmup if args.warmup is not None else (2 if cpu else 10),
+    )]
+
+
+def run(args) -> int:
+    from tqdm.auto import tqdm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        return _memory_probe(args.memory_probe, args.warmup or 0)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("rwkvunet bench: --device cuda was asked for but no CUDA device is available; use --device cpu",
+              file=sys.stderr)
+        return 2
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    have_smp = smp_available()
+    plan = []  # (group settings, cases)
+    for g in _groups(args, device):
+        models = []
+        for m in _csv(g["models"]):
+            if m.lower() not in MODEL_ALIASES:
+                print(f"rwkvunet bench: unknown model {m!r}; use t, s, b or smp", file=sys.stderr)
+                return 2
+            name = MODEL_ALIASES[m.lower()]
+            if name == SMP_MODEL and not have_smp:
+                print("rwkvunet bench: segmentation-models-pytorch is not installed, so smp Unet(resnet34) is "
+                      "left out (pip install segmentation-models-pytorch)", file=sys.stderr)
+                continue
+            models.append(name)
+        for prec in _csv(g["precisions"]):
+            if prec not in ("fp32", "bf16", "fp16"):
+                print(f"rwkvunet bench: unknown precision {prec!r}; use fp32, bf16 or fp16", file=sys.stderr)
+                return 2
+        for comp in _csv(g["compile"]):
+            if comp != "eager" and comp != "compile" and not comp.startswith("compile:"):
+                print(f"rwkvunet bench: unknown compile setting {comp!r}; use eager, compile or compile:MODE",
+                      file=sys.stderr)
+                return 2
+        for task in _csv(g["tasks"]):
+            if task not in ("infer", "train"):
+                print(f"rwkvunet bench: unknown task {task!r}; use infer or train", file=sys.stderr)
+                return 2
+        for size in _csv(g["sizes"]):
+            for batch in _csv(g["batch_sizes"]):
+                for prec in _csv(g["precisions"]):
+                    for comp in _csv(g["compile"]):
+                        for task in _csv(g["tasks"]):
+                            cases = [Case(m, int(size), int(batch), prec, comp, task, device, args.num_labels,
+                                          args.in_channels) for m in models]
+                            if cases:
+                                plan.append((g, cases))
+    env = environment(device)
+    print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+    total = sum(len(c) * (1 + g["repeats"]) for g, c in plan)
+    results: List[Result] = []
+    with tqdm(total=total, desc="bench", unit="round", file=sys.stderr) as progress:
+        for g, cases in plan:
+            group = run_group(cases, g["repeats"], g["steps"], g["warmup"], progress, args.cpu_memory)
+            results.extend(group)
+            tqdm.write(format_table(group), file=sys.stdout)
+            if args.json:  # written after every group, so an interrupted run keeps what it measured
+                _write_json(args.json, env, results)
+    print("\n" + format_table(results), flush=True)
+    if args.json:
+        _write_json(args.json, env, results)
+        print(f"results written to {args.json}")
+    return 1 if any(r.error for r in results) else 0
+
+
+def _write_json(path: str, env: dict, results: List[Result]) -> None:
+    def clean(value):  # strict JSON: no NaN
+        if isinstance(value, float) and value != value:
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(clean(dict(environment=env, results=[asdict(r) for r in results])), f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="rwkvunet bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

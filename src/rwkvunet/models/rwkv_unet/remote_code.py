@@ -44,8 +44,9 @@ def _source_file(module: str) -> Path:
     return Path(spec.origin)
 
 
-def _flat_name(module: str, is_package: bool) -> str:
-    return module.rsplit(".", 1)[-1] if not is_package or "." in module else module
+def _flat_name(module: str) -> str:
+    """File name (without .py) of a module in the flat folder: its last dotted component."""
+    return module.rsplit(".", 1)[-1]
 
 
 def flat_sources(entry_modules=ENTRY_MODULES) -> Dict[str, str]:
@@ -58,7 +59,7 @@ def flat_sources(entry_modules=ENTRY_MODULES) -> Dict[str, str]:
         module = pending.pop()
         path = _source_file(module)
         is_package = path.name == "__init__.py"
-        name = _flat_name(module, is_package) + ".py"
+        name = _flat_name(module) + ".py"
         if name in sources:
             if owners[name] != module:
                 raise RuntimeError(f"{owners[name]} and {module} would both be saved as {name}; rename one")
@@ -79,9 +80,7 @@ def flat_sources(entry_modules=ENTRY_MODULES) -> Dict[str, str]:
                 raise RuntimeError(f"{module}: relative import beyond the package")
             absolute = ".".join(base[:len(base) - (level - 1)] + [target])
             pending.append(absolute)
-            spec = importlib.util.find_spec(absolute)
-            target_is_package = spec is not None and spec.submodule_search_locations is not None
-            return f"{match['indent']}from .{_flat_name(absolute, target_is_package)} import"
+            return f"{match['indent']}from .{_flat_name(absolute)} import"
 
         sources[name] = _RELATIVE.sub(rewrite, text)
         owners[name] = module

@@ -208,7 +208,8 @@ class ChannelMix(nn.Module):
         xx = q_shift(x, grid)
         mix = torch.cat([self.spatial_mix_k, self.spatial_mix_r]).to(x.dtype)
         xk, xr = torch.lerp(xx.unsqueeze(0), x.unsqueeze(0), mix.unsqueeze(1)).unbind(0)
-        k = torch.square(torch.relu(self.key(xk)))
+        k = torch.relu(self.key(xk))
+        k = k * k  # squared ReLU; a multiply is several times faster than pow on the CPU
         return torch.sigmoid(self.receptance(xr)) * self.value(self.key_norm(k))
 
 
@@ -314,9 +315,12 @@ class CrossChannelMix(nn.Module):
         deep_first = list(skips)[::-1]
         size = skips[0].shape[-2:]
         grid = (size[0], size[1])  # no int(): symbolic sizes stay symbolic under torch.export
-        p = [proj(resize_bilinear(e, size)) for proj, e in zip(self.projections, deep_first)]
+        # A 1x1 conv (with bias) and a bilinear resize commute (the resize mixes pixels with weights that sum to
+        # one, the conv mixes channels), so each conv runs at the lower of its two resolutions: project, then
+        # upsample on the way in; downsample, then project on the way out. Same function, a fraction of the work.
+        p = [resize_bilinear(proj(e), size) for proj, e in zip(self.projections, deep_first)]
         t = map_to_tokens(torch.cat(p, dim=1))
         t = t + self.drop_path(self.ln1(self.channel(t, grid)))
         chunks = tokens_to_map(t, grid).chunk(len(deep_first), dim=1)
-        out = [resize_bilinear(fp(c), e.shape[-2:]) for fp, c, e in zip(self.final_projections, chunks, deep_first)]
+        out = [fp(resize_bilinear(c, e.shape[-2:])) for fp, c, e in zip(self.final_projections, chunks, deep_first)]
         return out[::-1]

@@ -29,8 +29,12 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 def tokens_to_map(x: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """(B, H*W, C) -> (B, C, H, W); a channels-last view of contiguous tokens, no copy."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grid[0], grid[1])
+    """(B, H*W, C) -> (B, C, H, W); a channels-last view of contiguous tokens, no copy.
+
+    Built as view + permute so that every stride, the batch's too, is that of a channels-last map (a
+    transposed reshape gives batch-of-one maps a stride that convolutions do not recognise as channels-last).
+    """
+    return x.reshape(x.shape[0], grid[0], grid[1], x.shape[2]).permute(0, 3, 1, 2)
 
 
 def resize_bilinear(x: torch.Tensor, size) -> torch.Tensor:

@@ -46,14 +46,18 @@ class DecoderBlock(nn.Module):
             raise ValueError(f"unknown decoder block {kind!r}")
         self.kind = kind
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:
         if self.kind == "c-d-c":
             x = self.proj(self.conv_dw(self.conv(x)))
         elif self.kind == "c-c-d":
             x = self.conv_dw(self.proj(self.conv(x)))
         else:
             x = self.proj(x)
-        return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return upsample2x(x) if upsample else x
+
+
+def upsample2x(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
 
 
 class RWKVUNetPreTrainedModel(PreTrainedModel):
@@ -205,10 +209,10 @@ class RWKVUNetForSemanticSegmentation(RWKVUNetPreTrainedModel):
         return labels
 
     # --- forward -----------------------------------------------------------------------------------------
-    def _decode(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _decode(self, block: nn.Module, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:
         if self.gradient_checkpointing and self.training:
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
+            return checkpoint(block, x, upsample, use_reentrant=False)
+        return block(x, upsample)
 
     def forward(
             self,
@@ -234,12 +238,15 @@ class RWKVUNetForSemanticSegmentation(RWKVUNetPreTrainedModel):
         if self.ccm is not None:
             skips = self.ccm(skips)
         d = e4
+        last = len(self.decoder) - 1
         for j, block in enumerate(self.decoder):
             level = 3 - j  # index into skips [e1', e2', e3'] joined before block j (none before block 0)
             if j > 0 and level < len(skips):
                 d = torch.cat([d, skips[level]], dim=1)
-            d = self._decode(block, d)
-        logits = self.segmentation_head(d)
+            d = self._decode(block, d, upsample=j < last)
+        # the 1x1 head and the last block's bilinear x2 upsampling commute: upsampling the few class maps
+        # instead of the block's channels saves a full-resolution pass
+        logits = upsample2x(self.segmentation_head(d))
         if pad_h or pad_w:
             logits = logits[..., :height, :width]
         logits = logits.contiguous()  # the decoder runs channels-last; hand back a plain NCHW tensor

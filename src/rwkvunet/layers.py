@@ -212,7 +212,7 @@ class ChannelMix(nn.Module):
         xx = q_shift(x, grid)
         mix = torch.cat([self.spatial_mix_k, self.spatial_mix_r]).to(x.dtype)
         xk, xr = torch.lerp(xx.unsqueeze(0), x.unsqueeze(0), mix.unsqueeze(1)).unbind(0)
-        k = torch.relu(self.key(xk))
+        k = torch.relu_(self.key(xk))  # in place: nothing keeps the matmul's output for the backward pass
         k = k * k  # squared ReLU; a multiply is several times faster than pow on the CPU
         return torch.sigmoid(self.receptance(xr)) * self.value(self.key_norm(k))
 

@@ -14,6 +14,10 @@ the ratio column divides each time by that of the reference model (smp's ``Unet(
 segmentation-models-pytorch is installed). CUDA times come from CUDA events after warm-up; all figures are
 medians over the timed steps.
 
+On a CPU that other programs share, start it with ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads then sleep
+instead of spinning while they wait for each other, which otherwise costs the models with many small
+operations far more than the others) and compare ``--threads 1`` as well.
+
     rwkvunet bench                                    # CPU: T/S/B and smp Unet(resnet34), one 3x256x256 image
     rwkvunet bench --device cuda --preset h100        # the GPU figures: B at 224 (batch 24) and 512 (batch 8)
     rwkvunet bench --models t,b --sizes 224 --batch-sizes 8 --precisions fp32,bf16 --compile eager,compile \\

@@ -1,0 +1,32 @@
+"""`rwkvunet bench` on a tiny input: every case measured, table and JSON written, bad options refused."""
+import json
+
+from rwkvunet.commands import bench
+
+
+def test_bench_measures_inference_and_training_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--device", "cpu", "--models", "t", "--sizes", "32", "--batch-sizes", "2",
+                     "--tasks", "infer,train", "--repeats", "1", "--steps", "2", "--warmup", "0",
+                     "--cpu-memory", "in-process", "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    results = data["results"]
+    assert [(r["model"], r["task"]) for r in results] == [("t", "infer"), ("t", "train")]
+    for r in results:
+        assert r["error"] is None
+        assert r["steps"] == 2 and len(r["samples_ms"]) == 2
+        assert r["ms_per_step"] > 0
+        assert abs(r["images_per_s"] - 2 / (r["ms_per_step"] / 1e3)) < 1e-6 * r["images_per_s"]
+        assert r["ratio_to_reference"] == 1.0  # the only model is its own reference
+    assert 2.5 < results[0]["params_m"] < 3.5  # RWKV-UNet-T
+    assert data["environment"]["device"] == "cpu"
+    table = capsys.readouterr().out
+    assert "| t " in table and "train" in table and "infer" in table
+
+
+def test_bench_refuses_unknown_model_and_precision(capsys):
+    assert bench.main(["--device", "cpu", "--models", "unet_r50"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert bench.main(["--device", "cpu", "--models", "t", "--precisions", "fp8"]) == 2
+    assert "unknown precision" in capsys.readouterr().err

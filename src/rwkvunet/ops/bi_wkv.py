@@ -17,6 +17,7 @@ is available (see :mod:`rwkvunet.ops.kernel_hub`), everything else to :func:`bi_
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["bi_wkv", "bi_wkv_torch"]
 
@@ -88,4 +89,8 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
         fn = cuda_bi_wkv()
         if fn is not None:
             return fn(w, u, k, v)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (w, u, k, v)):
+        # autograd would keep some twenty (B, T, C) intermediates of the scans for the backward pass; keep only
+        # the inputs and recompute them there instead (same values: the recomputation is deterministic)
+        return checkpoint(bi_wkv_torch, w, u, k, v, use_reentrant=False, preserve_rng_state=False)
     return bi_wkv_torch(w, u, k, v)

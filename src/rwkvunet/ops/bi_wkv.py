@@ -38,8 +38,47 @@ def _exclusive_cumsum(x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
     return torch.cat([torch.zeros_like(c[:, :1]), c[:, :-1]], dim=1)
 
 
+def _bi_wkv_no_grad(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`bi_wkv_torch` for inference: the same operations in the same order (bit-identical results), but
+    written into a few buffers in place, which halves its time on a CPU."""
+    out_dtype = v.dtype
+    acc = _accumulate_dtype(torch.promote_types(k.dtype, v.dtype))
+    w, u, k, v = w.to(acc), u.to(acc), k.to(acc), v.to(acc)
+    T = k.shape[1]
+    iw = torch.arange(T, device=k.device, dtype=acc).unsqueeze(-1) * w
+
+    def exclusive_sums(e: torch.Tensor, reverse: bool):
+        if reverse:
+            e = e.flip(1)
+        num, den = torch.empty_like(e), torch.empty_like(e)
+        num[:, :1] = 0
+        den[:, :1] = 0
+        torch.cumsum((e * (v.flip(1) if reverse else v))[:, :-1], 1, out=num[:, 1:])
+        torch.cumsum(e[:, :-1], 1, out=den[:, 1:])
+        return (num.flip(1), den.flip(1)) if reverse else (num, den)
+
+    e = k + iw
+    m_f = e.amax(dim=1, keepdim=True)
+    num_f, den_f = exclusive_sums(e.sub_(m_f).exp_(), reverse=False)
+    log_f = m_f - (iw - w)
+    e = k - iw
+    m_b = e.amax(dim=1, keepdim=True)
+    num_b, den_b = exclusive_sums(e.sub_(m_b).exp_(), reverse=True)
+    log_b = m_b + (iw + w)
+    log_s = u + k
+    top = torch.maximum(log_f, log_b)
+    torch.maximum(top, log_s, out=top)
+    s_f, s_b, s_s = log_f.sub_(top).exp_(), log_b.sub_(top).exp_(), log_s.sub_(top).exp_()
+    num = num_f.mul_(s_f).add_(num_b.mul_(s_b)).add_(s_s * v)
+    den = den_f.mul_(s_f).add_(den_b.mul_(s_b)).add_(s_s)
+    return num.div_(den).to(out_dtype)
+
+
 def bi_wkv_torch(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Exact Bi-WKV in PyTorch. ``w``, ``u``: (C,); ``k``, ``v``: (B, T, C). Returns (B, T, C) in v's dtype."""
+    if not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(x.requires_grad for x in (w, u, k, v))):
+        return _bi_wkv_no_grad(w, u, k, v)
     out_dtype = v.dtype
     acc = _accumulate_dtype(torch.promote_types(k.dtype, v.dtype))
     w, u, k, v = w.to(acc), u.to(acc), k.to(acc), v.to(acc)

@@ -6,7 +6,12 @@
 # Results: a table on stdout (one per group as it finishes) and $OUT/bench_h100.json (OUT defaults to ".").
 # The Bi-WKV CUDA kernel is used when it can be loaded (RWKVUNET_BI_WKV=auto, a local build folder, or torch).
 # Wheels in .whl/ (for a machine without network: transformers, timm, segmentation-models-pytorch, ...) are
-# installed into /tmp/site first. Extra arguments go to `rwkvunet bench` (e.g. --steps 10).
+# installed into /tmp/site first; make them on a machine with network (versions of this environment), e.g.
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl transformers==5.24.0 \
+#     huggingface_hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 timm==1.0.31 \
+#     tokenizers==0.23.3 segmentation-models-pytorch==0.6.0
+# Extra arguments go to `rwkvunet bench` (e.g. --steps 10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-.}"

@@ -128,6 +128,27 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
         fn = cuda_bi_wkv()
         if fn is not None:
             return fn(w, u, k, v)
+    step = _cpu_channel_chunk(k)
+    if step < C:
+        # channels are independent: large inputs go through in cache-sized groups of channels
+        parts = [_bi_wkv_torch_path(w[c:c + step], u[c:c + step], k[..., c:c + step].contiguous(),
+                                    v[..., c:c + step].contiguous()) for c in range(0, C, step)]
+        return torch.cat(parts, dim=-1)
+    return _bi_wkv_torch_path(w, u, k, v)
+
+
+_CHUNK_ELEMENTS = 1 << 20  # about 4 MiB of float32 per (B, T, channels) tensor: the scans stay in cache
+
+
+def _cpu_channel_chunk(k: torch.Tensor) -> int:
+    """Channels per group for eager CPU calls (all of them when the input is small, compiled or on a GPU)."""
+    B, T, C = k.shape
+    if k.device.type != "cpu" or torch.compiler.is_compiling() or B * T * C <= _CHUNK_ELEMENTS:
+        return C
+    return max(8, _CHUNK_ELEMENTS // (B * T))
+
+
+def _bi_wkv_torch_path(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and any(x.requires_grad for x in (w, u, k, v)):
         # autograd would keep some twenty (B, T, C) intermediates of the scans for the backward pass; keep only
         # the inputs and recompute them there instead (same values: the recomputation is deterministic)

@@ -21,6 +21,7 @@ from timm.models._features import feature_take_indices
 
 from ..hub import HUB_ORG
 from ..layers import IRBlock
+from ..ops.cpu_memory import keep_freed_cpu_memory
 
 __all__ = ["RWKVUNetEncoder", "ENCODER_VARIANTS", "checkpoint_filter_fn"]
 
@@ -148,6 +149,12 @@ class RWKVUNetEncoder(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
+    @staticmethod
+    def _prepare_cpu(x: torch.Tensor) -> None:
+        # freed activations are kept for reuse rather than page-faulted back in on every pass (see ops.cpu_memory)
+        if x.device.type == "cpu" and not torch.jit.is_scripting() and not torch.compiler.is_compiling():
+            keep_freed_cpu_memory()
+
     def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # channels-last maps: 1x1 convs become plain matmuls, and the LayerNorm2d permutes and the
         # map <-> token conversions of the mixing blocks become views instead of copies
@@ -168,6 +175,7 @@ class RWKVUNetEncoder(nn.Module):
         """Outputs of the stem (index 0) and stages I-IV (1-4); ``norm`` applies the final norm to the last."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        self._prepare_cpu(x)
         modules = [self.stem] + self.stages
         take_indices, max_index = feature_take_indices(len(modules), indices)
         if stop_early:
@@ -199,6 +207,7 @@ class RWKVUNetEncoder(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._prepare_cpu(x)
         x = self._run_stage(self.stem, x)
         for stage in self.stages:
             x = self._run_stage(stage, x)

@@ -80,9 +80,29 @@ class ConvNormAct(nn.Sequential):
         return (_is_frozen_bn(pre_norm) and c.kernel_size == (1, 1) and c.groups == 1
                 and c.padding == (0, 0) and c.stride == (1, 1))
 
+    def _folded(self, pre_norm: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`folded_weight_bias`, kept between calls while gradients are off.
+
+        The cache is keyed on the version counters and storages of every tensor folded in, so any change to
+        them (an optimizer step, ``load_state_dict``, ``.to()``, an in-place edit) recomputes it. With
+        gradients on, or while compiling, the fold is recomputed each call so it stays in the graph.
+        """
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.folded_weight_bias(pre_norm)
+        sources = [self.conv.weight, self.norm.weight, self.norm.bias, self.norm.running_mean, self.norm.running_var]
+        if pre_norm is not None:
+            sources += [pre_norm.weight, pre_norm.bias, pre_norm.running_mean, pre_norm.running_var]
+        key = (id(pre_norm), torch.get_default_dtype()) + tuple((t._version, t.data_ptr(), t.dtype, t.device)
+                                                               for t in sources)
+        cached = self.__dict__.get("_fold_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.folded_weight_bias(pre_norm))
+            self.__dict__["_fold_cache"] = cached
+        return cached[1]
+
     def forward(self, x: torch.Tensor, pre_norm: Optional[nn.Module] = None) -> torch.Tensor:
         if self.can_fold(pre_norm):
-            weight, bias = self.folded_weight_bias(pre_norm)
+            weight, bias = self._folded(pre_norm)
             c = self.conv
             return self.act(F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups))
         if pre_norm is not None:

@@ -1,0 +1,193 @@
+"""Building blocks against plain references: BatchNorm folding (and its cache), the token shift, and the CPU
+allocator setting."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rwkvunet.layers import ConvNormAct, q_shift
+
+
+def _randomise_bn(module: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+
+
+def _unfused(block: ConvNormAct, x: torch.Tensor, pre_norm=None) -> torch.Tensor:
+    """conv -> BN -> act as three float64 modules, nothing folded."""
+    x = x.double()
+    if pre_norm is not None:
+        x = F.batch_norm(x, pre_norm.running_mean.double(), pre_norm.running_var.double(),
+                         pre_norm.weight.double(), pre_norm.bias.double(), False, 0.0, pre_norm.eps)
+    c, n = block.conv, block.norm
+    y = F.conv2d(x, c.weight.double(), None, c.stride, c.padding, c.dilation, c.groups)
+    y = F.batch_norm(y, n.running_mean.double(), n.running_var.double(), n.weight.double(), n.bias.double(),
+                     False, 0.0, n.eps)
+    return block.act(y)
+
+
+@pytest.mark.parametrize("kernel_size,groups,with_pre_norm", [(1, 1, True), (5, 8, False), (1, 1, False)])
+def test_folded_conv_matches_unfused_float64(kernel_size, groups, with_pre_norm):
+    torch.manual_seed(0)
+    block = ConvNormAct(8, 8, kernel_size, groups=groups)
+    pre = nn.BatchNorm2d(8, eps=1e-6) if with_pre_norm else None
+    _randomise_bn(block)
+    if pre is not None:
+        _randomise_bn(pre, seed=1)
+        pre.eval()
+    block.eval()
+    assert block.can_fold(pre)
+    x = torch.randn(2, 8, 12, 10)
+    with torch.no_grad():
+        got = block(x, pre_norm=pre)
+    ref = _unfused(block, x, pre)
+    # float32 conv of O(1) values over at most 25 * 8 terms: a few ulps of the output scale
+    assert (got.double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
+
+
+def test_fold_cache_follows_every_change_to_the_folded_tensors():
+    torch.manual_seed(0)
+    block = ConvNormAct(6, 6, 1)
+    pre = nn.BatchNorm2d(6, eps=1e-6)
+    _randomise_bn(block)
+    _randomise_bn(pre, seed=3)
+    block.eval()
+    pre.eval()
+    x = torch.randn(1, 6, 5, 5)
+
+    def check():
+        with torch.no_grad():
+            got = block(x, pre_norm=pre)
+        ref = _unfused(block, x, pre)
+        assert (got.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+        return got
+
+    first = check()
+    with torch.no_grad():
+        same = block(x, pre_norm=pre)
+    assert torch.equal(first, same)  # served from the cache
+    with torch.no_grad():
+        block.norm.running_var.mul_(3.0)  # in-place edit of a buffer
+    assert not torch.allclose(check(), first)
+    with torch.no_grad():
+        pre.weight.add_(1.0)  # in-place edit of the pre-norm
+    second = check()
+    state = {k: v.clone() for k, v in block.state_dict().items()}
+    state["conv.weight"].neg_()
+    block.load_state_dict(state)  # load_state_dict copies into the parameters
+    third = check()
+    assert not torch.allclose(second, third)
+    block.double()  # a dtype change
+    with torch.no_grad():
+        assert block(x.double(), pre_norm=pre.double()).dtype == torch.float64
+    # without pre_norm the same module folds a different weight
+    with torch.no_grad():
+        plain = block(x.double())
+    ref = _unfused(block, x.double())
+    assert (plain - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+
+
+def test_eval_mode_fold_still_trains_the_conv_and_norm():
+    """With gradients on, the fold is recomputed in the graph: eval-mode fine-tuning reaches the weights."""
+    torch.manual_seed(0)
+    block = ConvNormAct(4, 4, 3)
+    _randomise_bn(block)
+    block.eval()
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        block(x)  # fills the cache
+    block(x).square().sum().backward()
+    assert block.conv.weight.grad is not None and block.conv.weight.grad.abs().sum() > 0
+    assert block.norm.weight.grad is not None and block.norm.weight.grad.abs().sum() > 0
+
+
+def _q_shift_reference(x: torch.Tensor, grid) -> torch.Tensor:
+    """The quad-directional shift written pixel by pixel."""
+    B, T, C = x.shape
+    H, W = grid
+    m = x.reshape(B, H, W, C)
+    out = torch.zeros_like(m)
+    c1, c2, c3 = int(C * 0.25), int(C * 0.5), int(C * 0.75)
+    for i in range(H):
+        for j in range(W):
+            if j >= 1:
+                out[:, i, j, :c1] = m[:, i, j - 1, :c1]
+            if j + 1 < W:
+                out[:, i, j, c1:c2] = m[:, i, j + 1, c1:c2]
+            if i >= 1:
+                out[:, i, j, c2:c3] = m[:, i - 1, j, c2:c3]
+            if i + 1 < H:
+                out[:, i, j, c3:] = m[:, i + 1, j, c3:]
+    return out.reshape(B, T, C)
+
+
+@pytest.mark.parametrize("grid,C", [((4, 5), 8), ((3, 7), 10), ((1, 6), 4), ((5, 1), 12)])
+def test_q_shift_matches_pixelwise_reference(grid, C):
+    x = torch.randn(2, grid[0] * grid[1], C, dtype=torch.float64)
+    assert torch.equal(q_shift(x, grid), _q_shift_reference(x, grid))
+
+
+# --- the CPU allocator setting ----------------------------------------------------------------------------
+def _run_python(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.pop("RWKVUNET_CPU_ALLOCATOR", None)
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=full_env, timeout=300)
+
+
+_FAULTS = """
+import resource, torch
+from rwkvunet.ops.cpu_memory import cpu_allocator_state
+import rwkvunet
+enc = rwkvunet.models.encoder.RWKVUNetEncoder(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), expansions=(1, 1, 1, 1),
+                                             num_classes=0).eval()
+before = cpu_allocator_state()
+with torch.no_grad():
+    enc(torch.randn(1, 3, 32, 32))
+    # 40 MiB blocks: above glibc's largest automatic mmap threshold (32 MiB), below the raised one
+    for _ in range(3):
+        torch.empty(10 << 20).fill_(1.0)
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.empty(10 << 20).fill_(1.0)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+print(before, cpu_allocator_state(), faults)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is Linux-only")
+def test_first_cpu_forward_keeps_freed_memory_for_reuse():
+    tuned = _run_python(_FAULTS)
+    assert tuned.returncode == 0, tuned.stderr
+    before, state, faults = tuned.stdout.split()
+    if state == "unsupported":  # a Linux without glibc (musl): nothing to tune, and nothing was changed
+        assert before == "untouched"
+        return
+    assert (before, state) == ("untouched", "tuned")
+    assert int(faults) < 1000  # 5 x 40 MiB reused: no fresh pages (10,240 faults per block otherwise)
+
+    system = _run_python(_FAULTS, RWKVUNET_CPU_ALLOCATOR="system")
+    assert system.returncode == 0, system.stderr
+    _, state, faults = system.stdout.split()
+    assert state == "system"
+    assert int(faults) >= 5 * 9000  # every block mapped afresh and faulted in page by page
+
+
+def test_unknown_allocator_setting_is_refused_with_the_choices():
+    bad = _run_python("""
+        from rwkvunet.ops.cpu_memory import keep_freed_cpu_memory
+        keep_freed_cpu_memory()
+    """, RWKVUNET_CPU_ALLOCATOR="jemalloc")
+    assert bad.returncode != 0
+    assert "RWKVUNET_CPU_ALLOCATOR='jemalloc'" in bad.stderr and "'system'" in bad.stderr

@@ -21,6 +21,9 @@ def test_bench_measures_inference_and_training_and_writes_json(tmp_path, capsys)
         assert r["ratio_to_reference"] == 1.0  # the only model is its own reference
     assert 2.5 < results[0]["params_m"] < 3.5  # RWKV-UNet-T
     assert data["environment"]["device"] == "cpu"
+    # malloc was set up before the first case and the setting is on record
+    from rwkvunet.ops.cpu_memory import cpu_allocator_state
+    assert data["environment"]["cpu_allocator"] == cpu_allocator_state() != "untouched"
     table = capsys.readouterr().out
     assert "| t " in table and "train" in table and "infer" in table
 

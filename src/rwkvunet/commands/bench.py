@@ -14,9 +14,12 @@ the ratio column divides each time by that of the reference model (smp's ``Unet(
 segmentation-models-pytorch is installed). CUDA times come from CUDA events after warm-up; all figures are
 medians over the timed steps.
 
-On a CPU that other programs share, start it with ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads then sleep
-instead of spinning while they wait for each other, which otherwise costs the models with many small
-operations far more than the others) and compare ``--threads 1`` as well.
+On the CPU, malloc is set up as the models themselves set it on their first CPU forward pass (freed
+activations are kept for reuse, see :mod:`rwkvunet.ops.cpu_memory`) before any case runs, so every model
+is timed under the same settings; ``RWKVUNET_CPU_ALLOCATOR=system`` measures glibc's defaults instead.
+On a CPU that other programs keep busy, ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads sleep instead of
+spinning between operations) spares the other programs; on a quiet machine it slows every model, the ones
+with many small operations most, so leave it unset for timings. The environment line records both.
 
     rwkvunet bench                                    # CPU: T/S/B and smp Unet(resnet34), one 3x256x256 image
     rwkvunet bench --device cuda --preset h100        # the GPU figures: B at 224 (batch 24) and 512 (batch 8)
@@ -40,6 +43,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+
+from ..ops.cpu_memory import cpu_allocator_state, keep_freed_cpu_memory
 
 RWKV_MODELS = ("t", "s", "b")
 SMP_MODEL = "smp_unet_r34"
@@ -434,6 +439,8 @@ def environment(device: str) -> dict:
         env["bi_wkv"] = "cuda kernel" if kernel_hub.cuda_bi_wkv() is not None else "pytorch (no kernel)"
     else:
         env["bi_wkv"] = "pytorch"
+        env["cpu_allocator"] = cpu_allocator_state()
+        env["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "default")
     try:
         env["load_average"] = os.getloadavg()
     except OSError:
@@ -544,6 +551,10 @@ def run(args) -> int:
                                           args.in_channels) for m in models]
                             if cases:
                                 plan.append((g, cases))
+    if device == "cpu":
+        # set before any case runs, so that every model (smp's too) is timed with the same malloc settings,
+        # whichever runs first; RWKVUNET_CPU_ALLOCATOR=system measures glibc's defaults instead
+        keep_freed_cpu_memory()
     env = environment(device)
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     total = sum(len(c) * (1 + g["repeats"]) for g, c in plan)

@@ -4,7 +4,7 @@ A CPU forward pass allocates and frees the same few-MiB activations again and ag
 blocks above its mmap threshold (128 KiB at first, raised by itself to at most 32 MiB) with fresh ``mmap``
 pages and trims the heap whenever more than twice that threshold lies free at its top, so the next pass
 takes a page fault for every 4 KiB page it touches again. On a 2-core machine those faults can cost a
-quarter of RWKV-UNet-T's inference time and more than half of a large Bi-WKV call's, and whether they
+fifth of RWKV-UNet-T's inference time and more than half of a large Bi-WKV call's, and whether they
 happen depends on what else the process allocated before: latency swings by 30% between otherwise equal
 runs. Raising both thresholds once makes the heap keep and reuse those pages, the way a caching allocator
 (PyTorch's on CUDA, jemalloc, tcmalloc) does.

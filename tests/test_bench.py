@@ -33,3 +33,33 @@ def test_bench_refuses_unknown_model_and_precision(capsys):
     assert "unknown model" in capsys.readouterr().err
     assert bench.main(["--device", "cpu", "--models", "t", "--precisions", "fp8"]) == 2
     assert "unknown precision" in capsys.readouterr().err
+
+
+def test_categories_of_operators():
+    from rwkvunet.commands.profiling import categorise
+
+    assert categorise("aten::mm") == "matmul/conv"
+    assert categorise("aten::mkldnn_convolution") == "matmul/conv"
+    assert categorise("aten::convolution_backward") == "matmul/conv"
+    assert categorise("aten::cumsum_") == "bi-wkv scan"
+    assert categorise("bi_wkv::forward") == "bi-wkv scan"
+    assert categorise("aten::native_layer_norm") == "normalisation"
+    assert categorise("aten::copy_") == "data movement"
+    assert categorise("aten::upsample_bilinear2d") == "data movement"
+    assert categorise("aten::_foreach_mul_") == "optimizer"
+    assert categorise("aten::sigmoid") == "elementwise and other"
+
+
+def test_bench_profile_writes_operator_tables_and_shares(tmp_path, capsys):
+    folder = tmp_path / "profile"
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--device", "cpu", "--models", "t", "--sizes", "32", "--batch-sizes", "1", "--tasks", "infer",
+                     "--repeats", "1", "--steps", "1", "--warmup", "0", "--cpu-memory", "in-process",
+                     "--profile", str(folder), "--json", str(out)])
+    assert rc == 0
+    shares = json.loads(out.read_text())["results"][0]["profile_shares"]
+    assert abs(sum(shares.values()) - 1) < 1e-3
+    assert shares["matmul/conv"] > 0 and shares["bi-wkv scan"] > 0  # T runs both
+    text = (folder / "t_32px_b1_fp32_eager_infer.txt").read_text()
+    assert "share of operator time: " in text and "aten::" in text
+    assert "where the time goes, t infer: " in capsys.readouterr().out

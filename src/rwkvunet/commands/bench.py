@@ -91,6 +91,10 @@ class Case:
     in_channels: int
 
 
+    def label(self) -> str:
+        return f"{self.model}_{self.size}px_b{self.batch}_{self.precision}_{self.compile.replace(':', '-')}_{self.task}"
+
+
 @dataclass
 class Result:
     model: str
@@ -111,6 +115,7 @@ class Result:
     reference: Optional[str] = None
     error: Optional[str] = None
     samples_ms: List[float] = field(default_factory=list)
+    profile_shares: Optional[Dict[str, float]] = None  # with --profile: share of operator time per kind of work
 
 
 # --- models ---------------------------------------------------------------------------------------------
@@ -314,8 +319,20 @@ def _memory_peak(device: torch.device, cpu_mem: Optional[CpuPeakMemory], since: 
     return cpu_mem.peak() if cpu_mem is not None else float("nan")
 
 
+def profile_case(case: Case, runner: "Runner", folder: str) -> Dict[str, float]:
+    """Profile three more steps of a timed case; writes ``folder/<case>.txt`` and returns the category shares."""
+    from .profiling import format_shares, profile_steps, rows_for_file
+
+    table, shares = profile_steps(runner.step, 3, torch.device(case.device))
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, case.label() + ".txt")
+    with open(path, "w") as f:
+        f.write("\n".join(rows_for_file(case.label(), shares, table)) + "\n")
+    return shares
+
+
 def run_group(cases: List[Case], repeats: int, steps: int, warmup: int, progress,
-              cpu_memory: str = "subprocess") -> List[Result]:
+              cpu_memory: str = "subprocess", profile_dir: Optional[str] = None) -> List[Result]:
     """Time the cases of one group. On the CPU they stay built and take turns (``repeats`` rounds of
     ``steps`` steps each); on CUDA each is built, measured and freed in turn (the device is not shared)."""
     results: List[Result] = []
@@ -324,6 +341,11 @@ def run_group(cases: List[Case], repeats: int, steps: int, warmup: int, progress
     cpu_mem = CpuPeakMemory() if device.type == "cpu" else None
     runners: Dict[int, Runner] = {}
     errors: Dict[int, str] = {}
+    shares: Dict[int, Dict[str, float]] = {}
+
+    def profile(i: int, r: Runner) -> None:
+        if profile_dir:
+            shares[i] = profile_case(cases[i], r, profile_dir)
 
     bases: Dict[int, float] = {}
 
@@ -356,6 +378,8 @@ def run_group(cases: List[Case], repeats: int, steps: int, warmup: int, progress
             for i, r in runners.items():
                 r.timed_steps(steps)
                 progress.update(1)
+        for i, r in runners.items():
+            profile(i, r)
     else:
         for i in range(len(cases)):
             r = build(i)
@@ -366,6 +390,7 @@ def run_group(cases: List[Case], repeats: int, steps: int, warmup: int, progress
                         r.timed_steps(steps)
                         progress.update(1)
                     r.peak_bytes = max(r.peak_bytes, _memory_peak(device, cpu_mem, base_of(i)))
+                    profile(i, r)
                     runners[i] = r
                 except Exception as err:  # e.g. out of memory: report it and go on
                     errors[i] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
@@ -394,7 +419,7 @@ def run_group(cases: List[Case], repeats: int, steps: int, warmup: int, progress
             case.model, case.size, case.batch, case.precision, case.compile, case.task, case.device,
             round(r.params_m, 2), med, case.batch / (med / 1e3), min(r.samples), max(r.samples), len(r.samples),
             r.peak_bytes / 2 ** 20 if r.peak_bytes == r.peak_bytes else None,
-            samples_ms=[round(s, 3) for s in r.samples]))
+            samples_ms=[round(s, 3) for s in r.samples], profile_shares=shares.get(i)))
         r.release()
     ref = next((res for res in results if res.model == SMP_MODEL and res.error is None), None)
     if ref is None:
@@ -477,6 +502,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-memory", choices=("subprocess", "in-process"), default="subprocess",
                         help="CPU peak memory: measured per case in a fresh process (default; exact, costs a "
                         "process start per case) or from this process's peak RSS (approximate)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="after timing, profile 3 more steps of each case with torch.profiler: the share of "
+                             "operator time per kind of work (matmul/conv, normalisation, copies, Bi-WKV scans, "
+                             "...) goes into the table and JSON, the top operators into DIR/<case>.txt")
     parser.add_argument("--json", default=None, help="write every result (with all step times) to this file")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
 
@@ -561,9 +590,16 @@ def run(args) -> int:
     results: List[Result] = []
     with tqdm(total=total, desc="bench", unit="round", file=sys.stderr) as progress:
         for g, cases in plan:
-            group = run_group(cases, g["repeats"], g["steps"], g["warmup"], progress, args.cpu_memory)
+            group = run_group(cases, g["repeats"], g["steps"], g["warmup"], progress, args.cpu_memory,
+                              args.profile)
             results.extend(group)
             tqdm.write(format_table(group), file=sys.stdout)
+            for res in group:
+                if res.profile_shares:
+                    from .profiling import format_shares
+
+                    tqdm.write(f"where the time goes, {res.model} {res.task}: {format_shares(res.profile_shares)}",
+                               file=sys.stdout)
             if args.json:  # written after every group, so an interrupted run keeps what it measured
                 _write_json(args.json, env, results)
     print("\n" + format_table(results), flush=True)

@@ -14,12 +14,9 @@ import torch
 
 __all__ = ["CATEGORIES", "categorise", "profile_steps"]
 
-# (category, operator name fragments), first match wins; names are aten's without the "aten::" prefix
+# (category, operator name fragments), first match wins (upsample_bilinear2d is data movement, not linear)
 CATEGORIES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("bi-wkv scan", ("wkv", "cumsum")),
-    ("matmul/conv", ("mm", "matmul", "linear", "conv", "addmm", "baddbmm", "_scaled_dot_product")),
-    ("normalisation", ("layer_norm", "batch_norm", "group_norm")),
-    ("optimizer", ("_foreach", "adam", "_fused_adam")),
     ("data movement", ("copy", "cat", "flip", "clone", "contiguous", "_to_copy", "upsample", "pad", "index",
                        "fill", "zero", "stack", "roll", "gather", "scatter")),
 )
@@ -65,6 +62,9 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device) ->
 
 def format_shares(shares: Dict[str, float]) -> str:
     return ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items())
+    ("matmul/conv", ("mm", "matmul", "linear", "conv", "addmm", "baddbmm", "_scaled_dot_product")),
+    ("normalisation", ("layer_norm", "batch_norm", "group_norm")),
+    ("optimizer", ("_foreach", "adam", "_fused_adam")),
 
 
 def rows_for_file(title: str, shares: Dict[str, float], table: str) -> List[str]:

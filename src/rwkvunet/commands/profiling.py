@@ -19,6 +19,9 @@ CATEGORIES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("bi-wkv scan", ("wkv", "cumsum")),
     ("data movement", ("copy", "cat", "flip", "clone", "contiguous", "_to_copy", "upsample", "pad", "index",
                        "fill", "zero", "stack", "roll", "gather", "scatter")),
+    ("matmul/conv", ("mm", "matmul", "linear", "conv", "addmm", "baddbmm", "_scaled_dot_product")),
+    ("normalisation", ("layer_norm", "batch_norm", "group_norm")),
+    ("optimizer", ("_foreach", "adam", "_fused_adam")),
 )
 OTHER = "elementwise and other"
 

@@ -3,7 +3,8 @@
 #   RWKV-UNet-B at 224x224, batch 24, bf16 autocast: training and inference images/s, training peak memory;
 #   RWKV-UNet-B at 512x512, batch 8: training images/s; T/S/B at 256 batch 8; fp32 and torch.compile runs;
 #   smp Unet(resnet34) in the same run when segmentation-models-pytorch is installed.
-# Results: a table on stdout (one per group as it finishes) and $OUT/bench_h100.json (OUT defaults to ".").
+# Results: a table on stdout (one per group as it finishes), $OUT/bench_h100.json and the operator profile of
+# every case in $OUT/profile_h100/ (OUT defaults to ".").
 # The Bi-WKV CUDA kernel is used when it can be loaded (RWKVUNET_BI_WKV=auto, a local build folder, or torch).
 # Wheels in .whl/ (for a machine without network: transformers, timm, segmentation-models-pytorch, ...) are
 # installed into /tmp/site first; make them on a machine with network (versions of this environment), e.g.
@@ -26,4 +27,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 python3 -c "import torch, timm, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 torch.cuda.get_device_name(), 'timm', timm.__version__, 'transformers', transformers.__version__)"
 python3 training/gpu_sync_check.py || true
-python3 -m rwkvunet.commands.bench --device cuda --preset h100 --json "$OUT/bench_h100.json" "$@"
+python3 -m rwkvunet.commands.bench --device cuda --preset h100 --json "$OUT/bench_h100.json" \
+    --profile "$OUT/profile_h100" "$@"

@@ -97,6 +97,21 @@ def test_fold_cache_follows_every_change_to_the_folded_tensors():
     assert (plain - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
 
 
+def test_fold_cache_is_not_pickled_or_copied():
+    import copy
+    import io
+    import pickle
+
+    block = ConvNormAct(4, 4, 1).eval()
+    with torch.no_grad():
+        block(torch.randn(1, 4, 3, 3))
+    assert "_fold_cache" in block.__dict__
+    assert "_fold_cache" not in copy.deepcopy(block).__dict__
+    buffer = io.BytesIO()
+    pickle.dump(block, buffer)
+    assert "_fold_cache" not in pickle.loads(buffer.getvalue()).__dict__
+
+
 def test_eval_mode_fold_still_trains_the_conv_and_norm():
     """With gradients on, the fold is recomputed in the graph: eval-mode fine-tuning reaches the weights."""
     torch.manual_seed(0)

@@ -100,6 +100,12 @@ class ConvNormAct(nn.Sequential):
             self.__dict__["_fold_cache"] = cached
         return cached[1]
 
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state.pop("_fold_cache", None)  # derived from the weights: never pickled or deep-copied
+        return state
+
     def forward(self, x: torch.Tensor, pre_norm: Optional[nn.Module] = None) -> torch.Tensor:
         if self.can_fold(pre_norm):
             weight, bias = self._folded(pre_norm)

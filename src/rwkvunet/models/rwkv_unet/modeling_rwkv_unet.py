@@ -285,7 +285,9 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, config: RWKVUN
     else:
         ce = F.cross_entropy(logits, labels.long(), ignore_index=ignore)
         safe = torch.where(labels == ignore, torch.zeros_like(labels), labels).long()
-        target = F.one_hot(safe, config.num_labels).permute(0, 3, 1, 2).to(logits.dtype)
+        # one-hot by comparison: F.one_hot checks the label range by reading it on the host (a sync)
+        classes = torch.arange(config.num_labels, device=labels.device).view(1, -1, 1, 1)
+        target = (safe.unsqueeze(1) == classes).to(logits.dtype)
         dice = _soft_dice_loss(logits.softmax(dim=1), target, valid)
     return config.ce_weight * ce + config.dice_weight * dice
 

@@ -107,7 +107,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    from rwkvunet.ops.cpu_memory import keep_freed_cpu_memory
+
+    # the malloc setting the models apply on their first CPU pass, so the op is timed as they run it
+    malloc = keep_freed_cpu_memory()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, malloc: {malloc}")
     wkv = bench_bi_wkv(args.channels, args.repeats, args.lengths)
     print(f"\nBi-WKV (PyTorch path of rwkvunet.bi_wkv), B=1, C={args.channels}, float32")
     print(f"{'T':>6} {'fwd ms':>9} {'ratio':>6} {'fwd+bwd ms':>11} {'ratio':>6} {'fwd MiB':>8} {'fwd+bwd MiB':>12}")

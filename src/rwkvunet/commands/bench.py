@@ -60,6 +60,13 @@ PRESETS: Dict[str, List[dict]] = {
         dict(models="t,smp", sizes="256", batch_sizes="1", precisions="fp32", compile="eager",
              tasks="train", repeats=3, steps=2, warmup=2),
     ],
+    # only the GPU targets (B at 224 batch 24 bf16 beside smp, B at 512 batch 8 bf16): a few minutes
+    "h100-targets": [
+        dict(models="b,smp", sizes="224", batch_sizes="24", precisions="bf16", compile="eager",
+             tasks="train,infer", repeats=1, steps=30, warmup=10),
+        dict(models="b", sizes="512", batch_sizes="8", precisions="bf16", compile="eager",
+             tasks="train,infer", repeats=1, steps=20, warmup=5),
+    ],
     # the GPU figures of the authors' table (shared anchors): B at 224 batch 24 and 512 batch 8, bf16 autocast
     "h100": [
         dict(models="b,smp", sizes="224", batch_sizes="24", precisions="bf16", compile="eager",
@@ -481,7 +488,7 @@ def _csv(value: str) -> List[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a prepared set of groups (overrides the "
                         "model/size/batch/precision/compile/task options): 'cpu' is the CPU target, 'h100' "
-                        "the GPU figures")
+                        "the GPU figures, 'h100-targets' only the GPU targets")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--models", default="t,s,b,smp",
                         help="comma list of t, s, b and smp (smp Unet(resnet34), when installed); default %(default)s")

@@ -194,9 +194,20 @@ def test_first_cpu_forward_keeps_freed_memory_for_reuse():
 
     system = _run_python(_FAULTS, RWKVUNET_CPU_ALLOCATOR="system")
     assert system.returncode == 0, system.stderr
-    _, state, faults = system.stdout.split()
+    _, state, system_faults = system.stdout.split()
     assert state == "system"
-    assert int(faults) >= 5 * 9000  # every block mapped afresh and faulted in page by page
+    if _transparent_huge_pages() == "always":  # fresh mappings may come as 2 MiB pages: fewer, larger faults
+        assert int(system_faults) > int(faults)
+    else:
+        assert int(system_faults) >= 5 * 9000  # every block mapped afresh and faulted in page by page
+
+
+def _transparent_huge_pages() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "unknown"
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else "unknown"
 
 
 def test_unknown_allocator_setting_is_refused_with_the_choices():

@@ -152,7 +152,9 @@ def main(argv=None) -> int:
     num_labels = args.num_labels or infer_num_labels(data["train"], layout)
     in_channels = args.in_channels or infer_in_channels(data["train"])
     names = class_names(layout, num_labels)
-    model = build_model(args, num_labels, in_channels, names)
+    # weights in the layout their gradients come in (the maps run channels-last), so DDP's gradient buckets
+    # match them and need no strided copies
+    model = build_model(args, num_labels, in_channels, names).to(memory_format=torch.channels_last)
     processor = build_image_processor(args.img_size, in_channels)
     logger.info("%d process(es) on %s", accelerator.num_processes, accelerator.device)
     logger.info("%s: %d train rows, splits %s; %d labels, %d channels; %.2f M parameters", args.dataset,

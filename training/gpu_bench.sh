@@ -18,15 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-.}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-python3 -c "import rwkvunet" 2>/dev/null || export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-python3 -c "import torch, timm, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-torch.cuda.get_device_name(), 'timm', timm.__version__, 'transformers', transformers.__version__)"
+source training/gpu_env.sh
 python3 training/gpu_sync_check.py || true
 python3 -m rwkvunet.commands.bench --device cuda --preset h100 --json "$OUT/bench_h100.json" \
     --profile /tmp/profile_h100 "$@"

@@ -7,21 +7,14 @@
 #   4. the kernel's parity, determinism and timings (validate_gpu.py, sanitizer skipped for time).
 # Each step has its own time limit and a failed step does not stop the next ones. Results go to $OUT (default
 # ./gpu_session): session.log (everything printed), bench.json, profiles.tgz, validate.log; at most 8 files.
-# Wheels in .whl/ are installed first, as in training/gpu_bench.sh (see there how to make them).
+# Wheels in .whl/ are installed first (training/gpu_env.sh; gpu_bench.sh says how to make them).
 #   OUT=$OUT bash training/gpu_session.sh        (BI_WKV_ARCH=9.0 builds for a named arch instead of this GPU's)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_session}"
 mkdir -p "$OUT"
 exec > >(tee "$OUT/session.log") 2>&1
-export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-python3 -c "import rwkvunet" 2>/dev/null || export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+source training/gpu_env.sh
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, report how it ended
     local name=$1 limit=$2; shift 2

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.cpu_memory import cpu_allocator_state, keep_freed_cpu_memory
+from .profiling import format_shares, profile_steps, rows_for_file
 
 RWKV_MODELS = ("t", "s", "b")
 SMP_MODEL = "smp_unet_r34"
@@ -96,7 +97,6 @@ class Case:
     device: str
     num_labels: int
     in_channels: int
-
 
     def label(self) -> str:
         return f"{self.model}_{self.size}px_b{self.batch}_{self.precision}_{self.compile.replace(':', '-')}_{self.task}"
@@ -328,8 +328,6 @@ def _memory_peak(device: torch.device, cpu_mem: Optional[CpuPeakMemory], since: 
 
 def profile_case(case: Case, runner: "Runner", folder: str) -> Dict[str, float]:
     """Profile three more steps of a timed case; writes ``folder/<case>.txt`` and returns the category shares."""
-    from .profiling import format_shares, profile_steps, rows_for_file
-
     table, shares = profile_steps(runner.step, 3, torch.device(case.device))
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, case.label() + ".txt")
@@ -603,8 +601,6 @@ def run(args) -> int:
             tqdm.write(format_table(group), file=sys.stdout)
             for res in group:
                 if res.profile_shares:
-                    from .profiling import format_shares
-
                     tqdm.write(f"where the time goes, {res.model} {res.task}: {format_shares(res.profile_shares)}",
                                file=sys.stdout)
             if args.json:  # written after every group, so an interrupted run keeps what it measured

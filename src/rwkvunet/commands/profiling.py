@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-__all__ = ["CATEGORIES", "categorise", "profile_steps"]
+__all__ = ["CATEGORIES", "categorise", "profile_steps", "format_shares", "rows_for_file"]
 
 # (category, operator name fragments), first match wins (upsample_bilinear2d is data movement, not linear)
 CATEGORIES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
@@ -55,7 +55,8 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device) ->
     for e in events:
         if not e.key.startswith("aten::") and not (cuda and "wkv" in e.key.lower()):
             continue  # Python frames, annotations and launch calls: their operators are counted themselves
-        totals[categorise(e.key)] = totals.get(categorise(e.key), 0.0) + time_of(e)
+        category = categorise(e.key)
+        totals[category] = totals.get(category, 0.0) + time_of(e)
     total = sum(totals.values()) or 1.0
     shares = {k: round(v / total, 4) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"

@@ -1,9 +1,15 @@
-"""The ``rwkvunet`` command. Each subcommand lives in ``rwkvunet.commands.<name>`` and is imported only when used."""
+"""The ``rwkvunet`` command. Each subcommand lives in ``rwkvunet.commands.<name>`` and is imported only when used.
+
+Errors follow :mod:`rwkvunet.errors`: one line ``rwkvunet <command>: error: ...`` and exit status 2 for a mistake
+the user can fix, 1 when only some inputs failed, 3 for a bug; ``--debug`` shows the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from .errors import run_main
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -27,10 +33,13 @@ def main(argv=None) -> int:
     if name not in COMMANDS:
         parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
     module = importlib.import_module(COMMANDS[name][0])
-    sub_parser = argparse.ArgumentParser(prog=f"rwkvunet {name}", description=COMMANDS[name][1])
+    prog = f"rwkvunet {name}"
+    sub_parser = argparse.ArgumentParser(prog=prog, description=COMMANDS[name][1])
     module.add_arguments(sub_parser)
+    sub_parser.add_argument("--debug", action="store_true",
+                            help="show the full traceback of an error (also RWKVUNET_DEBUG=1)")
     args = sub_parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    return run_main(prog, lambda: module.run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import UserError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")
 
@@ -27,7 +29,7 @@ PALETTE = np.array([
 ], dtype=np.uint8)
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """A file that cannot be segmented as it is; the message names the file and the fix."""
 
 

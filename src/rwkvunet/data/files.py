@@ -12,6 +12,8 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import UserError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
 
 #: Grey levels at or above this value are foreground in a binary mask stored as 0-255 (anti-aliased edges
@@ -19,7 +21,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
 BINARY_THRESHOLD = 128
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data file that cannot be used as it is; the message names the file and the fix."""
 
 

@@ -1,0 +1,102 @@
+"""One convention for every command's errors: one line naming the problem and the fix, a documented exit status.
+
+Every entry point (``rwkvunet <command>``, ``training/finetune.py``, ``training/evaluate.py``, ...) runs its body
+through :func:`run_main`, so the user sees
+
+    rwkvunet predict: error: --out runs/x is a file; give a folder (it is created if missing)
+
+on stderr, and a traceback only with ``--debug`` (or ``RWKVUNET_DEBUG=1``) or for a real bug.
+
+Exit status, for all commands:
+
+- ``0`` done;
+- ``1`` partly done: some inputs failed, the others were written (``predict``);
+- ``2`` nothing done: bad arguments, paths, files, model or data (argparse's usage errors are 2 as well);
+- ``3`` an unexpected internal error (a bug: the traceback is printed, please report it);
+- ``130`` interrupted (Ctrl-C).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Callable
+
+EXIT_OK = 0
+EXIT_PARTIAL = 1
+EXIT_NOTHING_DONE = 2
+EXIT_BUG = 3
+EXIT_INTERRUPTED = 130
+
+
+class UserError(ValueError):
+    """A mistake in arguments, paths, files or data that the user can fix; the message names the problem and
+    the fix. Commands print it as one line and exit with status 2."""
+
+
+def debug_enabled(argv_debug: bool = False) -> bool:
+    return bool(argv_debug) or os.environ.get("RWKVUNET_DEBUG", "").lower() in ("1", "true", "yes")
+
+
+def print_error(prog: str, message: str) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+
+
+def fail(prog: str, message: str, status: int = EXIT_NOTHING_DONE) -> int:
+    """Print ``prog: error: message`` and return ``status`` (for ``return fail(...)`` in a command)."""
+    print_error(prog, message)
+    return status
+
+
+def describe(err: BaseException) -> str | None:
+    """The one-line message for an error a user can fix, or None for a bug."""
+    if isinstance(err, UserError):
+        return str(err)
+    if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+                        FileExistsError)):
+        what = {FileNotFoundError: "no such file or folder", NotADirectoryError: "not a folder",
+                IsADirectoryError: "is a folder, not a file", PermissionError: "permission denied",
+                FileExistsError: "already exists"}
+        kind = next((text for cls, text in what.items() if isinstance(err, cls)), err.strerror)
+        name = err.filename if err.filename is not None else ""
+        if err.args and isinstance(err.args[0], str) and err.filename is None:
+            return err.args[0]  # raised with a message of our own
+        return f"{name}: {kind}; check the path" if name else f"{kind}: {err}"
+    try:
+        import torch
+
+        if isinstance(err, torch.cuda.OutOfMemoryError):
+            return ("out of device memory; use a smaller --batch-size, --tile 512 (predict), "
+                    "--mixed-precision bf16 (training) or --device cpu")
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return None
+
+
+def run_main(prog: str, body: Callable[[], int], debug: bool = False) -> int:
+    """Run a command's body and turn user mistakes into one-line errors (status 2), Ctrl-C into status 130 and
+    anything else into a traceback plus a request to report it (status 3); ``debug`` re-raises everything."""
+    debug = debug_enabled(debug)
+    try:
+        return int(body() or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit:
+        raise
+    except BaseException as err:  # noqa: BLE001 - the one place that decides how errors are shown
+        if debug:
+            raise
+        message = describe(err)
+        if message is not None:
+            return fail(prog, message)
+        traceback.print_exc()
+        print_error(prog, f"unexpected {type(err).__name__}: this is a bug in rwkvunet; please report it with the "
+                          "traceback above and the command you ran")
+        return EXIT_BUG
+
+
+__all__ = ["EXIT_BUG", "EXIT_INTERRUPTED", "EXIT_NOTHING_DONE", "EXIT_OK", "EXIT_PARTIAL", "UserError",
+           "debug_enabled", "describe", "fail", "print_error", "run_main"]

@@ -1,4 +1,13 @@
-"""Hugging Face Hub names used by the project (one place to change the organisation)."""
+"""Hugging Face Hub names used by the project (one place to change the organisation), and loading models and
+weights files from folders or the Hub with a one-line message for every file a user can get wrong."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from .errors import UserError
+
 HUB_ORG = "rwkv-unet"
 KERNEL_REPO_ID = f"{HUB_ORG}/bi-wkv"
 KERNEL_VERSION = 1
@@ -7,3 +16,229 @@ KERNEL_VERSION = 1
 def encoder_repo_id(variant: str) -> str:
     """Hub repo of an ImageNet-pretrained encoder, e.g. ``rwkv-unet/rwkvunet_enc_b.in1k``."""
     return f"{HUB_ORG}/rwkvunet_enc_{variant}.in1k"
+
+
+# --- loading weights and models, with a message for every file a user can get wrong ------------------------
+#: The weights files ``save_pretrained`` writes (single file or sharded), in the order transformers prefers.
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+#: from_pretrained arguments that say where to find files (the others configure the model).
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token",
+               "trust_remote_code")
+_REDOWNLOAD = "download, copy or convert it again"
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an error, for one-line messages (or its type when it has no text)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    if len(text) < 20:  # e.g. KeyError('101'): the type says more than the text
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give the weights file itself")
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; check the path")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty (0 bytes): the download or copy did not finish; {_REDOWNLOAD}")
+
+
+def check_safetensors(path) -> None:
+    """Raise :class:`UserError` naming ``path`` when it is not a complete safetensors file (reads the header
+    only, so it is cheap on large files)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    _check_file(path)
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{path} is not a complete safetensors file ({_first_line(err)}): it is truncated or "
+                        f"damaged; {_REDOWNLOAD}") from err
+
+
+def _unpickler_detail(err: BaseException) -> str:
+    """The line of a weights_only failure that names the offending global."""
+    for line in str(err).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
+    return _first_line(err)
+
+
+def load_weights_file(path):
+    """The contents of one weights file: a dict of tensors from ``.safetensors``, or what a torch file holds,
+    read with ``torch.load(weights_only=True)`` so a pickle cannot run code. An empty, truncated or damaged
+    file, or a pickle holding more than tensors and containers, raises :class:`UserError` naming the file."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if path.name.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        check_safetensors(path)
+        return load_file(str(path))
+    _check_file(path)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only load failed" in str(err).lower():
+            raise UserError(f"{path} holds pickled objects other than tensors ({_unpickler_detail(err)}), so it "
+                            "cannot be read with torch.load(weights_only=True); load it where you trust it and "
+                            "re-save only its state_dict (torch.save(model.state_dict(), ...)) or as .safetensors"
+                            ) from err
+        raise _damaged(path, err) from err
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, IndexError, TypeError) as err:
+        raise _damaged(path, err) from err
+
+
+def _damaged(path: Path, err: BaseException) -> UserError:
+    return UserError(f"{path} is not a readable PyTorch weights file ({_first_line(err)}): it is truncated or "
+                     f"damaged; {_REDOWNLOAD}")
+
+
+# --- segmentation models ------------------------------------------------------------------------------------
+def _looks_like_path(source: str) -> bool:
+    """True for names that cannot be a Hub id ('org/name' or 'name')."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
+
+
+def _check_local_folder(source: str) -> None:
+    folder = Path(source)
+    if folder.is_file():
+        raise UserError(f"{source} is a file; give the model folder that holds it (written by save_pretrained "
+                        "or rwkvunet convert) or a Hub id")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{source} has no config.json; give a folder written by save_pretrained (or rwkvunet "
+                        "convert) or a Hub id")
+    if not any((folder / name).is_file() for name in WEIGHTS_FILES):
+        raise UserError(f"{source} has a config.json but no weights ({' or '.join(WEIGHTS_FILES[::2])}); copy "
+                        "the weights file saved with it into the folder, or save the model again")
+    if (folder / "model.safetensors").is_file():
+        check_safetensors(folder / "model.safetensors")
+
+
+def _read_config(source: str, hub_kwargs: dict) -> dict:
+    """The model's config.json as a dict (from the folder, or the Hub or its cache)."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(source, **hub_kwargs)
+    except (OSError, ValueError) as err:
+        if os.path.isdir(source):
+            raise UserError(f"cannot read {os.path.join(source, 'config.json')} ({_first_line(err)}); save the "
+                            "model again with save_pretrained") from err
+        raise UserError(f"{source} is no local folder and cannot be loaded as a Hub id ({_first_line(err)}); "
+                        "check the path or the id, and the network (or HF_HUB_OFFLINE and the cache)") from err
+    return config
+
+
+def _check_model_type(source: str, config: dict) -> None:
+    from .models.rwkv_unet import RWKVUNetConfig
+
+    found = config.get("model_type")
+    if found != RWKVUNetConfig.model_type:
+        raise UserError(f"{source} holds a {found or 'untyped'!r} model, not RWKV-UNet (model_type "
+                        f"{RWKVUNetConfig.model_type!r}); give an RWKV-UNet model folder or Hub id (rwkvunet "
+                        "convert turns the authors' checkpoints into one)")
+
+
+def _weights_paths(source: str, hub_kwargs: dict) -> list:
+    """The single-file weights of a folder or of a Hub id's cached snapshot that exist here."""
+    if os.path.isdir(source):
+        return [Path(source) / name for name in WEIGHTS_FILES[::2] if (Path(source) / name).is_file()]
+    from huggingface_hub import try_to_load_from_cache
+
+    found = []
+    for name in WEIGHTS_FILES[::2]:
+        path = try_to_load_from_cache(source, name, cache_dir=hub_kwargs.get("cache_dir"),
+                                      revision=hub_kwargs.get("revision"))
+        if isinstance(path, str) and os.path.isfile(path):
+            found.append(Path(path))
+    return found
+
+
+def _diagnose_weights(source: str, hub_kwargs: dict, err: BaseException) -> UserError:
+    """A message naming the weights file that made from_pretrained fail, or the failure itself."""
+    for path in _weights_paths(source, hub_kwargs):
+        try:
+            load_weights_file(path)
+        except UserError as found:
+            return found
+    return UserError(f"cannot load a segmentation model from {source} ({_first_line(err)}); save the model "
+                     "again with save_pretrained, or check the Hub id")
+
+
+def _example(keys, limit: int = 3) -> str:
+    keys = [k if isinstance(k, str) else k[0] for k in keys]
+    return ", ".join(sorted(keys)[:limit]) + (", ..." if len(keys) > limit else "")
+
+
+def _check_loading_info(source: str, info: dict, resizing: bool) -> None:
+    """Refuse weights that leave part of the model at random values or do not fit its config."""
+    fix = "use the config.json saved with these weights (or the weights saved with this config.json)"
+    mismatched = [] if resizing else sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])
+    if mismatched:
+        key, got, want = mismatched[0]
+        raise UserError(f"the weights in {source} do not fit its config.json: {len(mismatched)} tensor(s) differ "
+                        f"in shape (e.g. {key}: {tuple(got)} in the weights, {tuple(want)} in the model); {fix}")
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise UserError(f"the weights in {source} lack {len(missing)} of the model's tensors "
+                        f"({_example(missing)}), which would keep random values; {fix}")
+    unexpected = list(info.get("unexpected_keys") or [])
+    if unexpected:
+        raise UserError(f"the weights in {source} hold {len(unexpected)} tensor(s) the model does not have "
+                        f"({_example(unexpected)}); {fix}")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Hide transformers' loading report and progress bar: problems are raised here as one-line errors."""
+    from transformers.utils import logging
+
+    verbosity, bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bar:
+            logging.enable_progress_bar()
+
+
+def load_segmentation_model(name_or_path, **from_pretrained_kwargs):
+    """``AutoModelForSemanticSegmentation.from_pretrained`` for an RWKV-UNet folder (``save_pretrained``) or
+    Hub id, where every problem a user can fix (missing path, no config.json, another model type, no weights,
+    an empty or truncated weights file, weights that do not fit the config) is a one-line :class:`UserError`.
+
+    With ``ignore_mismatched_sizes=True`` (a new head), tensors of other shapes are re-initialised as usual."""
+    import pickle
+
+    import rwkvunet  # noqa: F401  (registers the Auto classes)
+    from safetensors import SafetensorError
+    from transformers import AutoModelForSemanticSegmentation
+
+    source = os.path.expanduser(str(name_or_path))
+    hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in _HUB_KWARGS}
+    if os.path.exists(source):
+        _check_local_folder(source)
+    elif _looks_like_path(source):
+        raise UserError(f"{source} does not exist (and is not a Hub id of the form 'org/name'); check the path")
+    _check_model_type(source, _read_config(source, hub_kwargs))
+    resizing = bool(from_pretrained_kwargs.get("ignore_mismatched_sizes"))
+    # shape mismatches are reported by _check_loading_info, with the shapes, instead of a RuntimeError
+    kwargs = dict(from_pretrained_kwargs, output_loading_info=True, ignore_mismatched_sizes=True)
+    try:
+        with _quiet_transformers():
+            model, info = AutoModelForSemanticSegmentation.from_pretrained(source, **kwargs)
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError, KeyError) as err:
+        raise _diagnose_weights(source, hub_kwargs, err) from err
+    _check_loading_info(source, info, resizing)
+    return model

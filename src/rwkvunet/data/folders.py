@@ -4,7 +4,8 @@ Every layout is read the same way: a file is a mask when it lies under a mask fo
 ``Ground Truth``, ``..._GroundTruth``...) or its name ends in a mask suffix (``_mask``, ``_mask_1``,
 ``_segmentation``, ``_anno``); every other image file is an image. A mask belongs to the image whose file
 stem equals the mask's stem without that suffix, so several masks of one image (BUSI) are joined. Images are
-stored by path and decoded only when read; masks are read, checked and stored as PNG label maps.
+stored by path and decoded only when read; masks are read, checked and stored as PNG label maps, all with the
+one :class:`~rwkvunet.data.files.MaskCoding` decided from every mask of the set (:func:`mask_coding`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from .files import IMAGE_EXTENSIONS, DataError, image_size, is_image_file, read_mask
+from .files import IMAGE_EXTENSIONS, DataError, MaskCoding, decide_mask_coding, image_size, is_image_file, read_mask
 
 MASK_FOLDERS = {"masks", "mask", "ground truth", "groundtruth", "gt", "labels", "label", "annotations",
                 "annotation", "segmentations", "segmentation"}
@@ -89,12 +90,17 @@ def has_instance_masks(pairs: list[Pair]) -> bool:
     return any(m.stem.lower().endswith("_anno") for p in pairs for m in p.masks)
 
 
-def pair_rows(pairs: list[Pair], num_labels: Optional[int], instances: bool, stamp=None):
+def mask_coding(pairs: list[Pair], num_labels: Optional[int], instances: bool) -> MaskCoding:
+    """How the masks of all ``pairs`` (every split of a set) become classes: one decision for the whole set."""
+    return decide_mask_coding([m for p in pairs for m in p.masks], num_labels, instances)
+
+
+def pair_rows(pairs: list[Pair], coding: MaskCoding, stamp=None):
     """Rows for ``datasets.Dataset.from_generator``: image by path (lazy), mask as a checked PNG label map.
 
     ``stamp`` (file sizes and times) only takes part in the cache key of ``from_generator``.
     """
     for pair in pairs:
         size = image_size(pair.image)
-        mask = read_mask(pair.masks, num_labels, size=size, image_path=pair.image, instances=instances)
+        mask = read_mask(pair.masks, coding.num_labels, size=size, image_path=pair.image, coding=coding)
         yield {"image": str(pair.image), "mask": np.ascontiguousarray(mask), "case_id": pair.case_id}

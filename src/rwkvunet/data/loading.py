@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Optional
 
 from .files import DataError, file_stamp
-from .folders import FOLDER_LAYOUTS, find_pairs, has_instance_masks, looks_like_folder_layout, pair_rows
+from .folders import (FOLDER_LAYOUTS, find_pairs, has_instance_masks, looks_like_folder_layout, mask_coding,
+                      pair_rows)
 from .splits import SPLIT_ALIASES, acdc_patient_split, ratio_split, synapse_validation_cases
 from .volumes import (acdc_files, acdc_patient, array_features, default_num_labels, file_rows,
                       group_synapse_slices, is_volume_feature, shapes_of, stacked_rows, synapse_case,
@@ -58,8 +59,10 @@ def load_segmentation_dataset(source: str, *, image_column: str = "image", mask_
             matched by file stem, or the Kvasir, CVC, BUSI, GlaS and ISIC layouts), or a Synapse or ACDC root.
         image_column, mask_column: column names of Hub / ``save_to_disk`` sets; renamed to ``image``/``mask``.
         split_seed: seed of the 8:1:1 split of sets without their own splits (the paper uses 0, 1 and 2).
-        num_labels: number of classes. ``None``, 1 or 2 mean binary (0-255 masks thresholded at 128); more
-            means label maps whose values must be below it. Synapse defaults to 9 and ACDC to 4.
+        num_labels: number of classes. ``None``, 1 or 2 mean binary (0-255 masks thresholded at 128; masks
+            with several grey levels or colours are refused); more means label maps whose values must be
+            below it, or masks with exactly that many grey levels or colours, which become classes in sorted
+            order (see :mod:`rwkvunet.data.files`). Synapse defaults to 9 and ACDC to 4.
         cache_dir: where ``datasets`` caches the converted arrow files (its default cache when ``None``).
         layout: force a layout (see :data:`LAYOUTS`) instead of detecting it.
 
@@ -69,7 +72,9 @@ def load_segmentation_dataset(source: str, *, image_column: str = "image", mask_
         slices), ``mask`` (uint8 label map) and ``case_id`` (str). Synapse test and ACDC validation/test rows
         are volumes: ``image`` float32 (D, H, W), ``mask`` uint8 (D, H, W); :func:`is_volume_split` tells.
         Masks are stored as uint8; ``with_format("numpy")`` hands integer arrays out as int64 (a choice of
-        ``datasets``), which is why readers should not rely on the in-memory dtype.
+        ``datasets``), which is why readers should not rely on the in-memory dtype. For image folders the
+        returned dict has a ``mask_coding`` attribute (:class:`rwkvunet.data.files.MaskCoding`): how the
+        stored mask values became classes; ``mask_coding.mapping()`` lists stored value -> class when mapped.
 
     Splits (see :mod:`rwkvunet.data.splits`):
         * image folders: 8:1:1 with ``split_seed``; a folder with ``train/`` and ``test/`` (``val/``)
@@ -87,8 +92,8 @@ def load_segmentation_dataset(source: str, *, image_column: str = "image", mask_
     non-zero (gland instance) value foreground.
 
     Raises:
-        DataError: naming the file, for unreadable files, image/mask size mismatches and labels outside the
-            classes.
+        DataError: naming the file, for unreadable files, image/mask size mismatches, labels outside the
+            classes and masks whose grey levels or colours do not fit ``num_labels``.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
@@ -150,14 +155,20 @@ def _load_folder(root: Path, layout: str, num_labels, split_seed, cache_dir):
         every = find_pairs(root)
         by_id = {p.case_id: p for p in every}
         pairs = {name: [by_id[c] for c in sorted(ids)] for name, ids in ratio_split(list(by_id), split_seed).items()}
-    instances = layout == "glas" or (layout == "folder" and has_instance_masks([q for v in pairs.values() for q in v]))
+    every_pair = [q for v in pairs.values() for q in v]
+    instances = layout == "glas" or (layout == "folder" and has_instance_masks(every_pair))
+    coding = mask_coding(every_pair, num_labels, instances)
+    if coding.mapping() is not None:
+        logger.info("masks of %s: %s", root, coding.describe())
     out = {}
     for name in ("train", "validation", "test"):
         if pairs.get(name):
             files = [f for p in pairs[name] for f in [p.image, *p.masks]]
-            out[name] = _generate(pair_rows, _image_mask_features(), cache_dir, pairs=pairs[name],
-                                  num_labels=num_labels, instances=instances, stamp=file_stamp(files))
-    return DatasetDict(out)
+            out[name] = _generate(pair_rows, _image_mask_features(), cache_dir, pairs=pairs[name], coding=coding,
+                                  stamp=file_stamp(files))
+    data = DatasetDict(out)
+    data.mask_coding = coding
+    return data
 
 
 def _load_synapse(root: Path, num_labels: int, cache_dir):

@@ -100,7 +100,7 @@ def test_resume_after_crash_is_bit_identical(finetune, tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert finetune.main(common + ["--output-dir", str(straight)]) == 0
     with pytest.raises(finetune.SimulatedCrash):
-        finetune.main(common + ["--output-dir", str(broken), "--crash-at-step", "5"])
+        finetune.train(common + ["--output-dir", str(broken), "--crash-at-step", "5"])
     assert sorted(p.name for p in (broken / "checkpoints").iterdir())[-1] == "checkpoint-00000004"
     assert finetune.main(common + ["--output-dir", str(broken), "--resume"]) == 0
 
@@ -124,8 +124,10 @@ def test_resume_after_crash_is_bit_identical(finetune, tmp_path):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(finetune, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
-        finetune.main(TINY + ["--max-steps", "1", "--output-dir", str(tmp_path), "--resume"])
+    from rwkvunet.errors import UserError
+
+    with pytest.raises(UserError, match="nothing to resume"):
+        finetune.train(TINY + ["--max-steps", "1", "--output-dir", str(tmp_path), "--resume"])
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from rwkvunet.errors import UserError
 from rwkvunet.training import CheckpointManager, EpochSampler, SeededSamples, cosine_schedule, parse_arguments
 from rwkvunet.training.arguments import TrainArguments
 
@@ -31,7 +32,7 @@ def test_bad_options_are_clear_errors(tmp_path):
         parse_arguments(["--config", str(cfg)])
     with pytest.raises(ValueError, match="--variant must be t, s or b"):
         parse_arguments(["--variant", "x"])
-    with pytest.raises(FileNotFoundError, match="config file"):
+    with pytest.raises(UserError, match="config file"):
         parse_arguments(["--config", str(tmp_path / "missing.yaml")])
 
 

@@ -34,13 +34,16 @@ from tqdm.auto import tqdm  # noqa: E402
 import rwkvunet  # noqa: F401,E402  (registers the model with transformers)
 from rwkvunet.data.transforms import (EvalTransform, SegmentationDataset, TrainTransform, collate_fn,  # noqa: E402
                                       to_image_tensor)
+from rwkvunet.errors import UserError, describe, run_main  # noqa: E402
 from rwkvunet.evaluation import evaluate, predict_probabilities, probabilities_to_labels  # noqa: E402
 from rwkvunet.training import CheckpointManager, EpochSampler, SeededSamples, TrainState, cosine_schedule  # noqa: E402
 from rwkvunet.training.arguments import parse_arguments  # noqa: E402
-from rwkvunet.training.inputs import (build_image_processor, build_model, class_names, count_parameters,  # noqa: E402
-                                      infer_in_channels, infer_num_labels, load_data)
+from rwkvunet.training.inputs import (build_image_processor, build_model, check_dataset_path,  # noqa: E402
+                                      check_splits, class_names, count_parameters, infer_in_channels,
+                                      infer_num_labels, load_data)
 from rwkvunet.training.model_card import write_model_card  # noqa: E402
 from rwkvunet.training.plots import plot_curves, plot_overlays  # noqa: E402
+from rwkvunet.training.run_folder import checkpoint_metadata, finish_record, plan_run, prepare_folder  # noqa: E402
 
 logger = logging.getLogger("finetune")
 
@@ -104,7 +107,7 @@ def check_trackers(report_to):
     available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
     missing = [t for t in wanted if t != "all" and t not in available]
     if missing:
-        raise ValueError(f"--report-to {','.join(missing)}: not installed (available: {sorted(available) or 'none'}); "
+        raise UserError(f"--report-to {','.join(missing)}: not installed (available: {sorted(available) or 'none'}); "
                          f"install it, e.g. pip install {' '.join(missing)}")
     return wanted
 
@@ -120,16 +123,50 @@ def save_pretrained_atomic(model, folder: Path, processor=None) -> None:
     os.replace(tmp, folder)
 
 
+PROG = "finetune.py"
+
+
 def main(argv=None) -> int:
+    """Run :func:`train` with the errors convention: one line and exit status 2 for a mistake the user can fix."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_main(PROG, lambda: train(argv), debug="--debug" in argv)
+
+
+def load_data_in_order(accelerator, args):
+    """The main process builds the datasets cache first; an error there stops every process with its message
+    instead of leaving the others waiting at the barrier."""
+    from accelerate.utils import broadcast_object_list
+
+    loaded, error = None, None
+    if accelerator.is_main_process:
+        try:
+            loaded = load_data(args)
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the others were told
+            error = err
+    accelerator.wait_for_everyone()
+    message = [None if error is None else describe(error) or f"{type(error).__name__}: {error}"]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(message)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise UserError(f"the main process could not load the data: {message[0]}")
+    return loaded if loaded is not None else load_data(args)
+
+
+def train(argv=None) -> int:
     args = parse_arguments(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     output_dir = Path(args.output_dir or Path("runs") / args.run_name)
-    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
     # processes started by torchrun (`accelerate launch --multi_gpu`) on a machine without GPUs join with gloo
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cpu = args.cpu or (world > 1 and not torch.accelerator.is_available())
+    # every check that can refuse the run comes before the processes wait for each other
+    plan = plan_run(output_dir, args.to_dict(), world, resume=args.resume, overwrite=args.overwrite_output_dir)
+    check_dataset_path(args.dataset)
     trackers = check_trackers(args.report_to)
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
+    cpu = args.cpu or (world > 1 and not torch.accelerator.is_available())
     accelerator = Accelerator(cpu=cpu, mixed_precision=args.mixed_precision,
                               gradient_accumulation_steps=args.gradient_accumulation_steps, log_with=trackers,
                               project_config=project)
@@ -139,16 +176,11 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     set_seed(args.seed)
     checkpoints = CheckpointManager(output_dir / "checkpoints", keep_last=args.keep_checkpoints)
-    resume_from = None
-    if args.resume:
-        resume_from = checkpoints.latest() if args.resume == "latest" else Path(args.resume)
-        if resume_from is None or not resume_from.is_dir():
-            raise FileNotFoundError(f"no checkpoint to resume from in {checkpoints.directory} ({args.resume}); "
-                                    "run without --resume to start, or pass a checkpoint folder")
+    resume_from = plan.resume_from
 
     # --- data and model -----------------------------------------------------------------------------------
-    with accelerator.main_process_first():  # the main process builds the datasets cache, the others read it
-        data, layout = load_data(args)
+    data, layout = load_data_in_order(accelerator, args)
+    check_splits(data, args.dataset, need_validation=args.eval_every > 0)
     num_labels = args.num_labels or infer_num_labels(data["train"], layout)
     in_channels = args.in_channels or infer_in_channels(data["train"])
     names = class_names(layout, num_labels)
@@ -156,6 +188,11 @@ def main(argv=None) -> int:
     # match them and need no strided copies
     model = build_model(args, num_labels, in_channels, names).to(memory_format=torch.channels_last)
     processor = build_image_processor(args.img_size, in_channels)
+    # the folder is touched only now that the data and the model are known to load
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        prepare_folder(plan)
+    accelerator.wait_for_everyone()
     logger.info("%d process(es) on %s", accelerator.num_processes, accelerator.device)
     logger.info("%s: %d train rows, splits %s; %d labels, %d channels; %.2f M parameters", args.dataset,
                 len(data["train"]), {k: len(v) for k, v in data.items()}, num_labels, in_channels,
@@ -197,8 +234,14 @@ def main(argv=None) -> int:
             tqdm.write(f"epoch {state.epoch} step {state.step}: validation mean Dice {dice:.4f} "
                        f"(best {state.best_dice:.4f} at step {state.best_step})")
 
-    # --- training -----------------------------------------------------------------------------------------
+    earlier_seconds = state.train_seconds  # the run's pieces before this one (0 for a new run)
     start = time.time()
+
+    def save_checkpoint():
+        state.train_seconds = earlier_seconds + time.time() - start
+        checkpoints.save(accelerator, state.step, metadata=checkpoint_metadata(plan.record, state.step))
+
+    # --- training -----------------------------------------------------------------------------------------
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     while state.step < total_steps:
@@ -238,7 +281,7 @@ def main(argv=None) -> int:
                 accelerator.log({"train/loss": loss_value, "train/lr": lr, "train/epoch": state.epoch},
                                 step=state.step)
             if args.save_every_steps and state.step % args.save_every_steps == 0:
-                checkpoints.save(accelerator, state.step)
+                save_checkpoint()
             if args.crash_at_step is not None and state.step == args.crash_at_step:
                 raise SimulatedCrash(f"stopped after step {state.step} (--crash-at-step)")
             if state.step >= total_steps:
@@ -248,9 +291,9 @@ def main(argv=None) -> int:
         finished = state.step >= total_steps
         if validation is not None and (state.epoch % args.eval_every == 0 or finished):
             validate()
-        checkpoints.save(accelerator, state.step)
+        save_checkpoint()
     bar.close()
-    train_seconds = time.time() - start
+    train_seconds = earlier_seconds + time.time() - start
 
     # --- test and outputs ---------------------------------------------------------------------------------
     if best_dir.is_dir() and state.best_step >= 0:
@@ -270,6 +313,8 @@ def main(argv=None) -> int:
                       num_epochs)
         if best_dir.is_dir():
             shutil.rmtree(best_dir)
+        finish_record(plan, steps=state.step, train_seconds=round(train_seconds, 1),
+                      test_mean_dice=test.mean_dice if test is not None else None)
     accelerator.wait_for_everyone()
     if args.report_to:
         accelerator.end_training()

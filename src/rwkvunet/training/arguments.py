@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union, get_args, get_origin, get_type_hints
+
+from ..errors import UserError
 
 
 def _opt(default, help: str, **extra):
@@ -26,52 +29,59 @@ class TrainArguments:
     mask_column: str = _opt("mask", "mask column of Hub / save_to_disk sets")
     split_seed: int = _opt(0, "seed of the 8:1:1 split of sets without their own splits (paper: 0, 1, 2)")
     num_labels: Optional[int] = _opt(None, "classes including background (1 = binary with a sigmoid); "
-                                           "default: from the data")
-    in_channels: Optional[int] = _opt(None, "input channels; default: from the data (1 grey, 3 colour)")
+                                           "default: from the data", minimum=1)
+    in_channels: Optional[int] = _opt(None, "input channels; default: from the data (1 grey, 3 colour)",
+                                     minimum=1)
     cache_dir: Optional[str] = _opt(None, "datasets cache folder")
-    synthetic_size: int = _opt(64, "image size of the synthetic set")
-    synthetic_train: int = _opt(96, "training images of the synthetic set")
-    synthetic_eval: int = _opt(12, "validation and test images (each) of the synthetic set")
+    synthetic_size: int = _opt(64, "image size of the synthetic set", minimum=1)
+    synthetic_train: int = _opt(96, "training images of the synthetic set", minimum=1)
+    synthetic_eval: int = _opt(12, "validation and test images (each) of the synthetic set", minimum=1)
     # model
     variant: str = _opt("t", "model size: t, s or b")
     encoder_pretrained: Optional[str] = _opt(None, "timm encoder weights to start from: a file "
                                                    "(.safetensors / .pth) or a Hub id (hf-hub:org/name)")
     pretrained: Optional[str] = _opt(None, "a saved segmenter to fine-tune: folder or Hub id")
-    ce_weight: float = _opt(0.5, "weight of the cross-entropy in the loss")
-    dice_weight: float = _opt(0.5, "weight of the Dice loss")
-    drop_path_rate: float = _opt(0.05, "stochastic depth of the encoder")
+    ce_weight: float = _opt(0.5, "weight of the cross-entropy in the loss", minimum=0)
+    dice_weight: float = _opt(0.5, "weight of the Dice loss", minimum=0)
+    drop_path_rate: float = _opt(0.05, "stochastic depth of the encoder", minimum=0, below=1)
     # schedule
-    epochs: int = _opt(20, "training epochs")
-    max_steps: Optional[int] = _opt(None, "optimizer steps; overrides --epochs")
-    img_size: int = _opt(64, "training and evaluation resolution")
-    batch_size: int = _opt(8, "batch size per process")
+    epochs: int = _opt(20, "training epochs", minimum=1)
+    max_steps: Optional[int] = _opt(None, "optimizer steps; overrides --epochs", minimum=1)
+    img_size: int = _opt(64, "training and evaluation resolution", minimum=1)
+    batch_size: int = _opt(8, "batch size per process", minimum=1)
     eval_batch_size: Optional[int] = _opt(None, "images or slices per forward pass in evaluation (default: "
-                                                "--batch-size)")
-    lr: float = _opt(1e-3, "peak learning rate (AdamW)")
-    min_lr: float = _opt(0.0, "learning rate at the end of the cosine schedule")
-    warmup_steps: int = _opt(0, "linear warm-up steps")
-    weight_decay: float = _opt(1e-4, "AdamW weight decay")
-    max_grad_norm: Optional[float] = _opt(1.0, "gradient clipping norm (0 or none: off)")
-    gradient_accumulation_steps: int = _opt(1, "batches per optimizer step")
+                                                "--batch-size)", minimum=1)
+    lr: float = _opt(1e-3, "peak learning rate (AdamW)", minimum=0)
+    min_lr: float = _opt(0.0, "learning rate at the end of the cosine schedule", minimum=0)
+    warmup_steps: int = _opt(0, "linear warm-up steps", minimum=0)
+    weight_decay: float = _opt(1e-4, "AdamW weight decay", minimum=0)
+    max_grad_norm: Optional[float] = _opt(1.0, "gradient clipping norm (0 or none: off)", minimum=0)
+    gradient_accumulation_steps: int = _opt(1, "batches per optimizer step", minimum=1)
     mixed_precision: str = _opt("no", "no, fp16 or bf16")
     seed: int = _opt(0, "seed of the model, the data order and the augmentation")
-    num_workers: int = _opt(0, "data loader workers")
+    num_workers: int = _opt(0, "data loader workers", minimum=0)
     cpu: bool = _opt(False, "train on the CPU even when a GPU is available")
-    num_threads: Optional[int] = _opt(None, "CPU threads of each process (default: torch's choice)")
+    num_threads: Optional[int] = _opt(None, "CPU threads of each process (default: torch's choice)", minimum=1)
     # evaluation and checkpoints
-    eval_every: int = _opt(1, "validate every N epochs (0: never; the last epoch's weights are tested)")
+    eval_every: int = _opt(1, "validate every N epochs (0: never; the last epoch's weights are tested)",
+                           minimum=0)
     tta: bool = _opt(False, "flip test-time augmentation in validation and test")
-    save_every_steps: Optional[int] = _opt(None, "also checkpoint every N optimizer steps (always at epoch ends)")
-    keep_checkpoints: int = _opt(2, "training checkpoints kept")
+    save_every_steps: Optional[int] = _opt(None, "also checkpoint every N optimizer steps (always at epoch ends)",
+                                           minimum=1)
+    keep_checkpoints: int = _opt(2, "training checkpoints kept", minimum=1)
     resume: Optional[str] = _opt(None, "continue from the latest checkpoint in --output-dir ('latest') or "
                                        "from a given checkpoint folder", nargs="?", const="latest")
-    output_dir: Optional[str] = _opt(None, "output folder (default: runs/rwkvunet-<variant>-<dataset>)")
-    overlay_samples: int = _opt(8, "validation samples in the overlay grid")
+    output_dir: Optional[str] = _opt(None, "output folder (default: runs/rwkvunet-<variant>-<dataset>); must be "
+                                           "new, empty, or this run's folder with --resume")
+    overwrite_output_dir: bool = _opt(False, "start over in an --output-dir that holds an earlier run: removes "
+                                             "only that run's files (refused when the folder holds others)")
+    overlay_samples: int = _opt(8, "validation samples in the overlay grid", minimum=0)
     # logging and sharing
     report_to: Optional[str] = _opt(None, "Accelerate trackers: tensorboard, wandb, all ... (comma separated)")
-    log_every: int = _opt(10, "log the training loss every N steps")
+    log_every: int = _opt(10, "log the training loss every N steps", minimum=1)
     push_to_hub: bool = _opt(False, "upload the model folder to the Hub at the end")
     hub_model_id: Optional[str] = _opt(None, "Hub repo for --push-to-hub (default: the output folder's name)")
+    debug: bool = _opt(False, "show the full traceback of an error (also RWKVUNET_DEBUG=1)")
     crash_at_step: Optional[int] = _opt(None, argparse.SUPPRESS)  # test hook: stop right after this step
 
     @property
@@ -80,7 +90,12 @@ class TrainArguments:
         return f"rwkvunet-{self.variant}-{data}".replace("/", "-")
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "crash_at_step"}
+        """The settings of the run (not how this invocation behaves: debugging, overwriting, test hooks)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_SETTINGS}
+
+
+#: Options that change how one invocation behaves, not what the run trains.
+NOT_SETTINGS = ("crash_at_step", "debug", "overwrite_output_dir")
 
 
 def _base_type(tp) -> type:
@@ -89,15 +104,50 @@ def _base_type(tp) -> type:
     return tp
 
 
-def _none_or(kind):
+def _problem(value, kind, minimum=None, below=None):
+    """``(number, None)`` for a valid value, ``(None, "must be ...")`` otherwise: NaN, infinities and values out
+    of range are refused here, before they fail deep inside the optimizer or the model."""
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        try:  # "1e3" for an integer option
+            number = float(value)
+        except (TypeError, ValueError):
+            return None, f"must be {'an integer' if kind is int else 'a number'}, got {value!r}"
+    if isinstance(number, float) and not math.isfinite(number):
+        return None, f"must be a finite number, got {value!r}"
+    if kind is int and number != int(number):
+        return None, f"must be an integer, got {value!r}"
+    number = kind(number)
+    if minimum is not None and number < minimum:
+        return None, f"must be at least {minimum}, got {value!r}"
+    if below is not None and number >= below:
+        return None, f"must be below {below}, got {value!r}"
+    return number, None
+
+
+def _limits(metadata) -> dict:
+    return {k: metadata[k] for k in ("minimum", "below") if k in metadata}
+
+
+def _argument_type(kind, metadata: dict):
+    """An argparse ``type=`` that checks the range, so a bad value is a usage error (exit status 2)."""
     def parse(text: str):
-        return None if text.lower() in ("none", "null", "") else kind(text)
+        if text.lower() in ("none", "null", ""):
+            return None
+        if kind not in (int, float):
+            return kind(text)
+        number, problem = _problem(text, kind, **_limits(metadata))
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return number
     parse.__name__ = kind.__name__
     return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="finetune.py",
         description="Fine-tune RWKV-UNet with Accelerate. Options override the --config YAML, which overrides "
                     "the defaults (the defaults train RWKV-UNet-T on a built-in synthetic set).",
         argument_default=argparse.SUPPRESS,
@@ -115,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         elif "nargs" in f.metadata:
             parser.add_argument(flag, nargs=f.metadata["nargs"], const=f.metadata["const"], help=help_text)
         else:
-            parser.add_argument(flag, type=_none_or(kind), help=help_text, metavar=kind.__name__.upper())
+            parser.add_argument(flag, type=_argument_type(kind, f.metadata), help=help_text,
+                                metavar=kind.__name__.upper())
     return parser
 
 
@@ -125,17 +176,17 @@ def load_config(path) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found; pass --config with an existing YAML file "
-                                "(see training/configs/)")
+        raise UserError(f"config file {path} not found; pass --config with an existing YAML file "
+                        "(see training/configs/)")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of option: value, got {type(data).__name__}")
+        raise UserError(f"{path} must hold a mapping of option: value, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(TrainArguments)}
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise ValueError(f"{path}: unknown option {key!r}; valid options: {', '.join(sorted(known))}")
+            raise UserError(f"{path}: unknown option {key!r}; valid options: {', '.join(sorted(known))}")
         out[name] = value
     return out
 
@@ -148,11 +199,14 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> TrainArguments:
     if config:
         values.update(load_config(config))
     values.update(given)
+    fields = {f.name: f for f in dataclasses.fields(TrainArguments)}
     hints = get_type_hints(TrainArguments)
-    for name, value in list(values.items()):  # YAML may give "1e-3" as a string
+    for name, value in list(values.items()):  # YAML may give "1e-3" as a string, or a value out of range
         kind = _base_type(hints[name])
         if value is not None and kind in (int, float) and not isinstance(value, bool):
-            values[name] = kind(float(value)) if kind is int and isinstance(value, str) else kind(value)
+            values[name], problem = _problem(value, kind, **_limits(fields[name].metadata))
+            if problem:
+                raise UserError(f"{name.replace('_', '-')} {problem} (in {config or 'the arguments'})")
     args = TrainArguments(**values)
     _check(args)
     return args
@@ -160,14 +214,12 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> TrainArguments:
 
 def _check(args: TrainArguments) -> None:
     if args.variant not in ("t", "s", "b"):
-        raise ValueError(f"--variant must be t, s or b, got {args.variant!r}")
+        raise UserError(f"--variant must be t, s or b, got {args.variant!r}")
     if args.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {args.mixed_precision!r}")
-    for name in ("epochs", "img_size", "batch_size", "gradient_accumulation_steps", "keep_checkpoints"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}")
+        raise UserError(f"--mixed-precision must be no, fp16 or bf16, got {args.mixed_precision!r}")
     if args.encoder_pretrained and args.pretrained:
-        raise ValueError("give either --encoder-pretrained (a timm encoder) or --pretrained (a whole segmenter), "
-                         "not both")
+        raise UserError("give either --encoder-pretrained (a timm encoder) or --pretrained (a whole segmenter), "
+                        "not both")
+    if args.resume and args.overwrite_output_dir:
+        raise UserError("--resume continues the run in --output-dir and --overwrite-output-dir deletes it; "
+                        "give one of them")

@@ -6,6 +6,7 @@ while saving leaves either the previous checkpoints or the new one, never a half
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -36,8 +37,9 @@ class CheckpointManager:
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def save(self, accelerator, step: int) -> Path:
-        """Write the state of every process, then publish it with one rename (main process) and prune."""
+    def save(self, accelerator, step: int, metadata: Optional[dict] = None) -> Path:
+        """Write the state of every process, then publish it with one rename (main process) and prune.
+        ``metadata`` is written as ``run.json`` inside, so a checkpoint names the run it belongs to."""
         final = self.directory / f"checkpoint-{step:08d}"
         tmp = self.directory / f".tmp-checkpoint-{step:08d}"
         if accelerator.is_main_process:
@@ -49,6 +51,8 @@ class CheckpointManager:
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            if metadata is not None:
+                (tmp / "run.json").write_text(json.dumps(metadata, indent=2))
             _fsync_tree(tmp)
             if final.exists():  # the same step saved again (e.g. after a resume): replace it
                 old = self.directory / f".old-checkpoint-{step:08d}"

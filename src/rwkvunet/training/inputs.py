@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
+
 logger = logging.getLogger(__name__)
 
 #: Class names (index = label) of the layouts whose classes are fixed.
@@ -31,8 +33,34 @@ def load_data(args):
     ds = load_segmentation_dataset(args.dataset, image_column=args.image_column, mask_column=args.mask_column,
                                    split_seed=args.split_seed, num_labels=args.num_labels, cache_dir=args.cache_dir)
     if "train" not in ds:
-        raise ValueError(f"{args.dataset} has no training split (found {list(ds)}); fine-tuning needs one")
+        raise UserError(f"{args.dataset} has no training split (found {list(ds) or 'none'}); fine-tuning needs one")
     return ds, layout
+
+
+def check_dataset_path(dataset: str) -> None:
+    """Refuse a missing or unrecognisable local data set before any process starts loading it."""
+    if dataset != "synthetic":
+        from ..data import detect_layout
+
+        detect_layout(dataset)
+
+
+def check_splits(data, dataset: str, need_validation: bool) -> None:
+    """Refuse splits that would choose a best model or report scores on no cases; warn when there is no test."""
+    counts = {name: len(data[name]) if name in data else 0 for name in ("train", "validation", "test")}
+    total = sum(counts.values())
+    shown = f"train {counts['train']}, validation {counts['validation']}, test {counts['test']}"
+    if total < 3:
+        raise UserError(f"{dataset} has {total} case(s) ({shown}): an 8:1:1 split needs at least 3 for one "
+                        "validation and one test case; add images, or give train/, val/ and test/ folders")
+    if need_validation and counts["validation"] == 0:
+        raise UserError(f"{dataset} has no validation cases ({shown}), so no best model could be chosen; add "
+                        "a validation split (val/ folder), or pass --eval-every 0 to keep the last weights")
+    if counts["train"] == 0:
+        raise UserError(f"{dataset} has no training cases ({shown}); add images to its training split")
+    if counts["test"] == 0:
+        logger.warning("%s has NO TEST CASES (%s): the model will not be scored; add a test split to score it",
+                       dataset, shown)
 
 
 def class_names(layout: str, num_labels: int) -> list[str]:
@@ -93,14 +121,15 @@ def build_model(args, num_labels: int, in_channels: int, names: list[str]):
                   dice_weight=args.dice_weight, drop_path_rate=args.drop_path_rate, image_size=args.img_size,
                   **labels)
     if args.pretrained:
-        config = RWKVUNetConfig.from_pretrained(args.pretrained)
+        from ..hub import load_segmentation_model
+
+        config = _pretrained_config(args.pretrained)
         if config.in_channels != in_channels:
-            raise ValueError(f"{args.pretrained} takes {config.in_channels}-channel images but the data has "
-                             f"{in_channels}; pass --in-channels {config.in_channels} to convert the images")
+            raise UserError(f"{args.pretrained} takes {config.in_channels}-channel images but the data has "
+                            f"{in_channels}; pass --in-channels {config.in_channels} to convert the images")
         resized = config.num_labels != num_labels
         common.pop("in_channels")
-        model = RWKVUNetForSemanticSegmentation.from_pretrained(args.pretrained, ignore_mismatched_sizes=resized,
-                                                                **common)
+        model = load_segmentation_model(args.pretrained, ignore_mismatched_sizes=resized, **common)
         if resized:
             logger.warning("%s has %d labels; its head was replaced for %d", args.pretrained, config.num_labels,
                            num_labels)
@@ -110,6 +139,18 @@ def build_model(args, num_labels: int, in_channels: int, names: list[str]):
             f"rwkvunet_enc_{args.variant}", pretrained_cfg_overlay=_encoder_overlay(args.encoder_pretrained),
             **common)
     return RWKVUNetForSemanticSegmentation(RWKVUNetConfig(variant=args.variant, **common))
+
+
+def _pretrained_config(source: str):
+    """The config of a saved segmenter; when it cannot be read, the loader names what is wrong with the folder."""
+    from ..hub import load_segmentation_model
+    from ..models.rwkv_unet import RWKVUNetConfig
+
+    try:
+        return RWKVUNetConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        load_segmentation_model(source)  # raises a UserError that says what is wrong with the folder
+        raise UserError(f"--pretrained {source}: {str(err).splitlines()[0]}") from err
 
 
 def build_image_processor(img_size: int, in_channels: int):

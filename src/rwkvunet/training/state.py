@@ -26,6 +26,7 @@ class TrainState:
     best_step: int = -1
     train_loss: list = field(default_factory=list)  # [step, epoch, loss, lr]
     validation: list = field(default_factory=list)  # [step, epoch, mean dice]
+    train_seconds: float = 0.0  # training time of the run's earlier pieces (a resumed run adds its own)
 
     def state_dict(self) -> dict:
         return asdict(self)

@@ -64,8 +64,8 @@ def test_explicit_channel_conversion():
     dropped = RWKVUNetImageProcessor(do_resize=False, num_channels=3)(rgba, return_tensors="pt")["pixel_values"]
     assert torch.equal(dropped[0], torch.from_numpy(rgb).permute(2, 0, 1))
     two = rng.random((2, 6, 5), dtype=np.float32)
-    with pytest.raises(ValueError, match="input_data_format"):
-        RWKVUNetImageProcessor(num_channels=3)(two)
+    with pytest.raises(ValueError, match="2 channels but the model takes 3"):
+        RWKVUNetImageProcessor(num_channels=3)(two)  # channels first: its first axis is the short one
     with pytest.raises(ValueError, match="2 channels but the model takes 3"):
         RWKVUNetImageProcessor(num_channels=3)(two, input_data_format="channels_first")
     assert RWKVUNetImageProcessor(num_channels=2)(two, return_tensors="pt")["pixel_values"].shape == (1, 2, 224, 224)
@@ -163,8 +163,8 @@ def test_grey_pil_and_16_bit_images(tiny_folder):
     proc = AutoImageProcessor.from_pretrained(tiny_folder)
     grey = Image.fromarray(np.full((10, 12), 255, np.uint8), mode="L")
     assert torch.allclose(proc(grey, return_tensors="pt")["pixel_values"], torch.ones(1, 1, 48, 48))
-    mri = Image.fromarray(np.full((10, 12), 1200, np.uint16))  # 16-bit: values kept, not divided by 255
-    assert torch.allclose(proc(mri, return_tensors="pt")["pixel_values"], torch.full((1, 1, 48, 48), 1200.0))
+    mri = Image.fromarray(np.full((10, 12), 1200, np.uint16))  # 16-bit: by bit depth, as training scales it
+    assert torch.allclose(proc(mri, return_tensors="pt")["pixel_values"], torch.full((1, 1, 48, 48), 1200 / 65535))
 
 
 def test_pixel_values_feed_the_model_at_any_size(tiny_folder):

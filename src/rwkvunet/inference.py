@@ -9,6 +9,7 @@ class probabilities of the flipped inputs. :func:`predict` is the one-call versi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import warnings
@@ -21,187 +22,77 @@ import torch
 import torch.nn.functional as F
 
 from .inference_io import InputError
+from .pixels import (CT_AIR_THRESHOLD, CT_WINDOW, PixelConfig, PixelError, choose_intensity, convert_channels,  # noqa: F401
+                     ct_window, minmax_scale, prepare_volume, resize_image)
 
-#: Abdominal CT window of the Synapse preprocessing (Hounsfield units).
-CT_WINDOW = (-125.0, 275.0)
-#: Volumes whose darkest voxels lie below this are taken for CT in Hounsfield units by ``intensity="auto"``.
-CT_AIR_THRESHOLD = -500.0
 #: Flips averaged by test-time augmentation: none, left-right, up-down (dims of a (B, C, H, W) tensor).
 TTA_FLIPS: Tuple[Tuple[int, ...], ...] = ((), (3,), (2,))
 
 ImageLike = Union[np.ndarray, "PIL.Image.Image", torch.Tensor]  # noqa: F821
 
+#: The settings a Segmenter applies to pixels (kept under this name for existing code).
+Preprocessing = PixelConfig
+
 
 class InputConversionWarning(UserWarning):
-    """An input was converted to fit the model (e.g. RGB to grey)."""
-
-
-# --- intensity preparation -----------------------------------------------------------------------------------
-def ct_window(volume: np.ndarray, window: Tuple[float, float] = CT_WINDOW) -> np.ndarray:
-    """Clip to ``[low, high]`` (e.g. Hounsfield units) and scale to [0, 1], as the Synapse slices were made."""
-    low, high = float(window[0]), float(window[1])
-    if not high > low:
-        raise ValueError(f"the intensity window must have low < high, got {window}")
-    return ((np.clip(volume, low, high) - low) / (high - low)).astype(np.float32)
-
-
-def minmax_scale(volume: np.ndarray) -> np.ndarray:
-    """Per-volume min-max scaling to [0, 1] (MRI, whose intensities have no absolute unit)."""
-    volume = np.asarray(volume, dtype=np.float32)
-    lo, hi = (float(volume.min()), float(volume.max())) if volume.size else (0.0, 0.0)
-    if hi <= lo:
-        return np.zeros_like(volume)
-    return (volume - lo) / (hi - lo)
-
-
-def choose_intensity(volume: np.ndarray) -> str:
-    """``"ct"`` when the volume holds air in Hounsfield units (values below -500), else ``"minmax"``."""
-    return "ct" if volume.size and float(volume.min()) < CT_AIR_THRESHOLD else "minmax"
-
-
-def prepare_volume(volume: np.ndarray, intensity: Union[str, Tuple[float, float], None] = "auto"
-                   ) -> Tuple[np.ndarray, str]:
-    """``(scaled volume in [0, 1], description)`` for ``intensity`` = ``"ct"`` (window -125..275),
-    ``(low, high)`` (another window), ``"minmax"``, ``"auto"`` (see :func:`choose_intensity`) or ``None``
-    (left as it is)."""
-    if intensity is None or intensity == "none":
-        return np.asarray(volume, dtype=np.float32), "intensities used as stored"
-    if isinstance(intensity, str) and intensity == "auto":
-        intensity = choose_intensity(volume)
-    if isinstance(intensity, str):
-        if intensity == "ct":
-            return ct_window(volume, CT_WINDOW), f"CT window [{CT_WINDOW[0]:g}, {CT_WINDOW[1]:g}] scaled to [0, 1]"
-        if intensity == "minmax":
-            return minmax_scale(volume), "per-volume min-max scaled to [0, 1]"
-        raise ValueError(f"intensity must be 'auto', 'ct', 'minmax', None or a (low, high) window, got {intensity!r}")
-    low, high = intensity
-    return ct_window(volume, (low, high)), f"window [{low:g}, {high:g}] scaled to [0, 1]"
+    """An input was converted to fit the model (e.g. RGB to grey, NaN voxels set to 0)."""
 
 
 # --- channels ------------------------------------------------------------------------------------------------
 def match_channels(image: np.ndarray, in_channels: int) -> Tuple[np.ndarray, Optional[str]]:
-    """``(image as (H, W, in_channels), note)``: grey is repeated for an RGB model and RGB reduced to luma
-    (ITU-R 601, as Pillow's ``"L"``) for a grey one, with a note saying so; other mismatches raise."""
+    """``(image as (H, W, in_channels), note)`` by the rules of :func:`rwkvunet.pixels.convert_channels` (alpha
+    dropped, grey repeated, RGB to luma), in the image's dtype (integers rounded); other mismatches raise."""
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3:
         raise InputError(f"expected an (H, W) or (H, W, C) image, got shape {arr.shape}")
-    notes = []
-    if arr.shape[-1] == 4 and in_channels in (1, 3):
-        arr, notes = arr[..., :3], ["alpha channel dropped"]
-    channels = arr.shape[-1]
-    if channels == in_channels:
-        return arr, (notes[0] if notes else None)
-    if channels == 1 and in_channels == 3:
-        return np.repeat(arr, 3, axis=-1), "; ".join(
-            notes + ["grey image repeated to 3 channels because the model takes RGB"])
-    if channels == 3 and in_channels == 1:
-        weights = np.array([0.299, 0.587, 0.114], dtype=np.float64)
-        grey = (arr.astype(np.float64) * weights).sum(-1, keepdims=True)
-        if np.issubdtype(arr.dtype, np.integer):
-            grey = np.clip(np.round(grey), np.iinfo(arr.dtype).min, np.iinfo(arr.dtype).max)
-        equal = bool((arr == arr[..., :1]).all())
-        how = "its channels are equal, so nothing is lost" if equal else "luma 0.299 R + 0.587 G + 0.114 B"
-        return grey.astype(arr.dtype), "; ".join(
-            notes + [f"RGB image converted to grey because the model takes 1 channel ({how})"])
-    raise InputError(f"the image has {channels} channel{'s' if channels != 1 else ''} but the model takes "
-                     f"{in_channels} "
-                     f"(config.in_channels) and there is no unambiguous conversion; give {in_channels}-channel "
-                     "images or use a model trained on this kind of image")
+    pixels = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64)).permute(2, 0, 1)
+    try:
+        converted, note = convert_channels(pixels, in_channels)
+    except PixelError as err:
+        raise InputError(str(err)) from err
+    out = converted.permute(1, 2, 0).numpy()
+    if np.issubdtype(arr.dtype, np.integer):
+        out = np.clip(np.round(out), np.iinfo(arr.dtype).min, np.iinfo(arr.dtype).max)
+    return out.astype(arr.dtype), note
 
 
 # --- preprocessing settings ----------------------------------------------------------------------------------
-@dataclass
-class Preprocessing:
-    """How pixels become model inputs, as ``RWKVUNetImageProcessor`` does it: optional resize to the training
-    size, rescale, normalisation. Read from the model's ``preprocessor_config.json``; without one, the
-    defaults: no resize (the model takes any size), integer images divided by their type's maximum (8-bit by
-    255, 16-bit by 65535), floats kept, no normalisation.
-
-    ``rescale``: ``"uint8"`` (8-bit inputs times ``rescale_factor``, the processor's ``do_rescale=None``),
-    ``"all"`` (every input times ``rescale_factor``), ``"none"`` or ``"dtype-max"`` (the default above).
-    """
-
-    size: Optional[Tuple[int, int]] = None
-    rescale: str = "dtype-max"
-    rescale_factor: float = 1 / 255
-    image_mean: Optional[Tuple[float, ...]] = None
-    image_std: Optional[Tuple[float, ...]] = None
-    source: str = "defaults"
-
-    @classmethod
-    def from_dict(cls, settings: dict, in_channels: int, source: str = "preprocessor_config.json"
-                  ) -> "Preprocessing":
-        size = None
-        if settings.get("do_resize", False) and settings.get("size") is not None:
-            raw = settings["size"]
-            if isinstance(raw, int):
-                size = (raw, raw)
-            elif isinstance(raw, dict) and raw.get("height") and raw.get("width"):
-                size = (int(raw["height"]), int(raw["width"]))
-            elif isinstance(raw, (list, tuple)) and len(raw) == 2:
-                size = (int(raw[0]), int(raw[1]))
-            else:
-                raise ValueError(f"{source}: size {raw!r} is not a height and width; set size to "
-                                 '{"height": H, "width": W}')
-        mean = std = None
-        if settings.get("do_normalize", False):
-            mean = _per_channel(settings.get("image_mean", 0.0), in_channels, "image_mean", source)
-            std = _per_channel(settings.get("image_std", 1.0), in_channels, "image_std", source)
-        do_rescale = settings.get("do_rescale")
-        rescale = "uint8" if do_rescale is None else ("all" if do_rescale else "none")
-        return cls(size=size, rescale=rescale, rescale_factor=float(settings.get("rescale_factor", 1 / 255)),
-                   image_mean=mean, image_std=std, source=source)
-
-    def scale(self, image: np.ndarray) -> np.ndarray:
-        """Pixels to float32 as the model was trained."""
-        arr = np.asarray(image)
-        out = arr.astype(np.float32)
-        if self.rescale == "all" or (self.rescale == "uint8" and arr.dtype == np.uint8):
-            return out * np.float32(self.rescale_factor)
-        if self.rescale == "dtype-max" and (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
-            top = 1.0 if arr.dtype == np.bool_ else float(np.iinfo(arr.dtype).max)
-            return out / np.float32(top)
-        return out
-
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) float pixels minus mean over std, when the model was trained so."""
-        if self.image_mean is None:
-            return pixels
-        mean = torch.tensor(self.image_mean, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.image_std, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
-        return (pixels - mean) / std
-
-
-def _per_channel(value, channels: int, name: str, source: str) -> Tuple[float, ...]:
-    values = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-    if len(values) == 1:
-        return tuple(values * channels)
-    if len(values) == channels:
-        return tuple(values)
-    if channels == 1:
-        return (float(np.mean(values)),)
-    raise ValueError(f"{source}: {name} has {len(values)} values but the model takes {channels} channels")
-
-
-def load_preprocessing(model_id: Union[str, os.PathLike], in_channels: int, **hub_kwargs) -> Preprocessing:
-    """The model's image processor settings (through ``AutoImageProcessor``), or the defaults without one."""
+def load_preprocessing(model_id: Union[str, os.PathLike], in_channels: int, **hub_kwargs) -> PixelConfig:
+    """The model's image processor settings (``preprocessor_config.json``), or the defaults without one (no
+    resize, integers by bit depth, floats as stored, no normalisation). ``in_channels`` is the model's."""
     folder = Path(model_id)
-    if folder.is_dir() and not (folder / "preprocessor_config.json").is_file():
-        return Preprocessing(source="defaults (no preprocessor_config.json)")
+    if folder.is_dir():
+        path = folder / "preprocessor_config.json"
+        if not path.is_file():
+            return PixelConfig(num_channels=in_channels, source="defaults (no preprocessor_config.json)")
+        return PixelConfig.from_processor_dict(_read_json(path), in_channels, source=str(path))
     try:
-        from transformers import AutoImageProcessor
+        from huggingface_hub import hf_hub_download
 
-        processor = AutoImageProcessor.from_pretrained(str(model_id), **hub_kwargs)
-        return Preprocessing.from_dict(processor.to_dict(), in_channels)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        if folder.is_dir():  # a processor class this version of transformers does not know: read its settings
-            with open(folder / "preprocessor_config.json") as f:
-                return Preprocessing.from_dict(json.load(f), in_channels)
-        if isinstance(err, OSError):  # a Hub repo without a processor
-            return Preprocessing(source="defaults (no preprocessor_config.json)")
-        raise
+        path = hf_hub_download(str(model_id), "preprocessor_config.json", **_hub_download_kwargs(hub_kwargs))
+    except OSError:  # a Hub repo without a processor (EntryNotFoundError is an OSError)
+        return PixelConfig(num_channels=in_channels, source="defaults (no preprocessor_config.json)")
+    return PixelConfig.from_processor_dict(_read_json(Path(path)), in_channels,
+                                           source=f"{model_id}/preprocessor_config.json")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            settings = json.load(f)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: cannot read the image processor settings ({err}); fix or delete the file "
+                         "(without it the model gets unresized, bit-depth-scaled pixels)") from err
+    if not isinstance(settings, dict):
+        raise InputError(f"{path}: expected a JSON object of image processor settings")
+    return settings
+
+
+def _hub_download_kwargs(kwargs: dict) -> dict:
+    keys = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+    return {k: v for k, v in kwargs.items() if k in keys}
 
 
 # --- tiling --------------------------------------------------------------------------------------------------
@@ -248,7 +139,9 @@ class Segmenter:
     Args:
         model: a transformers semantic segmentation model returning ``logits`` at the input size
             (``RWKVUNetForSemanticSegmentation``); it is put in eval mode on ``device``.
-        preprocessing: the intensity settings it was trained with (defaults: see :class:`Preprocessing`).
+        preprocessing: the pixel settings it was trained with, a :class:`rwkvunet.pixels.PixelConfig`
+            (default: no resize, integers by bit depth, floats as stored, no normalisation); its channel
+            count is the model's ``config.in_channels``.
         device: ``"cuda"``, ``"cpu"``, ...; default CUDA when available, else CPU.
         dtype: autocast precision (a torch dtype or ``"fp32"``, ``"bf16"``, ``"fp16"``); default bfloat16 on
             CUDA (float16 on GPUs without bfloat16), float32 elsewhere. Probabilities are always float32.
@@ -262,26 +155,23 @@ class Segmenter:
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = _resolve_dtype(dtype, self.device)
         self.model = model.to(self.device).eval()
-        self.preprocessing = preprocessing or Preprocessing()
+        channels = _in_channels(model.config) if hasattr(model, "config") else None
+        preprocessing = preprocessing or PixelConfig(num_channels=channels or 1)
+        if channels is not None and preprocessing.num_channels != channels:
+            preprocessing = dataclasses.replace(preprocessing, num_channels=channels)
+        self.preprocessing = preprocessing
         self.tta = bool(tta)
         self.batch_size = max(1, int(batch_size))
 
     @classmethod
     def from_pretrained(cls, model_id_or_folder: Union[str, os.PathLike], device=None, dtype=None,
                         tta: bool = False, batch_size: int = 8, **hub_kwargs) -> "Segmenter":
-        """Load a model folder (``save_pretrained``) or Hub id, with its image processor settings if any."""
-        from transformers import AutoModelForSemanticSegmentation
+        """Load a model folder (``save_pretrained``) or Hub id, with its image processor settings if any; a
+        path, config or weights file the user can fix raises :class:`rwkvunet.errors.UserError`."""
+        from .hub import load_segmentation_model
 
         source = os.path.expanduser(str(model_id_or_folder))
-        if not os.path.exists(source) and (source.startswith(("/", ".", "~")) or source.count("/") > 1
-                                           or "\\" in source):
-            raise OSError(f"{source} does not exist (and is not a Hub id of the form 'org/name'); check the path")
-        if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
-            raise OSError(f"{source} has no config.json; give a folder written by save_pretrained or a Hub id")
-        try:
-            model = AutoModelForSemanticSegmentation.from_pretrained(source, **hub_kwargs)
-        except (OSError, ValueError, KeyError) as err:
-            raise OSError(f"cannot load a segmentation model from {source!r}: {err}") from err
+        model = load_segmentation_model(source, **hub_kwargs)
         preprocessing = load_preprocessing(source, _in_channels(model.config), **hub_kwargs)
         return cls(model, preprocessing, device=device, dtype=dtype, tta=tta, batch_size=batch_size)
 
@@ -317,11 +207,15 @@ class Segmenter:
 
     # --- pixels --------------------------------------------------------------------------------------------
     def to_pixels(self, image: ImageLike) -> Tuple[torch.Tensor, Optional[str]]:
-        """``((1, C, H, W) float model input, channel note)`` for an image array / PIL image / tensor."""
-        arr = self.preprocessing.scale(_as_array(image))  # scaled before any luma, as the image processor does
-        arr, note = match_channels(arr, self.in_channels)
-        pixels = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)[None]
-        return self.preprocessing.normalize(pixels), note
+        """``((1, C, H, W) float32 pixels at the image's size, channel note)``: scaled and channel-converted
+        by :class:`rwkvunet.pixels.PixelConfig`, not yet resized or normalised (see :meth:`model_input`)."""
+        pixels, note = self.preprocessing.to_float(image)
+        return pixels[None], note
+
+    def model_input(self, image: ImageLike, native: bool = False) -> torch.Tensor:
+        """(1, C, h, w): exactly what the model sees for ``image`` (resized unless ``native``, normalised), the
+        same pixels as the image processor and the evaluation transform give."""
+        return self.preprocessing.finish(self.to_pixels(image)[0], resize=not native)
 
     # --- probabilities -------------------------------------------------------------------------------------
     def _autocast(self):
@@ -347,13 +241,14 @@ class Segmenter:
         return total / len(flips)
 
     def _resized_probs(self, pixels: torch.Tensor, size: Optional[Tuple[int, int]]) -> torch.Tensor:
-        """Probabilities at the input size, the model run at ``size`` (None: at the input size)."""
+        """Probabilities at the input size of float pixels (scaled, not normalised), the model run on them
+        resized to ``size`` (None: at the input size) and normalised."""
         height, width = pixels.shape[-2:]
-        if size is None or tuple(size) == (height, width):
-            return self.forward_probs(pixels)
-        x = F.interpolate(pixels.to(self.device, torch.float32), size=tuple(size), mode="bilinear",
-                          align_corners=False, antialias=True)
+        x = self.preprocessing.finish(pixels.to(self.device, torch.float32), resize=False) if size is None else \
+            self.preprocessing.finish(resize_image(pixels.to(self.device, torch.float32), size))
         probs = self.forward_probs(x)
+        if tuple(probs.shape[-2:]) == (height, width):
+            return probs
         return F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
 
     @torch.inference_mode()
@@ -397,7 +292,7 @@ class Segmenter:
 
     def _pixels_proba(self, pixels: torch.Tensor, tile: Optional[int], overlap: int, native: bool) -> torch.Tensor:
         if tile:
-            return self.tiled_probs(pixels, tile, overlap)
+            return self.tiled_probs(self.preprocessing.finish(pixels, resize=False), tile, overlap)
         size = None if native else self.preprocessing.size
         return self._resized_probs(pixels, size).cpu()
 
@@ -420,21 +315,23 @@ class Segmenter:
         if volume.ndim != 3:
             raise InputError(f"expected a 3-D volume, got shape {volume.shape}")
         axis = _check_axis(axis, volume.ndim)
-        prepared, _ = prepare_volume(volume, intensity)
+        prepared, how = prepare_volume(volume, intensity)
+        if "NaN" in how:
+            warnings.warn(f"volume: {how.rsplit('; ', 1)[-1]}", InputConversionWarning, stacklevel=2)
         slices = np.moveaxis(prepared, axis, 0)
         labels = np.zeros(slices.shape, dtype=np.uint8)
         step = max(1, int(batch_size or self.batch_size))
         bar = _progress(progress, total=slices.shape[0], unit="slice")
         for start in range(0, slices.shape[0], step):
             chunk = slices[start:start + step]
-            pixels = torch.from_numpy(np.ascontiguousarray(chunk))[:, None]
+            pixels = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))[:, None]
             if self.in_channels != 1:
-                arr, note = match_channels(chunk[0], self.in_channels)  # raises when ambiguous
-                pixels = pixels.expand(-1, arr.shape[-1], -1, -1)
+                converted, note = convert_channels(pixels[0], self.in_channels)  # raises when ambiguous
+                pixels = pixels.expand(-1, converted.shape[0], -1, -1)
                 if start == 0:
                     warnings.warn(f"volume slices: {note}", InputConversionWarning, stacklevel=2)
-            pixels = self.preprocessing.normalize(pixels.float())
             if tile:
+                pixels = self.preprocessing.finish(pixels, resize=False)
                 probs = torch.cat([self.tiled_probs(p[None], tile, overlap) for p in pixels])
             else:
                 probs = self._resized_probs(pixels, None if native else self.preprocessing.size).cpu()
@@ -465,19 +362,10 @@ def _check_axis(axis: int, ndim: int) -> int:
     return axis % ndim
 
 
-def _as_array(image: ImageLike) -> np.ndarray:
-    if torch.is_tensor(image):
-        t = image.detach().cpu()
-        if t.ndim == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4):
-            t = t.permute(1, 2, 0)
-        return t.numpy()
-    if hasattr(image, "convert") and hasattr(image, "mode"):  # a PIL image
-        if image.mode in ("P", "PA", "RGBA", "CMYK"):
-            image = image.convert("RGB")
-        elif image.mode in ("LA", "1"):
-            image = image.convert("L")
-        return np.asarray(image)
-    return np.asarray(image)
+def _is_volume_array(item) -> bool:
+    """A 3-D array or tensor that is not one image: neither axis at its ends holds 1-4 channels."""
+    shape = tuple(item.shape) if hasattr(item, "shape") and not hasattr(item, "mode") else ()
+    return len(shape) == 3 and shape[0] not in (1, 2, 3, 4) and shape[-1] not in (1, 2, 3, 4)
 
 
 def _progress(enabled: bool, total: int, unit: str):
@@ -519,11 +407,11 @@ def _predict_one(seg: Segmenter, item, axis, intensity, tile, overlap, native, b
         if kind is None:
             raise InputError(f"{item}: unsupported format; use one of {inference_io.supported_formats()}")
         item = inference_io.read_image(item)
-    arr = _as_array(item)
-    if arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4):
-        return seg.predict_volume(arr, axis=axis, batch_size=batch_size, intensity=intensity, native=native,
+    if _is_volume_array(item):
+        volume = item.detach().cpu().numpy() if torch.is_tensor(item) else np.asarray(item)
+        return seg.predict_volume(volume, axis=axis, batch_size=batch_size, intensity=intensity, native=native,
                                   tile=tile, overlap=overlap)
-    return seg.predict_image(arr, tile=tile, overlap=overlap, native=native)
+    return seg.predict_image(item, tile=tile, overlap=overlap, native=native)
 
 
 __all__ = [

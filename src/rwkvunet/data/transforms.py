@@ -1,8 +1,9 @@
 """Joint image/mask transforms (torchvision.transforms.v2 with tv_tensors) and batching.
 
-Images become float tensors (C, H, W): grey stays 1 channel, colour becomes 3, 8- and 16-bit integers are
-scaled to [0, 1] and float data (CT, MRI) is kept as it is. Masks become long tensors (H, W) and are always
-resampled with nearest neighbour. Randomness comes from torch's global generator, so ``torch.manual_seed``
+Images become float tensors (C, H, W) by the rules of :mod:`rwkvunet.pixels` (the same code the image
+processor and ``Segmenter`` run, so a saved model predicts as it trained): integers scaled by bit depth (8-bit
+by 255, 16-bit by 65535), floats (CT, MRI) kept, channels converted to the model's, bilinear resize, optional
+normalisation. Masks become long tensors (H, W) and are always resampled with nearest neighbour. Randomness comes from torch's global generator, so ``torch.manual_seed``
 and the RNG state saved by Accelerate reproduce the augmentation of a resumed run.
 
     train_tf = TrainTransform(224)
@@ -20,6 +21,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from ..pixels import PixelConfig, PixelError, check_finite, read_pixels, scale_intensity
 from .files import DataError, prepare_mask
 
 Size = Union[int, Sequence[int]]
@@ -29,70 +31,30 @@ def _size(size: Size) -> list[int]:
     return [int(size), int(size)] if isinstance(size, (int, np.integer)) else [int(s) for s in size]
 
 
-def _channels_last(shape) -> bool:
-    """(H, W, C) rather than (C, H, W) for a 3-D array: few channels last and not first."""
-    return shape[-1] in (1, 2, 3, 4) and shape[0] not in (1, 2, 3, 4)
-
-
 def image_hw(image) -> tuple[int, int]:
     """Height and width of a PIL image, an array (H, W), (H, W, C) or (C, H, W), or a tensor (C, H, W)."""
     if isinstance(image, PILImage.Image):
         return image.height, image.width
-    shape = tuple(image.shape) if isinstance(image, torch.Tensor) else np.shape(image)
-    if len(shape) == 3 and not isinstance(image, torch.Tensor) and _channels_last(shape):
-        return shape[0], shape[1]
-    return shape[-2], shape[-1]
+    return tuple(read_pixels(image).shape[-2:])
 
 
-def to_image_tensor(image, num_channels: Optional[int] = None) -> torch.Tensor:
-    """A PIL image, array (H, W), (H, W, C) or (C, H, W), or tensor (C, H, W) as float32 (C, H, W).
+def to_image_tensor(image, num_channels: Optional[int] = None, rescale: Optional[bool] = None,
+                    rescale_factor: float = 1 / 255) -> torch.Tensor:
+    """A PIL image, array (H, W), (H, W, C) or (C, H, W), or tensor as float32 (C, H, W), by the rules of
+    :mod:`rwkvunet.pixels` (integers by bit depth by default); ``num_channels`` converts grey to RGB (repeat)
+    or RGB to grey (luma) to match a model, otherwise the channels stay as stored."""
+    try:
+        if num_channels:
+            config = PixelConfig(num_channels=num_channels, rescale=rescale, rescale_factor=rescale_factor)
+            return config.to_float(image)[0]
+        return _scaled(image, rescale, rescale_factor)
+    except PixelError as err:
+        raise DataError(str(err)) from err
 
-    Arrays are read as (H, W, C) when their last axis has 1-4 entries and their first does not.
 
-    ``num_channels`` converts grey to RGB (repeat) or RGB to grey (luma) to match a model.
-    """
-    channels_last = None
-    if isinstance(image, PILImage.Image):
-        if image.mode in ("P", "PA", "RGBA", "CMYK", "YCbCr", "HSV", "LAB", "RGBX", "RGBa"):
-            image = image.convert("RGB")
-        elif image.mode in ("1", "LA", "La"):
-            image = image.convert("L")
-        image = np.asarray(image)
-        channels_last = True
-    if isinstance(image, torch.Tensor):
-        arr = image.detach().cpu()
-        channels_last = False
-    else:
-        arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = arr[None]
-    elif arr.ndim == 3:
-        if channels_last is None:
-            channels_last = _channels_last(arr.shape)
-        arr = arr.transpose(2, 0, 1) if channels_last else arr
-    elif arr.ndim != 3:
-        raise DataError(f"an image must be 2-D or 3-D, got shape {tuple(arr.shape)}")
-    tensor = torch.from_numpy(np.array(arr)) if not isinstance(arr, torch.Tensor) else arr
-    if tensor.shape[0] == 4:  # drop alpha
-        tensor = tensor[:3]
-    elif tensor.shape[0] == 2:  # grey + alpha
-        tensor = tensor[:1]
-    if tensor.dtype == torch.uint8:
-        tensor = tensor.float() / 255.0
-    elif tensor.dtype in (torch.uint16, torch.int16) or (tensor.dtype == torch.int32 and tensor.max() > 255):
-        tensor = tensor.float() / 65535.0
-    elif tensor.dtype == torch.bool:
-        tensor = tensor.float()
-    else:
-        tensor = tensor.float()
-    if num_channels is not None and tensor.shape[0] != num_channels:
-        if tensor.shape[0] == 1:
-            tensor = tensor.expand(num_channels, -1, -1).contiguous()
-        elif tensor.shape[0] == 3 and num_channels == 1:
-            tensor = (0.299 * tensor[0] + 0.587 * tensor[1] + 0.114 * tensor[2])[None]
-        else:
-            raise DataError(f"cannot turn a {tensor.shape[0]}-channel image into {num_channels} channels")
-    return tensor
+def _scaled(image, rescale: Optional[bool], rescale_factor: float) -> torch.Tensor:
+    """Read and scaled, channels as stored."""
+    return check_finite(scale_intensity(read_pixels(image), rescale, rescale_factor))
 
 
 def to_mask_tensor(mask, num_labels: Optional[int] = None) -> torch.Tensor:
@@ -109,20 +71,47 @@ def to_mask_tensor(mask, num_labels: Optional[int] = None) -> torch.Tensor:
 
 
 class _JointTransform:
-    """Shared conversion and the final resize of :class:`TrainTransform` and :class:`EvalTransform`."""
+    """Shared conversion and the final resize of :class:`TrainTransform` and :class:`EvalTransform`.
 
-    def __init__(self, img_size: Size, num_channels: Optional[int] = None, num_labels: Optional[int] = None,
-                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
-        self.size = _size(img_size)
-        self.num_channels = num_channels
+    ``pixels`` (a :class:`rwkvunet.pixels.PixelConfig`, e.g. from the model's image processor) sets every
+    pixel rule at once; otherwise it is built from ``img_size``, ``num_channels``, ``mean``/``std`` and
+    ``rescale``.
+    """
+
+    def __init__(self, img_size: Optional[Size] = None, num_channels: Optional[int] = None,
+                 num_labels: Optional[int] = None, mean: Optional[Sequence[float]] = None,
+                 std: Optional[Sequence[float]] = None, rescale: Optional[bool] = None,
+                 pixels: Optional[PixelConfig] = None):
+        if pixels is None:
+            if img_size is None:
+                raise ValueError("give img_size or a PixelConfig")
+            pixels = PixelConfig(num_channels=num_channels or 1, size=tuple(_size(img_size)), rescale=rescale,
+                                 image_mean=None if mean is None else tuple(mean),
+                                 image_std=None if std is None else tuple(std))
+            self.convert_channels = num_channels is not None
+        else:
+            self.convert_channels = True
+        if pixels.size is None:
+            raise ValueError("training and evaluation transforms need a size to batch images; set img_size")
+        self.pixels = pixels
+        self.size = list(pixels.size)
+        self.num_channels = pixels.num_channels if self.convert_channels else None
         self.num_labels = num_labels
-        self.mean, self.std = mean, std
+        self.mean, self.std = pixels.image_mean, pixels.image_std
+
+    def _to_float(self, image) -> torch.Tensor:
+        try:
+            if self.convert_channels:
+                return self.pixels.to_float(image)[0]
+            return _scaled(image, self.pixels.rescale, self.pixels.rescale_factor)
+        except PixelError as err:
+            raise DataError(str(err)) from err
 
     def _augment(self, image: tv_tensors.Image, mask: Optional[tv_tensors.Mask]):
         return image, mask
 
     def __call__(self, image, mask=None) -> dict:
-        img = tv_tensors.Image(to_image_tensor(image, self.num_channels))
+        img = tv_tensors.Image(self._to_float(image))
         msk = None
         if mask is not None:
             m = to_mask_tensor(mask, self.num_labels)
@@ -130,10 +119,7 @@ class _JointTransform:
                 raise DataError(f"image {tuple(img.shape[-2:])} and mask {tuple(m.shape)} differ in size")
             msk = tv_tensors.Mask(m[None])
         img, msk = self._augment(img, msk)
-        img = F.resize(img, self.size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-        out = {"pixel_values": img.as_subclass(torch.Tensor)}
-        if self.mean is not None:
-            out["pixel_values"] = F.normalize(out["pixel_values"], list(self.mean), list(self.std))
+        out = {"pixel_values": self.pixels.finish(img.as_subclass(torch.Tensor))}
         if msk is not None:
             labels = F.resize(msk, self.size, interpolation=v2.InterpolationMode.NEAREST)
             out["labels"] = labels[0].as_subclass(torch.Tensor)
@@ -152,9 +138,11 @@ class TrainTransform(_JointTransform):
     (image bilinear, mask nearest, zeros filled in).
     """
 
-    def __init__(self, img_size: Size, num_channels: Optional[int] = None, num_labels: Optional[int] = None,
-                 mean=None, std=None, degrees: float = 20.0, p_rot_flip: float = 0.5, p_rotate: float = 0.5):
-        super().__init__(img_size, num_channels, num_labels, mean, std)
+    def __init__(self, img_size: Optional[Size] = None, num_channels: Optional[int] = None,
+                 num_labels: Optional[int] = None, mean=None, std=None, degrees: float = 20.0,
+                 p_rot_flip: float = 0.5, p_rotate: float = 0.5, rescale: Optional[bool] = None,
+                 pixels: Optional[PixelConfig] = None):
+        super().__init__(img_size, num_channels, num_labels, mean, std, rescale=rescale, pixels=pixels)
         self.degrees, self.p_rot_flip, self.p_rotate = degrees, p_rot_flip, p_rotate
 
     def _augment(self, image, mask):

@@ -1,9 +1,9 @@
 """Image processor for RWKV-UNet: medical slices and photos in, ``pixel_values`` out, label maps back.
 
 Medical images are not 8-bit photos: CT and MRI slices come as float arrays in any range (often already in
-[0, 1]). So values are rescaled only when asked, or by default for 8-bit inputs; normalisation is a
-per-checkpoint choice (ImageNet statistics for RGB models, none for 1-channel slices); and the number of
-channels the model takes (``num_channels``) makes grey <-> RGB conversion explicit.
+[0, 1]), microscopy and ultrasound as 16-bit files. Every pixel rule (reading PIL modes and arrays, scaling
+integers by bit depth, channel conversion, resize, normalisation) is :mod:`rwkvunet.pixels`, the same code the
+training transforms and ``Segmenter`` run, so a saved model sees the same pixels in every place.
 """
 from __future__ import annotations
 
@@ -16,23 +16,17 @@ import torchvision.transforms.v2.functional as tvF
 from transformers.image_processing_backends import TorchvisionBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
     ChannelDimension,
     ImageInput,
     ImageType,
     PILImageResampling,
     SizeDict,
     get_image_type,
-    infer_channel_dimension_format,
 )
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType
 
-# ITU-R 601-2 luma, the weights of PIL's "L" conversion
-_LUMA = (0.299, 0.587, 0.114)
-# PIL modes that become an array of channels as they are; any other mode is converted to RGB first
-_PIL_ARRAY_MODES = ("L", "RGB", "I", "I;16", "F")
+from ...pixels import PROCESSOR_DEFAULTS, PixelConfig, read_pixels
 
 
 class RWKVUNetImageProcessorKwargs(ImagesKwargs, total=False):
@@ -49,14 +43,16 @@ class RWKVUNetImageProcessorKwargs(ImagesKwargs, total=False):
 class RWKVUNetImageProcessor(TorchvisionBackend):
     r"""Resize, optionally rescale and normalise images for [`RWKVUNetForSemanticSegmentation`].
 
-    Accepts PIL images, numpy arrays `(H, W)`, `(H, W, C)` or `(C, H, W)` and torch tensors, of any dtype.
-    Everything is converted to float32 before resizing, so float CT/MRI intensities keep their values.
+    Accepts PIL images, numpy arrays `(H, W)`, `(H, W, C)` or `(C, H, W)` and torch tensors, of any dtype;
+    the rules are those of [`rwkvunet.pixels`]. Everything is converted to float32 before resizing, so float
+    CT/MRI intensities keep their values.
 
     Args:
         do_resize (`bool`, defaults to True): resize to `size` (bilinear for images, nearest for label maps).
         size (`dict`, defaults to `{"height": 224, "width": 224}`): the model's training resolution.
-        do_rescale (`bool`, *optional*): multiply by `rescale_factor`. `None` (default) rescales 8-bit
-            (uint8) inputs only, so PNG/JPEG photos land in [0, 1] and float arrays stay as they are.
+        do_rescale (`bool`, *optional*): `None` (default) scales integer images by their bit depth (8-bit by
+            255, 16-bit by 65535, bool as 0/1), as training does, and keeps floats as they are; `True`
+            multiplies every input by `rescale_factor`; `False` keeps every value as stored.
         rescale_factor (`float`, defaults to 1/255).
         do_normalize (`bool`, defaults to False): subtract `image_mean` and divide by `image_std` (True with
             the ImageNet statistics for RGB checkpoints).
@@ -67,18 +63,18 @@ class RWKVUNetImageProcessor(TorchvisionBackend):
     valid_kwargs = RWKVUNetImageProcessorKwargs
     model_input_names = ["pixel_values"]
     resample = PILImageResampling.BILINEAR
-    size = {"height": 224, "width": 224}
+    size = dict(PROCESSOR_DEFAULTS["size"])
     default_to_square = True
-    do_resize = True
+    do_resize = PROCESSOR_DEFAULTS["do_resize"]
     do_center_crop = None
     crop_size = None
-    do_rescale = None
-    rescale_factor = 1 / 255
-    do_normalize = False
-    image_mean = IMAGENET_DEFAULT_MEAN
-    image_std = IMAGENET_DEFAULT_STD
+    do_rescale = PROCESSOR_DEFAULTS["do_rescale"]
+    rescale_factor = PROCESSOR_DEFAULTS["rescale_factor"]
+    do_normalize = PROCESSOR_DEFAULTS["do_normalize"]
+    image_mean = list(PROCESSOR_DEFAULTS["image_mean"])
+    image_std = list(PROCESSOR_DEFAULTS["image_std"])
     do_convert_rgb = None
-    num_channels = 1
+    num_channels = PROCESSOR_DEFAULTS["num_channels"]
 
     def __init__(self, **kwargs: Unpack[RWKVUNetImageProcessorKwargs]):
         super().__init__(**kwargs)
@@ -119,73 +115,33 @@ class RWKVUNetImageProcessor(TorchvisionBackend):
         raise ValueError(f"cannot read images of shape {tuple(images.shape)}: give (H, W), (H, W, C) or (C, H, W) "
                          "images, a list of them, or a 4-D batch")
 
-    # --- one image to a float (C, H, W) tensor ----------------------------------------------------------
+    # --- one image to a (C, H, W) tensor ---------------------------------------------------------------
     def process_image(
             self,
             image: ImageInput,
             do_convert_rgb: Optional[bool] = None,
             input_data_format: Optional[Union[str, ChannelDimension]] = None,
             device: Optional[torch.device] = None,
-            num_channels: Optional[int] = None,
             **kwargs,
     ) -> torch.Tensor:
-        """PIL / numpy / torch -> channels-first tensor in its own dtype (uint8 stays uint8 here)."""
-        image_type = get_image_type(image)
-        if image_type == ImageType.PIL:
-            if image.mode not in _PIL_ARRAY_MODES:
-                image = image.convert("RGB")
-            image = torch.from_numpy(np.array(image))
-            input_data_format = ChannelDimension.LAST if image.ndim == 3 else input_data_format
-        elif image_type == ImageType.NUMPY:
-            image = torch.from_numpy(np.ascontiguousarray(image))
-        elif image_type != ImageType.TORCH:
+        """PIL / numpy / torch -> channels-first tensor in its own dtype, by :func:`rwkvunet.pixels.read_pixels`."""
+        if get_image_type(image) not in (ImageType.PIL, ImageType.NUMPY, ImageType.TORCH):
             raise ValueError(f"unsupported image type {type(image).__name__}; pass PIL images, numpy arrays "
                              "or torch tensors")
-        if image.ndim == 2:
-            image = image.unsqueeze(0)
-            input_data_format = ChannelDimension.FIRST
-        elif image.ndim != 3:
-            raise ValueError(f"an image must be (H, W), (H, W, C) or (C, H, W), got shape {tuple(image.shape)}; "
-                             "pass a batch as a list or a 4-D array")
-        if input_data_format is None:
-            counts = tuple(sorted({1, 3, 4, int(num_channels or self.num_channels)}))
-            try:
-                input_data_format = infer_channel_dimension_format(image, num_channels=counts)
-            except ValueError:
-                raise ValueError(f"cannot tell which axis of an image of shape {tuple(image.shape)} holds the "
-                                 f"channels (expected {counts}); pass input_data_format='channels_first' or "
-                                 "'channels_last'") from None
-        if input_data_format == ChannelDimension.LAST:
-            image = image.permute(2, 0, 1)
-        image = image.contiguous()
+        axis = {ChannelDimension.FIRST: 0, ChannelDimension.LAST: -1}.get(
+            ChannelDimension(input_data_format) if input_data_format is not None else None)
+        image = read_pixels(image, channel_axis=axis)
         return image.to(device) if device is not None else image
 
-    @staticmethod
-    def to_float(image: torch.Tensor, do_rescale: Optional[bool], rescale_factor: float) -> torch.Tensor:
-        """float32 copy; rescaled when ``do_rescale`` is True, or when it is None and the image is 8-bit."""
-        scale = do_rescale if do_rescale is not None else image.dtype == torch.uint8
-        image = image.to(torch.float32)
-        return image * rescale_factor if scale else image
-
-    @staticmethod
-    def convert_channels(image: torch.Tensor, num_channels: int) -> torch.Tensor:
-        """Make a (C, H, W) image have ``num_channels`` channels: grey -> RGB by repetition, RGB -> grey by
-        luma, RGBA -> RGB by dropping alpha."""
-        channels = image.shape[0]
-        if channels == num_channels:
-            return image
-        if channels == 4 and num_channels in (1, 3):
-            image, channels = image[:3], 3
-            if num_channels == 3:
-                return image
-        if channels == 1 and num_channels == 3:
-            return image.expand(3, -1, -1).contiguous()
-        if channels == 3 and num_channels == 1:
-            weights = torch.tensor(_LUMA, dtype=image.dtype, device=image.device).view(3, 1, 1)
-            return (image * weights).sum(0, keepdim=True)
-        raise ValueError(f"the image has {channels} channels but the model takes {num_channels} "
-                         "(num_channels); only grey <-> RGB(A) are converted, so convert the image yourself "
-                         "or set num_channels to the model's config.in_channels")
+    def pixel_config(self, **overrides) -> PixelConfig:
+        """These settings (with ``overrides`` as given to ``preprocess``) as a :class:`rwkvunet.pixels.PixelConfig`."""
+        settings = {key: getattr(self, key) for key in PROCESSOR_DEFAULTS}
+        settings.update({k: v for k, v in overrides.items() if k in PROCESSOR_DEFAULTS and v is not None})
+        if "do_rescale" in overrides:
+            settings["do_rescale"] = overrides["do_rescale"]
+        if isinstance(settings.get("size"), SizeDict):
+            settings["size"] = {"height": settings["size"].height, "width": settings["size"].width}
+        return PixelConfig.from_processor_dict(settings, source=type(self).__name__)
 
     # --- batch ------------------------------------------------------------------------------------------
     def _preprocess_image_like_inputs(
@@ -198,14 +154,13 @@ class RWKVUNetImageProcessor(TorchvisionBackend):
             device: Optional[torch.device] = None,
             **kwargs,
     ) -> BatchFeature:
-        num_channels = int(kwargs.pop("num_channels") or self.num_channels)
+        config = self.pixel_config(
+            num_channels=kwargs.pop("num_channels"), do_resize=kwargs["do_resize"], size=kwargs["size"],
+            do_rescale=kwargs["do_rescale"], rescale_factor=kwargs["rescale_factor"],
+            do_normalize=kwargs["do_normalize"], image_mean=kwargs["image_mean"], image_std=kwargs["image_std"])
         prepared = self._prepare_image_like_inputs(
-            images=images, do_convert_rgb=False, input_data_format=input_data_format, device=device,
-            num_channels=num_channels,
-        )
-        prepared = [self.convert_channels(self.to_float(image, kwargs["do_rescale"], kwargs["rescale_factor"]),
-                                          num_channels) for image in prepared]
-        data = {"pixel_values": self._preprocess(prepared, **{**kwargs, "do_rescale": False})}
+            images=images, do_convert_rgb=False, input_data_format=input_data_format, device=device)
+        data = {"pixel_values": [config.finish(config.to_float(image)[0]) for image in prepared]}
 
         if segmentation_maps is not None:
             maps = self._prepare_image_like_inputs(
@@ -234,25 +189,11 @@ class RWKVUNetImageProcessor(TorchvisionBackend):
             image_std,
             **kwargs,
     ) -> list:
-        processed = []
-        for image in images:  # images of one batch may differ in size and are usually few: no grouping
-            if do_resize and tuple(image.shape[-2:]) != (size.height, size.width):
-                image = self.resize(image, size=size, resample=resample, antialias=True)
-            if do_rescale:
-                image = image * rescale_factor
-            if do_normalize:
-                image = self._normalize_channels(image, image_mean, image_std)
-            processed.append(image)
-        return processed
-
-    @staticmethod
-    def _normalize_channels(image: torch.Tensor, mean, std) -> torch.Tensor:
-        mean = torch.as_tensor(mean, dtype=image.dtype, device=image.device).reshape(-1, 1, 1)
-        std = torch.as_tensor(std, dtype=image.dtype, device=image.device).reshape(-1, 1, 1)
-        if mean.shape[0] not in (1, image.shape[0]) or std.shape[0] not in (1, image.shape[0]):
-            raise ValueError(f"image_mean / image_std have {mean.shape[0]} / {std.shape[0]} values for an image "
-                             f"with {image.shape[0]} channels; give one value or one per channel")
-        return (image - mean) / std
+        """Label maps only (images go through :mod:`rwkvunet.pixels`): nearest-neighbour resize."""
+        if not do_resize:
+            return list(images)
+        return [image if tuple(image.shape[-2:]) == (size.height, size.width) else
+                self.resize(image, size=size, resample=resample, antialias=False) for image in images]
 
     # --- model output back to label maps ----------------------------------------------------------------
     def post_process_semantic_segmentation(self, outputs, target_sizes=None, return_segmentation_scores: bool = False):

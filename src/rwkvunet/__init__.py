@@ -22,6 +22,9 @@ def _register_auto_classes() -> None:
     AutoModelForSemanticSegmentation.register(RWKVUNetConfig, RWKVUNetForSemanticSegmentation, exist_ok=True)
     AutoImageProcessor.register(RWKVUNetConfig, image_processor_classes={"torchvision": RWKVUNetImageProcessor},
                                 exist_ok=True)
+    from .models.rwkv_unet.pipeline import register_pipeline
+
+    register_pipeline()
 
 
 _register_auto_classes()

@@ -326,8 +326,11 @@ def test_cli_unreadable_files_fail_alone(model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1
     assert "broken.png: cannot read the image" in err and "broken.nii.gz: cannot read the NIfTI volume" in err
-    assert "2 input(s) could not be segmented" in err
+    assert "2 input(s) could not be segmented" in err and "the others were written" in err
+    assert "wrote 2 files for 1 of 3 inputs" in err
+    assert err.strip().splitlines()[-1].startswith("rwkvunet predict: error: ")
     assert (out / "good_labels.png").is_file() and (out / "good_overlay.png").is_file()
+    assert (out / "labels.json").is_file()
 
 
 def test_cli_channel_mismatch_without_a_conversion(tmp_path, capsys):
@@ -335,8 +338,11 @@ def test_cli_channel_mismatch_without_a_conversion(tmp_path, capsys):
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "grey.png")
     rc = cli_main(["predict", str(tmp_path / "two"), str(tmp_path / "grey.png"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 2  # the only input failed: nothing done
     assert "grey.png: the image has 1 channel but the model takes 2" in err and "no unambiguous conversion" in err
+    assert "rwkvunet predict: error: nothing written: none of the 1 input(s)" in err
+    assert "wrote 0 files" not in err and "labels.json" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_nibabel_names_the_extra(monkeypatch):
@@ -456,3 +462,210 @@ def test_cuda_default_is_bf16_and_close_to_cpu():
     whole = gpu_seg.predict_proba(image)
     assert gpu.dtype == np.float32 and np.abs(whole - cpu).mean() < 0.02 and np.abs(whole - cpu).max() < 0.15
     np.testing.assert_allclose(gpu.sum(0), 1.0, atol=1e-4)
+
+
+# --- outputs: nothing replaced without --overwrite, inputs never, --out checked before the model ---------------
+def _png(path, value: int = 0, size=(12, 16)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full(size, value, np.uint8)).save(path)
+    return path
+
+
+def _snapshot(folder):
+    """Every file under ``folder`` with its bytes, to prove nothing was touched."""
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Records every model load of `rwkvunet predict` and refuses it, for checks that must come first."""
+    from rwkvunet.commands import predict as command
+
+    calls = []
+
+    class NoModel:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            calls.append(args)
+            raise RuntimeError("the model must not be loaded here")
+
+    monkeypatch.setattr(command, "Segmenter", NoModel)
+    return calls
+
+
+def _one_error_line(err: str, *fragments) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("rwkvunet predict: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], err
+    return lines[0]
+
+
+def test_cli_refuses_to_overwrite_existing_outputs(model_dir, tmp_path, capsys, loads):
+    src, out = tmp_path / "in", tmp_path / "out"
+    for name in ("a", "b", "c"):
+        _png(src / f"{name}.png")
+    (out / "a_labels.png").parent.mkdir()
+    for name in ("a_labels.png", "b_overlay.png", "c_labels.png", "c_overlay.png"):
+        (out / name).write_bytes(b"a user's file " + name.encode())
+    before = _snapshot(tmp_path)
+
+    assert cli_main(["predict", str(model_dir), str(src), "--out", str(out)]) == 2
+    line = _one_error_line(capsys.readouterr().err, "4 output file(s) already exist", str(out / "a_labels.png"),
+                           "and 1 more", "--overwrite")
+    assert str(out / "c_overlay.png") not in line  # the first few are listed, then the count
+    assert _snapshot(tmp_path) == before and not loads
+
+
+def test_cli_overwrite_replaces_outputs(model_dir, tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    _png(src / "a.png")
+    out.mkdir()
+    (out / "a_labels.png").write_bytes(b"old")
+    assert cli_main(["predict", str(model_dir), str(src), "--out", str(out), "--overwrite"]) == 0, \
+        capsys.readouterr().err
+    assert np.asarray(Image.open(out / "a_labels.png")).shape == (12, 16)
+
+
+def test_cli_labels_beside_an_input_when_out_is_its_folder(model_dir, tmp_path, capsys, loads):
+    """`predict MODEL in/a.png --out in` must not replace in/a_labels.png (a user's mask, say)."""
+    src = tmp_path / "in"
+    _png(src / "a.png")
+    _png(src / "a_labels.png", 1)
+    before = _snapshot(tmp_path)
+    assert cli_main(["predict", str(model_dir), str(src / "a.png"), "--out", str(src)]) == 2
+    _one_error_line(capsys.readouterr().err, "already exist", str(src / "a_labels.png"), "--overwrite")
+    assert _snapshot(tmp_path) == before and not loads
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_cli_never_overwrites_an_input(model_dir, tmp_path, capsys, loads, overwrite):
+    src = tmp_path / "in"
+    _png(src / "a.png")
+    _png(src / "a_labels.png", 1)  # named as an input too: it is someone's data
+    before = _snapshot(tmp_path)
+    argv = ["predict", str(model_dir), str(src / "a.png"), str(src / "a_labels.png"), "--out", str(src)]
+    assert cli_main(argv + (["--overwrite"] if overwrite else [])) == 2
+    _one_error_line(capsys.readouterr().err, "would replace input files", str(src / "a_labels.png"),
+                    "output of", "--overwrite never replaces an input")
+    assert _snapshot(tmp_path) == before and not loads
+
+
+def test_cli_out_holding_an_input_folder(model_dir, tmp_path, capsys, loads):
+    src = tmp_path / "in"
+    _png(src / "a.png")
+    for out in (src, tmp_path):
+        assert cli_main(["predict", str(model_dir), str(src), "--out", str(out)]) == 2
+        _one_error_line(capsys.readouterr().err, f"--out {out} holds the input folder {src}")
+    assert not loads
+
+
+def _unwritable(path, monkeypatch):
+    """Make ``path`` read-only for the command, also when the tests run as root (who ignores modes)."""
+    import os
+
+    path.chmod(0o555)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.path.abspath(p) == str(path)
+                        else real(p, mode, **kw))
+
+
+@pytest.mark.parametrize("case", ["file", "under_a_file", "read_only", "read_only_parent"])
+def test_cli_bad_out_is_refused_before_the_model_is_loaded(model_dir, tmp_path, capsys, loads, monkeypatch, case):
+    _png(tmp_path / "in" / "a.png")
+    (tmp_path / "notes.txt").write_text("a user's file")
+    (tmp_path / "ro").mkdir()
+    out, fragment = {"file": (tmp_path / "notes.txt", "is a file"),
+                     "under_a_file": (tmp_path / "notes.txt" / "out", "cannot be created"),
+                     "read_only": (tmp_path / "ro", "is not writable"),
+                     "read_only_parent": (tmp_path / "ro" / "new", "cannot be created")}[case]
+    if case.startswith("read_only"):
+        _unwritable(tmp_path / "ro", monkeypatch)
+    before = _snapshot(tmp_path)
+    try:
+        rc = cli_main(["predict", str(model_dir), str(tmp_path / "in"), "--out", str(out)])
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+    assert rc == 2
+    _one_error_line(capsys.readouterr().err, f"--out {out}", fragment, "give a folder you can write to")
+    assert _snapshot(tmp_path) == before and not loads
+
+
+def test_cli_nothing_written_is_status_2_without_a_legend(model_dir, tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 4)
+    (src / "empty.jpg").write_bytes(b"")
+    assert cli_main(["predict", str(model_dir), str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "broken.png: cannot read the image" in err and "empty.jpg" in err
+    assert "nothing written: none of the 2 input(s) could be segmented" in err
+    assert "wrote 0 files" not in err and "labels.json" not in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_cli_keeps_a_labels_json_it_did_not_write(model_dir, tmp_path, capsys, loads):
+    src, out = tmp_path / "in", tmp_path / "out"
+    _png(src / "a.png")
+    out.mkdir()
+    (out / "labels.json").write_text('{"study": "my own notes"}\n')
+    before = _snapshot(tmp_path)
+    assert cli_main(["predict", str(model_dir), str(src), "--out", str(out)]) == 2
+    _one_error_line(capsys.readouterr().err, str(out / "labels.json"), "not written by rwkvunet predict",
+                    "--overwrite")
+    assert _snapshot(tmp_path) == before and not loads
+
+
+def test_cli_legend_of_an_earlier_run(model_dir, tmp_path, capsys):
+    """A second run into the same --out keeps the same legend; one for other labels is kept, with a message."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    _png(src / "a.png")
+    _png(tmp_path / "more" / "b.png")
+    assert cli_main(["predict", str(model_dir), str(src), "--out", str(out)]) == 0
+    legend = (out / "labels.json").read_bytes()
+    assert cli_main(["predict", str(model_dir), str(tmp_path / "more"), "--out", str(out)]) == 0
+    assert (out / "b_labels.png").is_file() and (out / "labels.json").read_bytes() == legend
+    capsys.readouterr()
+
+    _build(5, num_labels=2).save_pretrained(tmp_path / "binary")
+    _png(tmp_path / "third" / "c.png")
+    before = _snapshot(out)
+    assert cli_main(["predict", str(tmp_path / "binary"), str(tmp_path / "third"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "labels.json names other labels than this model's" in err.strip().splitlines()[-1]
+    assert "Traceback" not in err and _snapshot(out) == before
+
+
+def test_cli_truncated_model_weights_are_one_line(model_dir, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(model_dir, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _png(tmp_path / "in" / "a.png")
+    assert cli_main(["predict", str(broken), str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 2
+    _one_error_line(capsys.readouterr().err, str(broken / "model.safetensors"), "not a complete safetensors file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_help_names_the_nifti_outputs(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["predict", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "<name>_labels.nii.gz" in text and ".nii input" in text and "--overwrite" in text
+
+
+def test_nifti_labels_keep_the_input_compression(model_dir, tmp_path, capsys):
+    pytest.importorskip("nibabel")
+    vol = np.random.default_rng(4).random((12, 10, 2)).astype(np.float32)
+    (tmp_path / "in").mkdir()
+    _nifti(tmp_path / "in" / "plain.nii", vol, _affine())
+    _nifti(tmp_path / "in" / "packed.nii.gz", vol, _affine())
+    out = tmp_path / "out"
+    assert cli_main(["predict", str(model_dir), str(tmp_path / "in"), "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    assert (out / "plain_labels.nii").is_file() and (out / "packed_labels.nii.gz").is_file()
+    assert (out / "packed_labels.nii.gz").read_bytes()[:2] == b"\x1f\x8b"  # gzip
+    assert (out / "plain_labels.nii").read_bytes()[:2] != b"\x1f\x8b"

@@ -255,15 +255,19 @@ def montage_slices(labels: np.ndarray, axis: int, max_slices: int = 16) -> List[
     return candidates[pick].tolist()
 
 
+def legend(names: dict) -> dict:
+    """For each label value (as a string, as in JSON), its name and overlay colour."""
+    return {str(int(i)): {"name": str(name), "color": [int(c) for c in colorize(np.array([int(i)]))[0]]}
+            for i, name in sorted(names.items())}
+
+
 def save_legend(path: os.PathLike | str, names: dict) -> Path:
     """A JSON legend: for each label value, its name and overlay colour."""
     import json
 
-    legend = {str(int(i)): {"name": str(name), "color": [int(c) for c in colorize(np.array([int(i)]))[0]]}
-              for i, name in sorted(names.items())}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(legend, indent=2) + "\n")
+    path.write_text(json.dumps(legend(names), indent=2) + "\n")
     return path
 
 
@@ -280,6 +284,6 @@ def strip_extension(path: os.PathLike | str) -> str:
 __all__ = [
     "IMAGE_EXTENSIONS", "NIFTI_EXTENSIONS", "PALETTE", "InputError", "file_kind", "find_inputs", "read_image",
     "to_display", "colorize", "overlay", "save_png", "require_nibabel", "read_volume", "save_nifti_labels",
-    "save_legend",
+    "legend", "save_legend",
     "montage", "montage_slices", "strip_extension",
 ]

@@ -1,13 +1,19 @@
 """``rwkvunet predict MODEL INPUT... --out DIR``: label maps and overlays for images, folders and NIfTI volumes.
 
 Per image: ``<name>_labels.png`` (uint8 class indices, the image's size) and ``<name>_overlay.png``; per volume:
-``<name>_labels.nii.gz`` (uint8, the input's shape, affine and header geometry) and ``<name>_montage.png``.
-Folders keep their layout under ``--out``; ``labels.json`` there names each label value and its colour. Exit status: 0 all done, 1 some files could not be segmented
-(the others are written), 2 nothing done (bad arguments, model or inputs).
+``<name>_labels.nii.gz`` (``<name>_labels.nii`` for a ``.nii`` input; uint8, the input's shape, affine and header
+geometry) and ``<name>_montage.png``. Folders keep their layout under ``--out``; ``labels.json`` there names each
+label value and its colour.
+
+No existing file is replaced without ``--overwrite``, and an input never is: every output path and ``--out``
+itself are checked before the model is loaded. Exit status: 0 all done, 1 some files could not be segmented (the
+others are written), 2 nothing done (bad arguments, model, inputs or outputs).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import warnings
 from collections import Counter
@@ -18,6 +24,7 @@ import numpy as np
 import torch
 
 from .. import inference_io as io
+from ..errors import EXIT_NOTHING_DONE, EXIT_OK, EXIT_PARTIAL, UserError, print_error
 from ..inference import (CT_AIR_THRESHOLD, CT_WINDOW, InputConversionWarning, Segmenter, choose_intensity,
                          match_channels, prepare_volume)
 
@@ -26,7 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="model folder (save_pretrained) or Hub id")
     parser.add_argument("inputs", metavar="INPUT", nargs="+",
                         help="images (PNG, JPEG, TIFF, BMP), NIfTI volumes (.nii, .nii.gz) or folders of them")
-    parser.add_argument("--out", "-o", required=True, type=Path, help="output folder (created if needed)")
+    parser.add_argument("--out", "-o", required=True, type=Path,
+                        help="output folder (created if needed): <name>_labels.png and <name>_overlay.png per "
+                             "image; <name>_labels.nii.gz (<name>_labels.nii for a .nii input) and "
+                             "<name>_montage.png per volume; labels.json. Existing files are kept unless "
+                             "--overwrite")
     vol = parser.add_argument_group("volumes")
     vol.add_argument("--axis", type=int, default=2, help="slice axis of NIfTI volumes (default 2: axial for "
                      "RAS-stored scans)")
@@ -52,14 +63,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("outputs")
     out.add_argument("--color", action="store_true", help="also write <name>_labels_color.png for viewing")
     out.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace output files that already exist under --out (never an input file)")
 
 
-def _error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
+PROG = "rwkvunet predict"
+LEGEND = "labels.json"
+#: How many clashing paths an error message lists before giving the count.
+SHOWN = 3
 
 
 def _check_args(args) -> Optional[str]:
+    """The first problem with the options, or None."""
     if args.window is not None and not args.window[0] < args.window[1]:
         return f"--window needs LOW < HIGH, got {args.window[0]:g} {args.window[1]:g}"
     if args.tile is not None and args.tile < 16:
@@ -98,6 +113,103 @@ class _Outputs:
         return base
 
 
+def _output_names(file: Path, base: Path, args) -> Dict[str, Path]:
+    """The files one input gets, by role: the one place that names outputs (labels keep a volume's .nii or
+    .nii.gz)."""
+    if io.file_kind(file) == "volume":
+        ext = ".nii.gz" if file.name.lower().endswith(".gz") else ".nii"
+        return {"labels": Path(f"{base}_labels{ext}"), "montage": Path(f"{base}_montage.png")}
+    names = {"labels": Path(f"{base}_labels.png"), "overlay": Path(f"{base}_overlay.png")}
+    if args.color:
+        names["color"] = Path(f"{base}_labels_color.png")
+    return names
+
+
+def _plan(files: List[Tuple[Path, Path]], args) -> List[Tuple[Path, Path, Dict[str, Path]]]:
+    """``(file, base, output names)`` for every input, decided before anything runs."""
+    outputs = _Outputs(args.out)
+    plan = []
+    for file, root in files:
+        base = outputs.base(file, root)
+        plan.append((file, base, _output_names(file, base, args)))
+    return plan
+
+
+def _listing(paths: List[str]) -> str:
+    shown = ", ".join(paths[:SHOWN])
+    return shown + (f" and {len(paths) - SHOWN} more" if len(paths) > SHOWN else "")
+
+
+def _writable_folder(path: Path) -> bool:
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+def _check_out(out: Path) -> None:
+    """--out must be a writable folder, or one that can be created (checked before any model is loaded)."""
+    fix = "give a folder you can write to (it is created if missing)"
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"--out {out} is a file; {fix}")
+        if not _writable_folder(out):
+            raise UserError(f"--out {out} is not writable; {fix}")
+        return
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--out {out} cannot be created: {parent} is a file; {fix}")
+    if not _writable_folder(parent):
+        raise UserError(f"--out {out} cannot be created: {parent} is not writable; {fix}")
+
+
+def _check_inputs_outside_out(args) -> None:
+    """Files under --out are skipped as earlier outputs, so an input folder inside --out would be skipped."""
+    out = args.out.resolve()
+    for raw in args.inputs:
+        folder = Path(raw)
+        if folder.is_dir() and (folder.resolve() == out or out in folder.resolve().parents):
+            raise UserError(f"--out {args.out} holds the input folder {folder}, whose files would be taken for "
+                            "earlier outputs; give an --out outside the inputs (e.g. a new folder beside them)")
+
+
+def _is_legend(path: Path) -> bool:
+    """True for a labels.json written by this command (label values -> name and colour)."""
+    try:
+        legend = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(legend, dict) and bool(legend) and all(
+        key.isdigit() and isinstance(value, dict) and set(value) == {"name", "color"}
+        for key, value in legend.items())
+
+
+def _check_clashes(plan, files: List[Tuple[Path, Path]], args) -> None:
+    """Refuse to replace an input (ever) or an existing file (without --overwrite), listing the first few."""
+    inputs = {file.resolve(): file for file, _ in files}
+    on_inputs = [f"{path} (an input; output of {file})" for file, _, names in plan for path in names.values()
+                 if path.resolve() in inputs]
+    if on_inputs:
+        raise UserError(f"{len(on_inputs)} output(s) would replace input files: {_listing(on_inputs)}; give "
+                        "another --out (--overwrite never replaces an input)")
+    if args.overwrite:
+        return
+    existing = [str(path) for _, _, names in plan for path in names.values() if path.exists()]
+    legend = args.out / LEGEND
+    if legend.exists() and not _is_legend(legend):
+        existing.append(f"{legend} (not written by rwkvunet predict)")
+    if existing:
+        raise UserError(f"{len(existing)} output file(s) already exist: {_listing(existing)}; pass --overwrite to "
+                        "replace them, or give another --out")
+
+
+def _check_legend(path: Path, names: dict, overwrite: bool) -> None:
+    """An earlier run's labels.json for other labels describes the files it wrote: keep it without --overwrite."""
+    if overwrite or not path.exists() or json.loads(path.read_text(encoding="utf-8")) == io.legend(names):
+        return
+    raise UserError(f"{path} names other labels than this model's (it describes an earlier run's outputs); pass "
+                    "--overwrite to replace it, or give another --out")
+
+
 def _intensity(args, volume: np.ndarray) -> Tuple[object, str]:
     """The intensity preparation asked for, or the one chosen from the values, and why."""
     if args.window is not None:
@@ -123,10 +235,11 @@ def _segment_image(seg: Segmenter, args, file: Path, base: Path, notes: Counter,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", InputConversionWarning)  # said above, once
         labels = seg.predict_image(image, tile=args.tile, overlap=args.overlap, native=args.native)
-    written = [io.save_png(f"{base}_labels.png", labels),
-               io.save_png(f"{base}_overlay.png", io.overlay(image, labels, args.alpha))]
+    names = _output_names(file, base, args)
+    written = [io.save_png(names["labels"], labels),
+               io.save_png(names["overlay"], io.overlay(image, labels, args.alpha))]
     if args.color:
-        written.append(io.save_png(f"{base}_labels_color.png", io.colorize(labels)))
+        written.append(io.save_png(names["color"], io.colorize(labels)))
     return written
 
 
@@ -145,37 +258,51 @@ def _segment_volume(seg: Segmenter, args, file: Path, base: Path, notes: Counter
         warnings.simplefilter("ignore", InputConversionWarning)
         labels = seg.predict_volume(prepared, axis=axis, batch_size=args.batch_size, intensity=None,
                                     native=args.native, tile=args.tile, overlap=args.overlap, progress=True)
-    ext = ".nii.gz" if file.name.lower().endswith(".gz") else ".nii"
-    written = [io.save_nifti_labels(f"{base}_labels{ext}", labels, img)]
+    names = _output_names(file, base, args)
+    written = [io.save_nifti_labels(names["labels"], labels, img)]
     picks = io.montage_slices(labels, axis)
     grid = io.montage([np.take(prepared, k, axis=axis) for k in picks],
                       [np.take(labels, k, axis=axis) for k in picks], alpha=args.alpha)
-    written.append(io.save_png(f"{base}_montage.png", grid))
+    written.append(io.save_png(names["montage"], grid))
     return written
 
 
-def run(args) -> int:
+def _load(args) -> Segmenter:
+    try:
+        return Segmenter.from_pretrained(args.model, device=args.device,
+                                         dtype=None if args.dtype == "auto" else args.dtype,
+                                         tta=args.tta, batch_size=args.batch_size)
+    except UserError:
+        raise
+    except (OSError, ValueError) as err:  # e.g. a preprocessor_config.json that does not fit the model
+        raise UserError(f"cannot load the model {args.model}: {err}") from err
+
+
+def _prepare(args) -> Tuple[List[Tuple[Path, Path]], list]:
+    """The inputs and the output plan, with every check that needs no model; raises UserError."""
     problem = _check_args(args)
     if problem:
-        return _error(problem)
-    try:
-        files = io.find_inputs(args.inputs, exclude=args.out)
-    except io.InputError as err:
-        return _error(str(err))
+        raise UserError(problem)
+    _check_out(args.out)
+    _check_inputs_outside_out(args)
+    files = io.find_inputs(args.inputs, exclude=args.out)
     if not files:
-        return _error(f"no images or NIfTI volumes found in {' '.join(map(str, args.inputs))} "
-                      f"(formats: {io.supported_formats()})")
+        raise UserError(f"no images or NIfTI volumes found in {' '.join(map(str, args.inputs))} "
+                        f"(formats: {io.supported_formats()})")
     if any(io.file_kind(f) == "volume" for f, _ in files):
         try:
             io.require_nibabel()
         except ImportError as err:
-            return _error(str(err))
-    try:
-        seg = Segmenter.from_pretrained(args.model, device=args.device,
-                                        dtype=None if args.dtype == "auto" else args.dtype,
-                                        tta=args.tta, batch_size=args.batch_size)
-    except (OSError, ValueError) as err:
-        return _error(f"{err}")
+            raise UserError(str(err)) from err
+    plan = _plan(files, args)
+    _check_clashes(plan, files, args)
+    return files, plan
+
+
+def run(args) -> int:
+    files, plan = _prepare(args)
+    seg = _load(args)
+    _check_legend(args.out / LEGEND, seg.label_names, args.overwrite)
 
     from tqdm.auto import tqdm
 
@@ -185,38 +312,43 @@ def run(args) -> int:
     print(f"model: {args.model} ({seg.in_channels} input channel(s), {seg.num_classes} classes); "
           f"{seg.device.type} {str(seg.dtype).replace('torch.', '')}; {mode}; TTA {'on' if seg.tta else 'off'}; "
           f"preprocessing from {pre.source}", file=sys.stderr)
-    outputs = _Outputs(args.out)
     notes: Counter = Counter()
     failed: Dict[Path, str] = {}
     written: List[Path] = []
+
     def say(message: str) -> None:
         tqdm.write(message, file=sys.stderr)
 
-    bar = tqdm(files, unit="file", desc="predict", file=sys.stderr, disable=None)
-    for file, root in bar:
-        base = outputs.base(file, root)
+    bar = tqdm(plan, unit="file", desc="predict", file=sys.stderr, disable=None)
+    for file, base, _ in bar:
         segment = _segment_volume if io.file_kind(file) == "volume" else _segment_image
         try:
             written += segment(seg, args, file, base, notes, say)
-        except (io.InputError, OSError) as err:
-            message = str(err) if str(file) in str(err) else f"{file}: {err}"
-            failed[file] = message
-            say(f"error: {message}")
+        except (UserError, OSError) as err:
+            failed[file] = str(err) if str(file) in str(err) else f"{file}: {err}"
+            say(f"{PROG}: error: {failed[file]}")
         except torch.cuda.OutOfMemoryError:
             failed[file] = f"{file}: out of device memory"
-            say(f"error: {file}: out of device memory; use --tile 512 (or smaller), a smaller --batch-size "
-                "or --device cpu")
+            say(f"{PROG}: error: {file}: out of device memory; use --tile 512 (or smaller), a smaller "
+                "--batch-size or --device cpu")
             torch.cuda.empty_cache()
-    if written:
-        io.save_legend(args.out / "labels.json", seg.label_names)
+    return _summary(args, seg, files, failed, written, notes)
+
+
+def _summary(args, seg, files, failed: Dict[Path, str], written: List[Path], notes: Counter) -> int:
+    """Write the legend when something was written, say what was done, and return the exit status."""
     for note, count in notes.items():
         if count > 1:
             print(f"note: {note} ({count} files)", file=sys.stderr)
+    if not written:
+        print_error(PROG, f"nothing written: none of the {len(files)} input(s) could be segmented (see above); "
+                          "fix or remove them and run again")
+        return EXIT_NOTHING_DONE
+    io.save_legend(args.out / LEGEND, seg.label_names)
     print(f"wrote {len(written)} files for {len(files) - len(failed)} of {len(files)} inputs to {args.out} "
-          "(label values, names and overlay colours in labels.json)", file=sys.stderr)
+          f"(label values, names and overlay colours in {LEGEND})", file=sys.stderr)
     if failed:
-        print(f"error: {len(failed)} input(s) could not be segmented:", file=sys.stderr)
-        for file, msg in failed.items():
-            print(f"  {file}", file=sys.stderr)
-        return 1
-    return 0
+        print_error(PROG, f"{len(failed)} input(s) could not be segmented: {_listing([str(f) for f in failed])}; "
+                          "the others were written")
+        return EXIT_PARTIAL
+    return EXIT_OK

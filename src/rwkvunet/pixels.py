@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from .inference_io import InputError
 
 #: ITU-R 601-2 luma, the weights of Pillow's ``"L"`` conversion.
 LUMA = (0.299, 0.587, 0.114)
@@ -60,7 +60,7 @@ PROCESSOR_DEFAULTS = dict(do_resize=True, size={"height": 224, "width": 224}, do
 ImageLike = Union[np.ndarray, torch.Tensor, "PIL.Image.Image"]  # noqa: F821
 
 
-class PixelError(UserError):
+class PixelError(InputError):
     """An image whose pixels cannot become model input as they are; the message says why and what to do."""
 
 

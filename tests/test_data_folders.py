@@ -267,4 +267,4 @@ def test_converter_command_writes_a_standalone_dataset(tmp_path):
     for case, row in _all_rows(dd).items():
         np.testing.assert_array_equal(np.asarray(row["image"]), np.asarray(before[case]["image"]))
         np.testing.assert_array_equal(np.asarray(row["mask"]), np.asarray(before[case]["mask"]))
-    assert main(["data", str(tmp_path / "missing_but_not_hub_dir"), str(dst)]) == 1  # exists: refused
+    assert main(["data", str(tmp_path / "missing_but_not_hub_dir"), str(dst)]) == 2  # exists: nothing done

@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from .files import DataError, file_stamp
+from .files import IMAGE_EXTENSIONS, DataError, file_stamp, is_image_file
 from .folders import (FOLDER_LAYOUTS, find_pairs, has_instance_masks, looks_like_folder_layout, mask_coding,
                       pair_rows)
 from .splits import SPLIT_ALIASES, acdc_patient_split, ratio_split, synapse_validation_cases
@@ -38,10 +38,25 @@ def detect_layout(source: str) -> str:
         if any(p.stem.lower().endswith("_anno") for p in root.rglob("*_anno.*")):
             return "glas"
         return "folder"
+    images = _refuse_without_images(root)
     raise DataError(
-        f"cannot recognise the data layout of {source}: expected a save_to_disk folder, images/ + masks/ "
-        f"folders (or masks named <image>_mask.png), a Synapse root (train_npz/, test_vol_h5/) or an ACDC root "
+        f"cannot recognise the data layout of {source}: it holds {images} image(s) but none is recognisable as a "
+        f"mask. Expected a save_to_disk folder, images/ + masks/ folders (or masks named <image>_mask.png), a "
+        f"Synapse root (train_npz/, test_vol_h5/) or an ACDC root "
         f"(ACDC_training_slices/, ACDC_training_volumes/).")
+
+
+def _refuse_without_images(root: Path) -> int:
+    """Say what is missing when a folder has no files or no images at all (a wrong path, mostly); else count
+    the images."""
+    files = [p for p in root.rglob("*") if p.is_file()]
+    if not files:
+        raise DataError(f"{root} is empty; give the folder that holds the data set's images and masks.")
+    images = sum(1 for p in files if is_image_file(p))
+    if not images:
+        raise DataError(f"{root} holds {len(files)} file(s) but no images ({', '.join(IMAGE_EXTENSIONS)}) nor "
+                        f"Synapse/ACDC folders; give the folder that holds the data set's images and masks.")
+    return images
 
 
 def is_volume_split(split) -> bool:
@@ -212,7 +227,16 @@ def _load_acdc(root: Path, num_labels: int, cache_dir):
 def _load_datasets_source(source, layout, image_column, mask_column, split_seed, cache_dir):
     import datasets
 
-    loaded = datasets.load_from_disk(source) if layout == "disk" else datasets.load_dataset(source, cache_dir=cache_dir)
+    try:
+        if layout == "disk":
+            loaded = datasets.load_from_disk(source)
+        else:
+            loaded = datasets.load_dataset(source, cache_dir=cache_dir)
+    except OSError as err:  # missing files, unknown Hub id, no connection (HF_HUB_OFFLINE)
+        if layout == "disk":
+            raise DataError(f"cannot load the save_to_disk folder {source}: {err}. Convert the data set again.") from err
+        raise DataError(f"{source!r} is not a local folder, and loading it as a Hub data set failed: {err}. Check "
+                        f"the path, or the Hub id (org/name) and the connection.") from err
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
     out = {}

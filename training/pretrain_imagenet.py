@@ -223,4 +223,6 @@ def validate(model, loader, accelerator, accuracy) -> float:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rwkvunet.errors import run_main
+
+    sys.exit(run_main("pretrain_imagenet.py", main))  # one-line errors; RWKVUNET_DEBUG=1 for tracebacks

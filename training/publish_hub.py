@@ -56,4 +56,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rwkvunet.errors import run_main
+
+    sys.exit(run_main("publish_hub.py", main))  # one-line errors; RWKVUNET_DEBUG=1 for tracebacks

@@ -44,6 +44,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from ..ops.cpu_memory import cpu_allocator_state, keep_freed_cpu_memory
 from .profiling import format_shares, profile_steps, rows_for_file
 
@@ -544,9 +545,7 @@ def run(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        print("rwkvunet bench: --device cuda was asked for but no CUDA device is available; use --device cpu",
-              file=sys.stderr)
-        return 2
+        raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     have_smp = smp_available()
@@ -555,34 +554,29 @@ def run(args) -> int:
         models = []
         for m in _csv(g["models"]):
             if m.lower() not in MODEL_ALIASES:
-                print(f"rwkvunet bench: unknown model {m!r}; use t, s, b or smp", file=sys.stderr)
-                return 2
+                raise UserError(f"unknown model {m!r}; use t, s, b or smp")
             name = MODEL_ALIASES[m.lower()]
             if name == SMP_MODEL and not have_smp:
-                print("rwkvunet bench: segmentation-models-pytorch is not installed, so smp Unet(resnet34) is "
+                print("rwkvunet bench: note: segmentation-models-pytorch is not installed, so smp Unet(resnet34) is "
                       "left out (pip install segmentation-models-pytorch)", file=sys.stderr)
                 continue
             models.append(name)
         for prec in _csv(g["precisions"]):
             if prec not in ("fp32", "bf16", "fp16"):
-                print(f"rwkvunet bench: unknown precision {prec!r}; use fp32, bf16 or fp16", file=sys.stderr)
-                return 2
+                raise UserError(f"unknown precision {prec!r}; use fp32, bf16 or fp16")
         for comp in _csv(g["compile"]):
             if comp != "eager" and comp != "compile" and not comp.startswith("compile:"):
-                print(f"rwkvunet bench: unknown compile setting {comp!r}; use eager, compile or compile:MODE",
-                      file=sys.stderr)
-                return 2
+                raise UserError(f"unknown compile setting {comp!r}; use eager, compile or compile:MODE")
         for task in _csv(g["tasks"]):
             if task not in ("infer", "train"):
-                print(f"rwkvunet bench: unknown task {task!r}; use infer or train", file=sys.stderr)
-                return 2
+                raise UserError(f"unknown task {task!r}; use infer or train")
         for size in _csv(g["sizes"]):
             for batch in _csv(g["batch_sizes"]):
                 for prec in _csv(g["precisions"]):
                     for comp in _csv(g["compile"]):
                         for task in _csv(g["tasks"]):
-                            cases = [Case(m, int(size), int(batch), prec, comp, task, device, args.num_labels,
-                                          args.in_channels) for m in models]
+                            cases = [Case(m, _positive(size, "--sizes"), _positive(batch, "--batch-sizes"), prec,
+                                          comp, task, device, args.num_labels, args.in_channels) for m in models]
                             if cases:
                                 plan.append((g, cases))
     if device == "cpu":
@@ -628,10 +622,24 @@ def _write_json(path: str, env: dict, results: List[Result]) -> None:
     os.replace(tmp, path)
 
 
+def _positive(value: str, flag: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise UserError(f"{flag} takes positive whole numbers separated by commas, got {value!r}")
+    return number
+
+
 def main(argv=None) -> int:
+    from ..errors import run_main
+
     parser = argparse.ArgumentParser(prog="rwkvunet bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    args = parser.parse_args(argv)
+    return run_main("rwkvunet bench", lambda: run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,71 @@
+"""The error convention shared by every command: one line 'prog: error: ...', exit 2 for a user's mistake, 3 with
+a traceback for a bug, 130 for Ctrl-C, and --debug (or RWKVUNET_DEBUG=1) for the traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from rwkvunet.cli import main as cli_main
+from rwkvunet.errors import EXIT_BUG, EXIT_INTERRUPTED, EXIT_NOTHING_DONE, UserError, run_main
+
+
+def _raise(err):
+    def body():
+        raise err
+    return body
+
+
+def test_user_errors_are_one_line_with_status_2(capsys):
+    assert run_main("tool", _raise(UserError("the thing is wrong; do this instead"))) == EXIT_NOTHING_DONE
+    err = capsys.readouterr().err
+    assert err == "tool: error: the thing is wrong; do this instead\n"
+
+
+def test_missing_files_name_the_path(capsys, tmp_path):
+    missing = tmp_path / "nope.png"
+    assert run_main("tool", lambda: open(missing)) == EXIT_NOTHING_DONE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(missing) in err and "no such file" in err
+
+
+def test_bugs_show_the_traceback_and_ask_for_a_report(capsys):
+    assert run_main("tool", _raise(ZeroDivisionError("oops"))) == EXIT_BUG
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ZeroDivisionError" in err and "bug" in err
+
+
+def test_interrupt_is_130_without_a_traceback(capsys):
+    assert run_main("tool", _raise(KeyboardInterrupt())) == EXIT_INTERRUPTED
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(monkeypatch):
+    with pytest.raises(UserError):
+        run_main("tool", _raise(UserError("x")), debug=True)
+    monkeypatch.setenv("RWKVUNET_DEBUG", "1")
+    with pytest.raises(UserError):
+        run_main("tool", _raise(UserError("x")))
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["bench", "--models", "zz"], "unknown model 'zz'"),
+    (["bench", "--sizes", "0"], "--sizes takes positive whole numbers"),
+    (["bench", "--tasks", "fly"], "unknown task 'fly'"),
+    (["bench", "--device", "cuda"], "no CUDA device"),
+])
+def test_bench_mistakes_are_one_line_errors(argv, expected, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli_main(argv) == EXIT_NOTHING_DONE
+    err = capsys.readouterr().err
+    assert err.startswith("rwkvunet bench: error: ") and expected in err and "Traceback" not in err
+
+
+def test_every_command_takes_debug():
+    for command in ("convert", "predict", "data", "bench"):
+        out = subprocess.run([sys.executable, "-m", "rwkvunet.cli", command, "--help"], capture_output=True,
+                             text=True, check=True).stdout
+        assert "--debug" in out, command

@@ -268,3 +268,85 @@ def test_converter_command_writes_a_standalone_dataset(tmp_path):
         np.testing.assert_array_equal(np.asarray(row["image"]), np.asarray(before[case]["image"]))
         np.testing.assert_array_equal(np.asarray(row["mask"]), np.asarray(before[case]["mask"]))
     assert main(["data", str(tmp_path / "missing_but_not_hub_dir"), str(dst)]) == 2  # exists: nothing done
+
+
+# --- masks with several grey levels or colours ----------------------------------------------------------
+
+def _levels_folder(root, rng, masks):
+    for i, mask in enumerate(masks):
+        _save(rng.integers(0, 255, mask.shape[:2], dtype=np.uint8), root / "images" / f"{i}.png")
+        _save(mask, root / "masks" / f"{i}.png")
+
+
+def _downsampled(mask, factor=4):
+    """A mask drawn large and resized down with antialiasing: grey values appear along every edge."""
+    h, w = mask.shape
+    big = Image.fromarray(mask).resize((w * factor, h * factor), Image.NEAREST)
+    rng = np.random.default_rng(int(mask.sum()))
+    shifted = np.roll(np.asarray(big), tuple(rng.integers(1, factor, 2)), axis=(0, 1))  # edges off the grid
+    return np.asarray(Image.fromarray(shifted).resize((w, h), Image.BILINEAR))
+
+
+def test_antialiased_binary_masks_stay_binary(tmp_path):
+    rng = np.random.default_rng(20)
+    truth = [_blocks(rng, 48, 48) for _ in range(6)]
+    masks = [_downsampled(t * 255) for t in truth]
+    assert all(len(np.unique(m)) > 3 for m in masks)  # many grey values along the edges
+    _levels_folder(tmp_path / "set", rng, masks)
+    dd = _load(tmp_path / "set", tmp_path)
+    assert dd.mask_coding.kind == "binary" and dd.mask_coding.mapping() is None
+    for row in _all_rows(dd).values():
+        i = int(row["case_id"])
+        np.testing.assert_array_equal(np.asarray(row["mask"]), (masks[i] >= 128).astype(np.uint8))
+
+
+def test_grey_levels_in_different_files_are_refused_for_a_binary_set(tmp_path):
+    """Each file alone looks binary (0/128, 0/255); together they are two classes, decided for the whole set."""
+    rng = np.random.default_rng(21)
+    masks = [_blocks(rng) * (128 if i % 2 else 255) for i in range(4)]
+    _levels_folder(tmp_path / "set", rng, masks)
+    with pytest.raises(DataError, match=r"3 grey levels \(0, 128, 255\).*masks/\d\.png holds 0, 128.*--num-labels 3"):
+        _load(tmp_path / "set", tmp_path)
+
+
+def test_antialiased_grey_levels_become_classes_by_nearest_level(tmp_path):
+    rng = np.random.default_rng(22)
+    drawn = []
+    for _ in range(4):
+        mask = np.zeros((40, 40), np.uint8)
+        mask[4:20, 4:20], mask[22:38, 20:36] = 128, 255
+        drawn.append(mask)
+    masks = [_downsampled(m) for m in drawn]
+    assert any(not set(np.unique(m)) <= {0, 128, 255} for m in masks)
+    _levels_folder(tmp_path / "set", rng, masks)
+    dd = _load(tmp_path / "set", tmp_path, num_labels=3)
+    assert dd.mask_coding.levels == (0, 128, 255)
+    for row in _all_rows(dd).values():
+        stored = masks[int(row["case_id"])].astype(int)
+        nearest = np.abs(stored[..., None] - np.array([0, 128, 255])).argmin(-1)
+        np.testing.assert_array_equal(np.asarray(row["mask"]), nearest)
+        assert np.asarray(row["mask"])[10, 10] == 1 and np.asarray(row["mask"])[30, 28] == 2
+
+
+def test_one_array_with_grey_levels_is_refused_by_prepare_mask():
+    from rwkvunet.data import prepare_mask
+
+    mask = np.zeros((32, 32), np.uint8)
+    mask[2:12, 2:12], mask[16:30, 16:30] = 128, 255
+    with pytest.raises(DataError, match=r"mask of case 'x' holds 3 grey levels \(0, 128, 255\).*--num-labels 3"):
+        prepare_mask(mask, 2, "mask of case 'x'")
+    antialiased = _downsampled((mask > 0).astype(np.uint8) * 255)
+    assert set(np.unique(prepare_mask(antialiased, 2))) == {0, 1}
+
+
+def test_glas_instance_numbers_are_not_taken_for_levels(tmp_path):
+    rng = np.random.default_rng(23)
+    root = tmp_path / "glas"
+    for name in ("train_1", "train_2", "testA_1"):
+        inst = np.zeros((32, 32), np.uint8)
+        inst[2:12, 2:12], inst[16:30, 16:30] = 3, 200  # two glands, far apart in value
+        _save(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), root / f"{name}.bmp")
+        _save(inst, root / f"{name}_anno.bmp")
+    rows = _all_rows(_load(root, tmp_path))
+    for row in rows.values():
+        assert set(np.unique(np.asarray(row["mask"]))) == {0, 1}

@@ -57,6 +57,9 @@ COLOUR_MERGE = 24
 #: ... and so are grey levels of 0-255 masks that differ by at most this (label maps 0..K-1 are never merged).
 GREY_MERGE = 8
 
+#: Everything that decides which values are levels (part of the cache key of mask summaries).
+LEVEL_RULES = (LEVEL_MIN_PIXELS, LEVEL_MIN_SHARE, COLOUR_TOLERANCE)
+
 
 class DataError(UserError):
     """A data file that cannot be used as it is; the message names the file and the fix."""
@@ -228,10 +231,11 @@ class _Survey:
     colour: bool = False
     levels_of_file: dict = field(default_factory=dict)  # path -> (coloured, packed levels)
 
-    def add(self, path: Path, arr: np.ndarray) -> None:
-        self.top = max(self.top, int(arr.max()) if arr.size else 0)
-        self.colour |= arr.ndim == 3
-        self.levels_of_file[path] = (arr.ndim == 3, mask_levels(arr))
+    def add(self, summary: dict) -> None:
+        """Take in one :func:`summarise_mask` result."""
+        self.top = max(self.top, summary["top"])
+        self.colour |= summary["coloured"]
+        self.levels_of_file[summary["path"]] = (summary["coloured"], list(summary["levels"]))
 
     def _set_levels(self, coloured: bool, packed: list) -> set:
         """A file's levels as values of the set: grey ints, or RGB tuples once any mask is coloured."""
@@ -259,22 +263,29 @@ class _Survey:
         return "; ".join(shown)
 
 
+def summarise_mask(path: Path) -> dict:
+    """What :func:`decide_mask_coding` needs of one mask file: largest value, colour and levels (packed)."""
+    arr = read_mask_pixels(path)
+    return {"path": str(path), "coloured": arr.ndim == 3, "top": int(arr.max()) if arr.size else 0,
+            "levels": mask_levels(arr)}
+
+
 def decide_mask_coding(paths: Iterable[Path], num_labels: Optional[int], instances: bool = False,
-                       read=read_mask_pixels) -> MaskCoding:
+                       summaries: Optional[Iterable[dict]] = None) -> MaskCoding:
     """Decide from every mask file of a data set how its values become classes (module docstring).
 
-    Raises :class:`DataError` naming files and levels when the masks hold several levels for a binary set, or
-    a count of levels other than ``num_labels``.
+    ``summaries`` (from :func:`summarise_mask`, e.g. cached) replace reading ``paths``. Raises
+    :class:`DataError` naming files and levels when the masks hold several levels for a binary set, or a count
+    of levels other than ``num_labels``.
     """
     if instances:
         return MaskCoding("instances")
     binary = num_labels is None or num_labels <= 2
     survey = _Survey()
-    for path in paths:
-        arr = read(path)
-        if binary and arr.ndim == 2 and arr.size and int(arr.max()) <= 1:
+    for summary in (summaries if summaries is not None else map(summarise_mask, paths)):
+        if binary and not summary["coloured"] and summary["top"] <= 1:
             continue  # 0/1 masks are binary as they are
-        survey.add(path, arr)
+        survey.add(summary)
     if not survey.colour and survey.top < BINARY_THRESHOLD:  # label maps: each file is checked when read
         return MaskCoding("binary") if binary else MaskCoding("labels", num_labels)
     if binary:

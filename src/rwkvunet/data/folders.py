@@ -13,11 +13,12 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
-from .files import IMAGE_EXTENSIONS, DataError, MaskCoding, decide_mask_coding, image_size, is_image_file, read_mask
+from .files import (IMAGE_EXTENSIONS, DataError, MaskCoding, decide_mask_coding, image_size, is_image_file, read_mask,
+                    summarise_mask)
 
 MASK_FOLDERS = {"masks", "mask", "ground truth", "groundtruth", "gt", "labels", "label", "annotations",
                 "annotation", "segmentations", "segmentation"}
@@ -90,9 +91,21 @@ def has_instance_masks(pairs: list[Pair]) -> bool:
     return any(m.stem.lower().endswith("_anno") for p in pairs for m in p.masks)
 
 
-def mask_coding(pairs: list[Pair], num_labels: Optional[int], instances: bool) -> MaskCoding:
-    """How the masks of all ``pairs`` (every split of a set) become classes: one decision for the whole set."""
-    return decide_mask_coding([m for p in pairs for m in p.masks], num_labels, instances)
+def mask_coding(pairs: list[Pair], num_labels: Optional[int], instances: bool, summaries=None) -> MaskCoding:
+    """How the masks of all ``pairs`` (every split of a set) become classes: one decision for the whole set.
+
+    ``summaries`` are the :func:`mask_summaries` rows of those masks when they were computed (and cached)
+    already.
+    """
+    return decide_mask_coding([m for p in pairs for m in p.masks], num_labels, instances, summaries)
+
+
+def mask_summaries(masks: Sequence[Path], stamp=None, rules=None):
+    """Rows for ``datasets.Dataset.from_generator``: one :func:`summarise_mask` per mask file (cached by
+    ``datasets``, so a data set already converted is not decoded twice on every load). ``stamp`` and ``rules``
+    only take part in the cache key."""
+    for path in masks:
+        yield summarise_mask(path)
 
 
 def pair_rows(pairs: list[Pair], coding: MaskCoding, stamp=None):

@@ -5,9 +5,9 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from .files import IMAGE_EXTENSIONS, DataError, file_stamp, is_image_file
+from .files import IMAGE_EXTENSIONS, LEVEL_RULES, DataError, file_stamp, is_image_file
 from .folders import (FOLDER_LAYOUTS, find_pairs, has_instance_masks, looks_like_folder_layout, mask_coding,
-                      pair_rows)
+                      mask_summaries, pair_rows)
 from .splits import SPLIT_ALIASES, acdc_patient_split, ratio_split, synapse_validation_cases
 from .volumes import (acdc_files, acdc_patient, array_features, default_num_labels, file_rows,
                       group_synapse_slices, is_volume_feature, shapes_of, stacked_rows, synapse_case,
@@ -172,7 +172,7 @@ def _load_folder(root: Path, layout: str, num_labels, split_seed, cache_dir):
         pairs = {name: [by_id[c] for c in sorted(ids)] for name, ids in ratio_split(list(by_id), split_seed).items()}
     every_pair = [q for v in pairs.values() for q in v]
     instances = layout == "glas" or (layout == "folder" and has_instance_masks(every_pair))
-    coding = mask_coding(every_pair, num_labels, instances)
+    coding = mask_coding(every_pair, num_labels, instances, _mask_summaries(every_pair, instances, cache_dir))
     if coding.mapping() is not None:
         logger.info("masks of %s: %s", root, coding.describe())
     out = {}
@@ -184,6 +184,18 @@ def _load_folder(root: Path, layout: str, num_labels, split_seed, cache_dir):
     data = DatasetDict(out)
     data.mask_coding = coding
     return data
+
+
+def _mask_summaries(pairs, instances: bool, cache_dir):
+    """Levels of every mask file, computed once per version of the files (instance masks need none)."""
+    from datasets import Features, List, Value
+
+    if instances:
+        return None
+    masks = [m for p in pairs for m in p.masks]
+    features = Features({"path": Value("string"), "coloured": Value("bool"), "top": Value("int64"),
+                         "levels": List(Value("int64"))})
+    return _generate(mask_summaries, features, cache_dir, masks=masks, stamp=file_stamp(masks), rules=LEVEL_RULES)
 
 
 def _load_synapse(root: Path, num_labels: int, cache_dir):

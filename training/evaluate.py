@@ -14,9 +14,25 @@ import json
 import sys
 from pathlib import Path
 
+from rwkvunet.errors import UserError, run_main
+
+
+PROG = "evaluate.py"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (a usage error, exit status 2, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("model", help="save_pretrained folder or Hub id of the segmenter")
     parser.add_argument("--dataset", required=True,
                         help="Hub id, save_to_disk folder, image/mask folder, Synapse or ACDC root")
@@ -24,22 +40,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     parser.add_argument("--output-dir", default=None, help="where to write metrics (default: MODEL/eval-SPLIT "
                                                            "for a local folder, ./eval-SPLIT otherwise)")
-    parser.add_argument("--img-size", type=int, default=None, help="input size (default: the image processor's)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images or slices per forward pass")
+    parser.add_argument("--img-size", type=positive_int, default=None,
+                        help="input size (default: the image processor's)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images or slices per forward pass")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of 8:1:1 splits (binary sets)")
     parser.add_argument("--image-column", default="image")
     parser.add_argument("--mask-column", default="mask")
     parser.add_argument("--cache-dir", default=None, help="datasets cache folder")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also RWKVUNET_DEBUG=1)")
     return parser.parse_args(argv)
 
 
 def load_model(name: str):
-    """The segmenter and its image processor settings (size, normalisation), if it has a processor."""
-    import rwkvunet  # noqa: F401  registers the Auto classes
-    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+    """The segmenter and its image processor settings (size, normalisation), if it has a processor; a missing,
+    empty or truncated model is a one-line error."""
+    from rwkvunet.hub import load_segmentation_model
+    from transformers import AutoImageProcessor
 
-    model = AutoModelForSemanticSegmentation.from_pretrained(name)
+    model = load_segmentation_model(name)
     try:
         processor = AutoImageProcessor.from_pretrained(name)
     except (OSError, ValueError):
@@ -47,17 +67,65 @@ def load_model(name: str):
     return model, processor
 
 
+def output_folder(args) -> Path:
+    out = Path(args.output_dir) if args.output_dir else (
+        Path(args.model) if Path(args.model).is_dir() else Path(".")) / f"eval-{args.split}"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out} is a file; give a folder (it is created if missing)")
+    return out
+
+
+def load_data(args, num_labels: int):
+    """The data set read for the model's classes; binary masks that a multi-class model cannot read are named
+    as such (with their labels) instead of as a wrong label map."""
+    from rwkvunet.data import DataError, load_segmentation_dataset
+    from rwkvunet.evaluation import split_labels
+
+    def load(labels):
+        return load_segmentation_dataset(args.dataset, image_column=args.image_column,
+                                         mask_column=args.mask_column, split_seed=args.split_seed,
+                                         num_labels=labels, cache_dir=args.cache_dir)
+    try:
+        return load(num_labels)
+    except DataError as err:
+        if num_labels <= 2:
+            raise
+        try:
+            binary = load(None)  # do the masks read as a binary set?
+        except DataError:
+            raise err from None
+        labels = sorted({v for split in binary.values() for v in split_labels(split)})
+        raise DataError(f"{args.dataset} holds binary masks (read as labels {set(labels)}) but the model "
+                        f"predicts {num_labels} classes; score a binary model (num_labels 1) on it, or this model "
+                        f"on masks labelled 0..{num_labels - 1}") from err
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    return run_main(PROG, lambda: run(args), debug=args.debug)
+
+
+def run(args) -> int:
     from accelerate import Accelerator
 
-    from rwkvunet.data import DataError, load_segmentation_dataset
+    from rwkvunet.data import detect_layout
     from rwkvunet.data.transforms import EvalTransform
-    from rwkvunet.evaluation import evaluate
+    from rwkvunet.evaluation import check_model_fits_labels, evaluate, split_labels
+    from rwkvunet.training.processes import main_process_first
 
-    accelerator = Accelerator()
+    # every check that can refuse comes before the processes wait for each other
+    detect_layout(args.dataset)
+    out = output_folder(args)
     model, processor = load_model(args.model)
+    accelerator = Accelerator()
     model.to(accelerator.device)
+    num_labels = model.config.num_labels
+    data = main_process_first(accelerator, lambda: load_data(args, num_labels))
+    if args.split not in data or len(data[args.split]) == 0:
+        found = ", ".join(f"{k} ({len(v)} cases)" for k, v in data.items()) or "none"
+        raise UserError(f"{args.dataset} has no cases in split {args.split!r} (its splits: {found}); pass "
+                        "--split with one of them")
+    check_model_fits_labels(num_labels, split_labels(data[args.split]), f"{args.dataset} ({args.split})")
     size = args.img_size
     mean = std = None
     if processor is not None:
@@ -66,24 +134,10 @@ def main(argv=None) -> int:
         if getattr(processor, "do_normalize", False):
             mean, std = processor.image_mean, processor.image_std
     size = size or 224
-    num_labels = model.config.num_labels
-    try:
-        with accelerator.main_process_first():
-            data = load_segmentation_dataset(args.dataset, image_column=args.image_column,
-                                             mask_column=args.mask_column, split_seed=args.split_seed,
-                                             num_labels=num_labels, cache_dir=args.cache_dir)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    if args.split not in data:
-        print(f"error: {args.dataset} has no split {args.split!r} (it has {', '.join(data)})", file=sys.stderr)
-        return 1
     transform = EvalTransform(size, num_channels=model.config.in_channels, mean=mean, std=std)
     result = evaluate(model, data[args.split], img_size=size, batch_size=args.batch_size, tta=args.tta,
                       accelerator=accelerator, progress=not args.no_progress, transform=transform)
     if accelerator.is_main_process:
-        out = Path(args.output_dir) if args.output_dir else (
-            Path(args.model) if Path(args.model).is_dir() else Path(".")) / f"eval-{args.split}"
         result.write_json(out / "metrics.json")
         result.write_csv(out)
         print(result.format_table())

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm  # noqa: E402
 import rwkvunet  # noqa: F401,E402  (registers the model with transformers)
 from rwkvunet.data.transforms import (EvalTransform, SegmentationDataset, TrainTransform, collate_fn,  # noqa: E402
                                       to_image_tensor)
-from rwkvunet.errors import UserError, describe, run_main  # noqa: E402
+from rwkvunet.errors import UserError, run_main  # noqa: E402
 from rwkvunet.evaluation import evaluate, predict_probabilities, probabilities_to_labels  # noqa: E402
 from rwkvunet.training import CheckpointManager, EpochSampler, SeededSamples, TrainState, cosine_schedule  # noqa: E402
 from rwkvunet.training.arguments import parse_arguments  # noqa: E402
@@ -42,6 +42,7 @@ from rwkvunet.training.inputs import (build_image_processor, build_model, check_
                                       check_splits, class_names, count_parameters, infer_in_channels,
                                       infer_num_labels, load_data)
 from rwkvunet.training.model_card import write_model_card  # noqa: E402
+from rwkvunet.training.processes import main_process_first  # noqa: E402
 from rwkvunet.training.plots import plot_curves, plot_overlays  # noqa: E402
 from rwkvunet.training.run_folder import checkpoint_metadata, finish_record, plan_run, prepare_folder  # noqa: E402
 
@@ -132,28 +133,6 @@ def main(argv=None) -> int:
     return run_main(PROG, lambda: train(argv), debug="--debug" in argv)
 
 
-def load_data_in_order(accelerator, args):
-    """The main process builds the datasets cache first; an error there stops every process with its message
-    instead of leaving the others waiting at the barrier."""
-    from accelerate.utils import broadcast_object_list
-
-    loaded, error = None, None
-    if accelerator.is_main_process:
-        try:
-            loaded = load_data(args)
-        except Exception as err:  # noqa: BLE001 - re-raised below, after the others were told
-            error = err
-    accelerator.wait_for_everyone()
-    message = [None if error is None else describe(error) or f"{type(error).__name__}: {error}"]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(message)
-    if error is not None:
-        raise error
-    if message[0] is not None:
-        raise UserError(f"the main process could not load the data: {message[0]}")
-    return loaded if loaded is not None else load_data(args)
-
-
 def train(argv=None) -> int:
     args = parse_arguments(argv)
     if args.num_threads:
@@ -179,7 +158,8 @@ def train(argv=None) -> int:
     resume_from = plan.resume_from
 
     # --- data and model -----------------------------------------------------------------------------------
-    data, layout = load_data_in_order(accelerator, args)
+    # the main process builds the datasets cache, the others read it
+    data, layout = main_process_first(accelerator, lambda: load_data(args))
     check_splits(data, args.dataset, need_validation=args.eval_every > 0)
     num_labels = args.num_labels or infer_num_labels(data["train"], layout)
     in_channels = args.in_channels or infer_in_channels(data["train"])

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.files import DataError, check_labels, prepare_mask
+from .data.files import BINARY_THRESHOLD, DataError, check_labels, prepare_mask
 from .data.loading import is_volume_split
 from .data.transforms import EvalTransform, image_hw, to_mask_tensor
 from .metrics import case_metrics
@@ -287,6 +287,42 @@ def evaluate(model, dataset_split, *, img_size=224, batch_size: int = 8, tta: bo
     if class_names is None:
         class_names = _class_names(id2label, num_labels, num_classes)
     return EvaluationResult(class_names=list(class_names), cases=cases, binary=binary)
+
+
+def split_labels(dataset_split) -> list[int]:
+    """The distinct values of a split's masks, read before any prediction to check that the model fits them."""
+    from datasets import Image
+
+    masks = dataset_split.select_columns(["mask"])
+    if not isinstance(masks.features["mask"], Image):
+        masks = masks.with_format("numpy")
+    seen: set[int] = set()
+    for row in masks:
+        mask = row["mask"]
+        values = np.unique(np.asarray(mask) if isinstance(mask, np.ndarray) else to_mask_tensor(mask).numpy())
+        seen.update(int(v) for v in values)
+    return sorted(seen)
+
+
+def check_model_fits_labels(num_labels: int, labels: Sequence[int], where: str) -> None:
+    """Refuse to score a model on masks whose labels it does not predict (nothing would say the scores are
+    meaningless): binary masks for a multi-class model, labels above its classes, label maps for a binary one.
+    0-255 masks count as binary, as the data loaders threshold them."""
+    if not labels:
+        return
+    classes, top = max(int(num_labels), 2), max(labels)
+    shown = "{" + ", ".join(map(str, labels[:8])) + (", ..." if len(labels) > 8 else "") + "}"
+    binary = top <= 1 or top >= BINARY_THRESHOLD
+    if classes > 2 and binary:
+        raise DataError(f"{where} holds binary masks (labels {shown}) but the model predicts {classes} classes; "
+                        f"score a binary model (num_labels 1) on it, or this model on masks labelled "
+                        f"0..{classes - 1}")
+    if classes > 2 and top >= classes:
+        raise DataError(f"{where} holds labels {shown}, above the model's {classes} classes 0..{classes - 1}; "
+                        f"score a model trained for {top + 1} classes, or check the masks")
+    if classes == 2 and not binary:
+        raise DataError(f"{where} holds labels {shown}, a label map of {top + 1} classes, but the model is binary "
+                        f"(num_labels {num_labels}); score a model trained for {top + 1} classes")
 
 
 def _class_names(id2label, num_labels, num_classes) -> list[str]:

@@ -113,16 +113,16 @@ def _problem(value, kind, minimum=None, below=None):
         try:  # "1e3" for an integer option
             number = float(value)
         except (TypeError, ValueError):
-            return None, f"must be {'an integer' if kind is int else 'a number'}, got {value!r}"
+            return None, f"must be {'an integer' if kind is int else 'a number'}, got {value}"
     if isinstance(number, float) and not math.isfinite(number):
-        return None, f"must be a finite number, got {value!r}"
+        return None, f"must be a finite number, got {value}"
     if kind is int and number != int(number):
-        return None, f"must be an integer, got {value!r}"
+        return None, f"must be an integer, got {value}"
     number = kind(number)
     if minimum is not None and number < minimum:
-        return None, f"must be at least {minimum}, got {value!r}"
+        return None, f"must be at least {minimum}, got {value}"
     if below is not None and number >= below:
-        return None, f"must be below {below}, got {value!r}"
+        return None, f"must be below {below}, got {value}"
     return number, None
 
 

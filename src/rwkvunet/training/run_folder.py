@@ -87,8 +87,9 @@ def plan_run(folder, settings: dict, num_processes: int, resume: Optional[str] =
     if not entries:
         return RunPlan(folder, new_record(settings, num_processes))
     if not overwrite:
+        fix = ("pass --overwrite-output-dir to replace it" if _is_run(folder) else "empty it")
         raise UserError(f"--output-dir {folder} already holds {describe_folder(folder)}; choose another "
-                        f"--output-dir{_resume_hint(folder)}, or pass --overwrite-output-dir to replace it")
+                        f"--output-dir{_resume_hint(folder)}, or {fix}")
     return RunPlan(folder, new_record(settings, num_processes), remove=_removable(folder, entries))
 
 
@@ -165,10 +166,12 @@ def _latest_checkpoint(folder: Path, record: Optional[dict]) -> Path:
     manager = CheckpointManager(folder / "checkpoints")
     found = manager.checkpoints()
     if not found:
-        what = f"the run there stopped before its first checkpoint" if record is not None else (
-            "it holds no run" if folder.is_dir() else "it does not exist")
-        raise UserError(f"nothing to resume in --output-dir {folder}: {what}; run without --resume to start "
-                        "(with --overwrite-output-dir to replace what is there), or pass --resume CHECKPOINT")
+        if not _entries(folder):
+            raise UserError(f"nothing to resume in --output-dir {folder}: it is empty or does not exist; run "
+                            "without --resume to start a new run there, or pass --resume CHECKPOINT")
+        what = "the run there stopped before its first checkpoint" if record is not None else "it holds no run"
+        raise UserError(f"nothing to resume in --output-dir {folder}: {what}; start again with "
+                        "--overwrite-output-dir (without --resume), or choose another --output-dir")
     if record is None:
         raise UserError(f"{folder} has checkpoints but no run record ({RUN_FILE}; written by an older rwkvunet?), "
                         "so they cannot be matched to one run; start a new run in a new --output-dir")
@@ -197,7 +200,7 @@ def _check_same_settings(meta: dict, settings: dict, num_processes: int, checkpo
 
 def _removable(folder: Path, entries: list) -> list:
     """The outputs of an earlier run, for ``--overwrite-output-dir``; refuses folders holding anything else."""
-    is_run = any((folder / name).exists() for name in (RUN_FILE, "training_config.yaml", "checkpoints"))
+    is_run = _is_run(folder)
     foreign = sorted(p.name for p in entries if not any(fnmatch.fnmatch(p.name, pat) for pat in OUTPUT_PATTERNS))
     if not is_run:
         raise UserError(f"--overwrite-output-dir replaces only the folder of an earlier finetune.py run, and "
@@ -207,6 +210,11 @@ def _removable(folder: Path, entries: list) -> list:
                         "move them away or choose another --output-dir (--overwrite-output-dir removes only a "
                         "run's own outputs)")
     return entries
+
+
+def _is_run(folder: Path) -> bool:
+    """Whether ``folder`` was written by this script (now or by a version without run records)."""
+    return any((folder / name).exists() for name in (RUN_FILE, "training_config.yaml", "checkpoints"))
 
 
 def _resume_hint(folder: Path) -> str:

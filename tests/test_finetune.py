@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,115 @@ def test_missing_tracker_is_a_clear_error(finetune):
     with pytest.raises(ValueError, match="not installed"):
         finetune.check_trackers("no-such-tracker")
     assert finetune.check_trackers(None) is None
+
+
+# --- one output folder, one run ---------------------------------------------------------------------------
+
+def _contents(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _refused(finetune, argv, capsys, *words) -> str:
+    code = finetune.main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("finetune.py: error:")]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, err[-3000:]
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def test_second_run_into_a_finished_run_is_refused(finetune, short_run, capsys):
+    """The finished run's model, checkpoints and scores are left as they were."""
+    before = _contents(short_run)
+    _refused(finetune, TINY + ["--max-steps", "1", "--lr", "0.002", "--output-dir", str(short_run)], capsys,
+             "already holds a finished run", "--overwrite-output-dir")
+    assert _contents(short_run) == before
+
+
+def _crashed_run(finetune, folder: Path, common: list) -> None:
+    with pytest.raises(finetune.SimulatedCrash):
+        finetune.train(common + ["--output-dir", str(folder), "--crash-at-step", "3"])
+
+
+def test_resume_continues_only_its_own_run(finetune, tmp_path, capsys):
+    common = TINY + ["--max-steps", "4", "--save-every-steps", "1", "--keep-checkpoints", "2", "--eval-every", "0",
+                     "--overlay-samples", "0"]
+    run = tmp_path / "run"
+    _crashed_run(finetune, run, common)
+    run_id = json.loads((run / "run.json").read_text())["run_id"]
+    before = _contents(run)
+    # a new run into the killed one's folder would prune its checkpoints as the newest: refused
+    _refused(finetune, common + ["--output-dir", str(run)], capsys, "unfinished run", "step 3", "--resume")
+    # another run's checkpoint in the folder: resume would mix the two runs
+    other = tmp_path / "other"
+    _crashed_run(finetune, other, common)
+    foreign = run / "checkpoints" / "checkpoint-00000009"
+    shutil.copytree(other / "checkpoints" / "checkpoint-00000003", foreign)
+    _refused(finetune, common + ["--output-dir", str(run), "--resume"], capsys, "another run", foreign.name)
+    _refused(finetune, common + ["--output-dir", str(run), "--resume", str(other / "checkpoints" /
+                                                                          "checkpoint-00000003")],
+             capsys, "another run")
+    shutil.rmtree(foreign)
+    # other settings would make it another run
+    _refused(finetune, common + ["--output-dir", str(run), "--resume", "--lr", "0.002"], capsys,
+             "other settings", "--lr 0.001 -> 0.002")
+    assert _contents(run) == before
+    assert finetune.main(common + ["--output-dir", str(run), "--resume"]) == 0
+    record = json.loads((run / "run.json").read_text())
+    assert record["run_id"] == run_id and record["status"] == "finished"
+    assert [r["from"] for r in record["resumed"]] == ["checkpoint-00000003"]
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 4
+    for checkpoint in (run / "checkpoints").iterdir():
+        assert json.loads((checkpoint / "run.json").read_text())["run_id"] == run_id
+
+
+def test_overwrite_output_dir_removes_only_the_earlier_run(finetune, tmp_path, capsys):
+    common = TINY + ["--save-every-steps", "1", "--keep-checkpoints", "5", "--eval-every", "0",
+                     "--overlay-samples", "0"]
+    run = tmp_path / "run"
+    assert finetune.main(common + ["--max-steps", "3", "--output-dir", str(run)]) == 0
+    first = json.loads((run / "run.json").read_text())["run_id"]
+    (run / "notes.txt").write_text("mine")
+    before = _contents(run)
+    _refused(finetune, common + ["--max-steps", "1", "--output-dir", str(run), "--overwrite-output-dir"], capsys,
+             "did not write", "notes.txt")
+    assert _contents(run) == before
+    (run / "notes.txt").unlink()
+    assert finetune.main(common + ["--max-steps", "1", "--output-dir", str(run), "--overwrite-output-dir"]) == 0
+    assert json.loads((run / "run.json").read_text())["run_id"] != first
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-00000001"]
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 1
+    # a folder that no run wrote is never emptied
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "scan.png").write_bytes(b"data")
+    _refused(finetune, common + ["--max-steps", "1", "--output-dir", str(user)], capsys, "scan.png")
+    _refused(finetune, common + ["--max-steps", "1", "--output-dir", str(user), "--overwrite-output-dir"], capsys,
+             "only the folder of an earlier finetune.py run")
+    assert sorted(p.name for p in user.iterdir()) == ["scan.png"]
+
+
+class _Clock:
+    """A stand-in for the script's ``time``: each reading is ``tick`` seconds after the last."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 0.0, tick
+
+    def time(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_train_seconds_adds_up_the_pieces_of_a_resumed_run(finetune, tmp_path, monkeypatch):
+    common = TINY + ["--max-steps", "4", "--save-every-steps", "1", "--eval-every", "0", "--overlay-samples", "0"]
+    run = tmp_path / "run"
+    monkeypatch.setattr(finetune, "time", _Clock(100.0))  # the first piece: 100 s between readings
+    _crashed_run(finetune, run, common)
+    state = torch.load(run / "checkpoints" / "checkpoint-00000003" / "custom_checkpoint_1.pkl", weights_only=False)
+    first = state["train_seconds"]
+    assert first >= 300  # steps 1, 2 and 3 were each checkpointed 100 s apart
+    monkeypatch.setattr(finetune, "time", _Clock(1.0))  # the resumed piece: 1 s between readings
+    assert finetune.main(common + ["--output-dir", str(run), "--resume"]) == 0
+    total = json.loads((run / "metrics.json").read_text())["train_seconds"]
+    assert first < total < first + 10

@@ -43,3 +43,33 @@ def test_two_processes_train_and_score_every_case_once(tmp_path):
     ckpt = sorted((out / "checkpoints").iterdir())[-1]
     assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert (out / "model.safetensors").is_file() and (out / "overlays.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_data_error_on_the_main_process_stops_both(tmp_path):
+    """The main process loads the data first: its error reaches the other process, which would otherwise wait
+    at the barrier for good; both print the one-line message."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if torch.accelerator.is_available():
+        pytest.skip("checks the gloo path of machines without GPUs")
+    data = tmp_path / "data"
+    for sub in ("images", "masks"):
+        (data / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(data / "images" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 6, (16, 16)).astype(np.uint8)).save(data / "masks" / f"{i}.png")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "training" / "finetune.py"), "--dataset", str(data), "--num-labels", "4", "--img-size", "16",
+           "--max-steps", "1", "--num-threads", "1", "--cache-dir", str(tmp_path / "cache"),
+           "--output-dir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("finetune.py: error:") == 2, proc.stderr[-4000:]
+    assert "outside the 4 classes" in proc.stderr
+    assert not (tmp_path / "run").exists()

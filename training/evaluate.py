@@ -6,6 +6,10 @@
 MODEL is a ``save_pretrained`` folder or a Hub id. Synapse and ACDC are scored per 3-D volume (Dice and HD95
 per class), binary sets per image (Dice and IoU). Writes ``metrics.json``, ``per_class.csv`` and
 ``per_case.csv`` to ``--output-dir`` and prints the table.
+
+A model whose classes do not fit the masks (binary masks for a multi-class model, labels above its classes, a
+label map for a binary model) is refused before any prediction. Mistakes are one line ``evaluate.py: error:
+...`` and exit status 2 (``--debug`` shows the traceback).
 """
 from __future__ import annotations
 

@@ -9,6 +9,11 @@ Options override the ``--config`` YAML, which overrides the defaults (``--help``
 writes to ``--output-dir``: the model as a ``save_pretrained`` folder with its image processor and a model
 card, ``metrics.json``, per-class and per-case CSV of the test split, loss/Dice curves and an overlay grid,
 and ``checkpoints/`` from which ``--resume`` continues exactly where a killed run stopped.
+
+One folder holds one run: ``--output-dir`` must be new or empty, or hold this run for ``--resume`` (which
+continues only the run recorded in its ``run.json``, with the settings it started with). An earlier run's
+folder is refused unless ``--overwrite-output-dir``, which removes that run's outputs and nothing else.
+Mistakes are one line ``finetune.py: error: ...`` and exit status 2 (``--debug`` shows the traceback).
 """
 from __future__ import annotations
 
@@ -42,8 +47,8 @@ from rwkvunet.training.inputs import (build_image_processor, build_model, check_
                                       check_splits, class_names, count_parameters, infer_in_channels,
                                       infer_num_labels, load_data)
 from rwkvunet.training.model_card import write_model_card  # noqa: E402
-from rwkvunet.training.processes import main_process_first  # noqa: E402
 from rwkvunet.training.plots import plot_curves, plot_overlays  # noqa: E402
+from rwkvunet.training.processes import main_process_first  # noqa: E402
 from rwkvunet.training.run_folder import checkpoint_metadata, finish_record, plan_run, prepare_folder  # noqa: E402
 
 logger = logging.getLogger("finetune")

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from bi_wkv_reference import bi_wkv_reference, bi_wkv_reference_rows
+from bi_wkv_reference import bi_wkv_reference, bi_wkv_reference_mp, bi_wkv_reference_rows
 from rwkvunet.ops import bi_wkv, bi_wkv_torch
 
 
@@ -196,3 +196,158 @@ def test_inference_path_equals_autograd_path(T):
     with torch.no_grad():
         fast32 = bi_wkv_torch(w32, u32, k32, v32)
     assert rel_err(fast32, slow) < 1e-5
+
+
+# --- extreme inputs: exact for every finite w, u, k, v ---------------------------------------------------
+
+def _grad_scales(v, gy):
+    """Bounds on |y| and on each gradient, from |dy_t/dv_i| = a_ti <= 1 and |v_i - y_t| <= 2 max|v|: an error
+    is judged against these, since a gradient that is tiny by cancellation has no meaningful relative error."""
+    T = v.shape[1]
+    g = gy.abs().sum(1).max().item()
+    vmax = v.abs().max().item()
+    return {"y": vmax, "w": 2 * vmax * g * T, "u": 2 * vmax * g, "k": 2 * vmax * g, "v": g}
+
+
+def _forward_and_grads(fn, w, u, k, v, gy):
+    leaves = [x.clone().requires_grad_(True) for x in (w, u, k, v)]
+    y = fn(*leaves)
+    return (y.detach(), *torch.autograd.grad(y, leaves, gy.to(y.dtype)))
+
+
+# (T, spatial decay |w| * T, k range, u): large growth and decay, |w| * T up to 1e4, keys at +-700, bonus +-700
+FLOAT64_EXTREMES = [(5, 120.0, 300.0, 0.0), (5, -120.0, 300.0, 50.0), (6, 1e4, 700.0, -700.0),
+                    (7, -1e4, 700.0, 700.0), (4, 1e3, 0.0, -700.0), (8, -1e3, 5.0, 0.0)]
+
+
+@pytest.mark.parametrize("T,decay,k_range,u_value", FLOAT64_EXTREMES)
+def test_extreme_float64_against_mpmath(T, decay, k_range, u_value):
+    """Forward and all four gradients against the formula in 60-digit arithmetic: absolute errors within
+    1e-13 of each quantity's natural scale (float64 eps times the few operations each value passes through)."""
+    g = torch.Generator().manual_seed(T)
+    C = 2
+    w = torch.tensor([decay, decay / 3], dtype=torch.float64) / T
+    u = torch.tensor([u_value, -u_value / 2], dtype=torch.float64)
+    k = (torch.rand(2, T, C, generator=g, dtype=torch.float64) * 2 - 1) * k_range
+    v = torch.randn(2, T, C, generator=g, dtype=torch.float64)
+    gy = torch.randn(2, T, C, generator=g, dtype=torch.float64)
+    want = bi_wkv_reference_mp(w, u, k, v, gy)
+    got = _forward_and_grads(bi_wkv, w, u, k, v, gy)
+    scales = _grad_scales(v, gy)
+    for name, a, b in zip("y w u k v".split(), got, want):
+        assert torch.isfinite(a).all(), name
+        err = (a - b).abs().max().item() / scales[name]
+        assert err < 1e-13, (name, err)
+
+
+@pytest.mark.parametrize("decay", [120.0, -120.0, 1e4, -1e4, 800.0])
+@pytest.mark.parametrize("T", [64, 197])
+def test_extreme_float32_against_float64_formula(T, decay):
+    """float32 inputs with keys at +-80, bonus +-80 and |w| * T up to 1e4: y within 1e-6 of max|v| of the
+    float64 formula of the same inputs (the exact path accumulates in float64, so only y's final rounding to
+    float32 remains), gradients within 1e-6 of their natural scale."""
+    g = torch.Generator().manual_seed(T + int(decay))
+    C = 4
+    w = (torch.tensor([1.0, 0.5, 0.1, 1.0]) * decay / T).float()
+    u = torch.tensor([0.0, 80.0, -80.0, 5.0])
+    k = torch.where(torch.rand(2, T, C, generator=g) > 0.5, 80.0, -80.0) + torch.randn(2, T, C, generator=g)
+    v = torch.randn(2, T, C, generator=g)
+    gy = torch.randn(2, T, C, generator=g)
+    got = _forward_and_grads(bi_wkv, w, u, k, v, gy)
+    want = _forward_and_grads(bi_wkv_reference, *(x.double() for x in (w, u, k, v)), gy.double())
+    scales = _grad_scales(v.double(), gy.double())
+    for name, a, b in zip("y w u k v".split(), got, want):
+        assert torch.isfinite(a).all(), name
+        err = (a.double() - b).abs().max().item() / scales[name]
+        assert err < 1e-6, (name, err)
+    with torch.no_grad():
+        fast = bi_wkv(w, u, k, v)  # the in-place inference path
+    assert rel_err(fast, want[0]) < 1e-6
+
+
+def test_spatial_decay_of_120_is_finite_and_exact():
+    """A spatial mix with spatial_decay = 120 on a 14 x 14 grid (w * T = 120), keys of a trained model's size."""
+    T, C = 196, 8
+    w = torch.full((C,), 120.0 / T)
+    u = torch.full((C,), 2.0 / T)
+    k, v = torch.randn(1, T, C) * 3, torch.randn(1, T, C)
+    y = bi_wkv(w, u, k, v)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, bi_wkv_reference(w, u, k, v)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype,limit", [(torch.float32, 60.0), (torch.float64, 600.0)])
+def test_fast_path_is_exact_up_to_its_bound(dtype, limit):
+    """Inputs just inside the bound run the max-shifted cumulative sums (no scan), and are exact there."""
+    op = importlib.import_module("rwkvunet.ops.bi_wkv")
+    T, C = 50, 3
+    # worst cases for the shared maximum: strongest decay, strongest growth, and a key range at the limit
+    w = torch.tensor([0.45, -0.45, 0.0], dtype=torch.float64) * limit / (T + 1)
+    u = torch.tensor([-0.05, 0.05, 0.0], dtype=torch.float64) * limit
+    k = torch.zeros(2, T, C, dtype=torch.float64)
+    k[:, ::7] = 0.5 * limit  # range(k) = limit / 2
+    v = torch.randn(2, T, C, dtype=torch.float64)
+    x = [t.to(dtype) for t in (w, u, k, v)]
+    assert op._fast_path_is_exact(x[0], x[1], x[2])
+    assert not op._fast_path_is_exact(x[0] * 1.2, x[1], x[2])
+    ref = bi_wkv_reference(*x)
+    with torch.no_grad():
+        assert rel_err(bi_wkv(*x), ref) < (1e-5 if dtype == torch.float32 else 1e-12)
+    assert rel_err(bi_wkv(*(t.clone().requires_grad_() for t in x)).detach(), ref) < (
+        1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_scan_gradcheck_float64():
+    """The exact scan's gradients (its own, not the cumulative sums') by finite differences."""
+    op = importlib.import_module("rwkvunet.ops.bi_wkv")
+    g = torch.Generator().manual_seed(3)
+    w = torch.tensor([3.0, -2.0, 0.1], dtype=torch.float64).requires_grad_()
+    u = torch.tensor([5.0, -5.0, 0.0], dtype=torch.float64).requires_grad_()
+    k = (torch.randn(2, 7, 3, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    v = torch.randn(2, 7, 3, generator=g, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(op.bi_wkv_scan, (w, u, k, v), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+def test_scan_agrees_with_cumulative_sums_inside_the_bound():
+    op = importlib.import_module("rwkvunet.ops.bi_wkv")
+    w, u, k, v = make_inputs(2, 333, 5, seed=21)
+    assert rel_err(op.bi_wkv_scan(w, u, k, v), bi_wkv_torch(w, u, k, v)) < 1e-12
+
+
+def test_extreme_channel_groups(monkeypatch):
+    """Large CPU inputs run in groups of channels; each group picks its own path."""
+    op = importlib.import_module("rwkvunet.ops.bi_wkv")
+    monkeypatch.setattr(op, "_CHUNK_ELEMENTS", 2 * 100 * 4)
+    w, u, k, v = make_inputs(2, 100, 10, dtype=torch.float32, seed=4)
+    w[:4] = 5.0  # the first group needs the exact scan, the others do not
+    assert rel_err(bi_wkv(w, u, k, v), bi_wkv_reference(w, u, k, v)) < 1e-5
+
+
+# --- empty and invalid inputs ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_empty_sequence_gives_empty_outputs_and_gradients(requires_grad):
+    w, u = torch.zeros(4, requires_grad=requires_grad), torch.zeros(4, requires_grad=requires_grad)
+    k, v = torch.zeros(2, 0, 4, requires_grad=requires_grad), torch.zeros(2, 0, 4, requires_grad=requires_grad)
+    y = bi_wkv(w, u, k, v)
+    assert y.shape == (2, 0, 4) and y.dtype == torch.float32
+    assert bi_wkv_torch(w, u, k, v).shape == (2, 0, 4)
+    if requires_grad:
+        grads = torch.autograd.grad(y.sum(), (w, u, k, v))
+        assert [tuple(g.shape) for g in grads] == [(4,), (4,), (2, 0, 4), (2, 0, 4)]
+        assert all((g == 0).all() for g in grads)
+
+
+@pytest.mark.parametrize("bad", ["int_k", "bool_v", "int_w", "list_u"])
+def test_dtype_errors_name_the_expected_inputs(bad):
+    w, u, k, v = make_inputs(1, 9, 4, dtype=torch.float32)
+    if bad == "int_k":
+        k = k.long()
+    elif bad == "bool_v":
+        v = v > 0
+    elif bad == "int_w":
+        w = w.int()
+    else:
+        u = u.tolist()
+    with pytest.raises(ValueError, match=r"w, u .*\(C,\) and k, v .*\(B, T, C\)"):
+        bi_wkv(w, u, k, v)

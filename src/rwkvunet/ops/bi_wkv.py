@@ -6,9 +6,12 @@
 The PyTorch implementation splits the sum into a causal prefix, an anti-causal suffix and the token itself.
 Because the decay is a pure exponential in the distance, each directional sum is an exclusive cumulative sum
 of ``exp(+-i w + k_i)`` rescaled by ``exp(-+t w)``: linear time, O(B*T*C) memory, no T x T matrix, any T.
-Every exponent is shifted by its running maximum (per batch and channel), so nothing overflows while
-``|w| * T + range(k)`` stays below the accumulation dtype's exponent range (about 80 in float32, 700 in
-float64); trained models sit far inside it (``|w| * T = |spatial_decay|`` is below 10).
+Every exponent is shifted by its maximum over the sequence (per batch and channel). That is exact while
+``range(k) + |w| * (T + 1) + |u|`` stays well inside the accumulation dtype's exponent range (checked
+against 60 in float32, 600 in float64); trained models sit far inside it (``|w| * T = |spatial_decay|`` is
+below 10). Outside it, terms that matter would underflow, so such inputs go through a log-space parallel
+scan instead: every partial sum carries its own running maximum, the way RWKV's kernels carry theirs,
+accumulated in float64. That is exact for every finite input, and a few times slower.
 
 It is plain traceable torch code, so autograd, ``torch.compile(fullgraph=True)`` and ``torch.export`` go
 through it. :func:`bi_wkv` is the single dispatch point: CUDA tensors go to the compiled kernel when one
@@ -24,6 +27,24 @@ __all__ = ["bi_wkv", "bi_wkv_torch"]
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Largest exponent spread the max-shifted sums take: exp(-60) is far above float32's smallest normal number
+# (exp(-87)), exp(-600) above float64's (exp(-708)), so no term that matters can underflow.
+_FAST_SPAN = {torch.float32: 60.0, torch.float64: 600.0}
+
+
+def _fast_path_is_exact(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the max-shifted sums are exact for these inputs.
+
+    At output t every part (before t, after t, t itself) is scaled by exp(-top), and the part that sets
+    ``top`` is at least exp(-span) of the largest one, span = range(k) + |w| (T + 1) + |u|. Non-finite
+    inputs give False. Reads three scalars back: free on the CPU, a sync on a GPU.
+    """
+    acc = _accumulate_dtype(torch.promote_types(k.dtype, torch.promote_types(w.dtype, u.dtype)))
+    lo, hi = torch.aminmax(k.to(acc))
+    span = (hi - lo) + w.to(acc).abs().amax() * (k.shape[1] + 1) + u.to(acc).abs().amax()
+    return bool(span <= _FAST_SPAN[acc])
 
 
 def _exclusive_cumsum(x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
@@ -81,10 +102,29 @@ def _bi_wkv_no_grad(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.
 
 
 def bi_wkv_torch(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Exact Bi-WKV in PyTorch. ``w``, ``u``: (C,); ``k``, ``v``: (B, T, C). Returns (B, T, C) in v's dtype."""
-    if not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled() and any(x.requires_grad for x in (w, u, k, v))):
+    """Exact Bi-WKV in PyTorch. ``w``, ``u``: (C,); ``k``, ``v``: (B, T, C). Returns (B, T, C) in v's dtype.
+
+    Max-shifted cumulative sums where they are provably exact, the log-space scan otherwise. A compiled
+    graph always takes the cumulative sums (a data-dependent choice would break the graph).
+    """
+    if k.shape[1] == 0:
+        return _empty_sequence(w, u, k, v)
+    compiling = torch.compiler.is_compiling()
+    if not compiling and not _fast_path_is_exact(w, u, k):
+        return bi_wkv_scan(w, u, k, v)
+    if not compiling and not (torch.is_grad_enabled() and any(x.requires_grad for x in (w, u, k, v))):
         return _bi_wkv_no_grad(w, u, k, v)
+    return _bi_wkv_cumsum(w, u, k, v)
+
+
+def _empty_sequence(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """T = 0: an empty output that still depends on every input, so gradients (zeros, empty) come back."""
+    dtype = torch.promote_types(torch.promote_types(w.dtype, u.dtype), torch.promote_types(k.dtype, v.dtype))
+    return (v.to(dtype) + (k + w + u) * 0).to(v.dtype)
+
+
+def _bi_wkv_cumsum(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The differentiable max-shifted form (exact under :func:`_fast_path_is_exact`)."""
     out_dtype = v.dtype
     acc = _accumulate_dtype(torch.promote_types(k.dtype, v.dtype))
     w, u, k, v = w.to(acc), u.to(acc), k.to(acc), v.to(acc)
@@ -117,17 +157,77 @@ def bi_wkv_torch(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return (num / den).to(out_dtype)
 
 
+# --- the log-space scan: exact for every finite input ----------------------------------------------------
+# A state (m, a, b) stands for the sums exp(m) * (a, b) of a run of tokens, weighted as seen from the run's
+# last token. m is the largest exponent (detached: the value does not depend on it, so gradients are exact),
+# so the dominant term has coefficient 1 and b >= 1 for every non-empty run: nothing overflows or vanishes.
+
+def _combine(m1: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor,
+             m2: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor):
+    """Sum of two states on one scale (the left one already decayed to the right one's last token)."""
+    m = torch.maximum(m1, m2).detach()
+    c1, c2 = torch.exp(m1 - m), torch.exp(m2 - m)
+    return m, a1 * c1 + a2 * c2, b1 * c1 + b2 * c2
+
+
+def _pad_to_even(m, a, b, lengths):
+    """Appends an empty state (m = -inf, zero sums, no tokens) to an odd number of states."""
+    if m.shape[1] % 2 == 0:
+        return m, a, b, lengths
+    pad = lambda x, value: torch.cat([x, torch.full_like(x[:, :1], value)], dim=1)  # noqa: E731
+    return pad(m, float("-inf")), pad(a, 0.0), pad(b, 0.0), torch.cat([lengths, lengths.new_zeros(1, 1)])
+
+
+def _exclusive_scan(m, a, b, w, lengths):
+    """States of all tokens strictly before each of the n runs (N, n, C), seen from the token before the run.
+
+    Work-efficient (Blelloch) recursion: neighbouring runs are paired, the pairs scanned, and each run's
+    state read from its pair's. ``lengths`` (n, 1) counts tokens per run: a state decays by exp(-w) a token.
+    """
+    N, n, C = m.shape
+    if n == 1:  # nothing before the only run; "- 0 * w" keeps w in the graph (its gradient is 0 at T = 1)
+        return torch.full_like(m, float("-inf")) - 0 * w, torch.zeros_like(a), torch.zeros_like(b)
+    m, a, b, lengths = _pad_to_even(m, a, b, lengths)
+    left, right = lengths[0::2], lengths[1::2]
+    pm, pa, pb = _combine(m[:, 0::2] - right * w, a[:, 0::2], b[:, 0::2], m[:, 1::2], a[:, 1::2], b[:, 1::2])
+    em, ea, eb = _exclusive_scan(pm, pa, pb, w, left + right)
+    om, oa, ob = _combine(em - left * w, ea, eb, m[:, 0::2], a[:, 0::2], b[:, 0::2])
+    interleave = lambda x, y: torch.stack([x, y], dim=2).reshape(N, -1, C)[:, :n]  # noqa: E731
+    return interleave(em, om), interleave(ea, oa), interleave(eb, ob)
+
+
+def bi_wkv_scan(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bi-WKV by a log-space parallel scan in float64: exact for every finite input, O(B*T*C) memory.
+
+    The anti-causal sums are the causal sums of the reversed sequence, so both directions share one scan.
+    """
+    out_dtype = v.dtype
+    w, u, k, v = (x.to(torch.float64) for x in (w, u, k, v))
+    B, T, C = k.shape
+    keys, values = torch.cat([k, k.flip(1)]), torch.cat([v, v.flip(1)])
+    m = keys.detach()
+    one = torch.exp(keys - m)  # 1, carrying the gradient of k
+    lengths = torch.ones(T, 1, dtype=torch.float64, device=k.device)
+    sm, sa, sb = _exclusive_scan(m, values * one, one, w, lengths)
+    mf, af, bf = sm[:B], sa[:B], sb[:B]  # tokens i < t, weights exp(k_i - (t - 1 - i) w)
+    mb, ab, bb = sm[B:].flip(1), sa[B:].flip(1), sb[B:].flip(1)  # tokens i > t
+    ms = u + k
+    top = torch.maximum(torch.maximum(mf, mb), ms).detach()
+    sf, sb_, ss = torch.exp(mf - top), torch.exp(mb - top), torch.exp(ms - top)
+    y = (af * sf + ab * sb_ + v * ss) / (bf * sf + bb * sb_ + ss)
+    return y.to(out_dtype)
+
+
 def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Bi-WKV on (B, T, C) keys and values with per-channel decay ``w`` and bonus ``u``.
 
     The one dispatch point: CUDA tensors use the compiled kernel when it can be had, all others (and CUDA
     tensors when it cannot) the exact PyTorch implementation.
     """
-    if k.ndim != 3 or v.shape != k.shape:
-        raise ValueError(f"bi_wkv expects k and v of one shape (B, T, C); got {tuple(k.shape)} and {tuple(v.shape)}")
-    C = k.shape[-1]
-    if w.shape != (C,) or u.shape != (C,):
-        raise ValueError(f"bi_wkv expects w and u of shape ({C},); got {tuple(w.shape)} and {tuple(u.shape)}")
+    _check_inputs(w, u, k, v)
+    B, T, C = k.shape
+    if T == 0:
+        return _empty_sequence(w, u, k, v)
     if k.is_cuda:
         from .kernel_hub import cuda_bi_wkv
 
@@ -141,6 +241,25 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
                                     v[..., c:c + step].contiguous()) for c in range(0, C, step)]
         return torch.cat(parts, dim=-1)
     return _bi_wkv_torch_path(w, u, k, v)
+
+
+def _check_inputs(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """ValueError naming the expected shapes and dtypes (tensor metadata only: nothing is read back)."""
+    if not all(torch.is_tensor(x) for x in (w, u, k, v)):
+        raise ValueError("bi_wkv expects tensors w, u of shape (C,) and k, v of shape (B, T, C); got "
+                         + ", ".join(type(x).__name__ for x in (w, u, k, v)))
+    if k.ndim != 3 or v.shape != k.shape:
+        raise ValueError(f"bi_wkv expects k and v of one shape (B, T, C); got {tuple(k.shape)} and {tuple(v.shape)}")
+    C = k.shape[-1]
+    if w.shape != (C,) or u.shape != (C,):
+        raise ValueError(f"bi_wkv expects w and u of shape ({C},) for k, v of shape (B, T, {C}); got "
+                         f"{tuple(w.shape)} and {tuple(u.shape)}")
+    bad = [f"{name}: {x.dtype}" for name, x in zip("wukv", (w, u, k, v)) if not x.is_floating_point()]
+    if bad:
+        raise ValueError(f"bi_wkv expects floating-point w, u (C,) and k, v (B, T, C); got {', '.join(bad)}")
+    if len({x.device for x in (w, u, k, v)}) > 1:
+        raise ValueError("bi_wkv expects w, u, k, v on one device; got "
+                         + ", ".join(f"{n}: {x.device}" for n, x in zip("wukv", (w, u, k, v))))
 
 
 _CHUNK_ELEMENTS = 1 << 20  # about 4 MiB of float32 per (B, T, channels) tensor: the scans stay in cache

@@ -44,7 +44,7 @@ def converted(tmp_path_factory):
             dst = tmp_path_factory.mktemp(f"converted_{variant}")
             extra = ["--with-code"] if variant == "t" else []
             assert run_convert(fixture_path(variant), dst, "--prefix", "sd.", "--variant", variant,
-                               "--num-labels", labels, "--in-channels", channels, "--force", *extra) == 0
+                               "--num-labels", labels, "--in-channels", channels, "--overwrite", *extra) == 0
             cache[variant] = dst
         return cache[variant]
 
@@ -198,3 +198,137 @@ def test_encoder_conversion_is_a_timm_folder_matching_authors_stages(fixture_fil
         stages = model.forward_intermediates(data["input"].float(), indices=[0, 1, 2, 3, 4], intermediates_only=True)
     for i, out in enumerate(stages):
         assert relative_error(out, data[f"enc.stage{i}"]) < 1e-4, f"stage {i}"
+
+
+# --- one-line errors, nothing written, nothing replaced ----------------------------------------------------------
+@pytest.fixture
+def checkpoint_t(tmp_path):
+    """The authors' RWKV-UNet-T segmenter state_dict (3 channels, 2 classes) as a plain .safetensors file."""
+    state = {k[len("sd."):]: v for k, v in load_file(str(fixture_path("t"))).items() if k.startswith("sd.")}
+    path = tmp_path / "seg_t.safetensors"
+    save_file(state, path)
+    return path
+
+
+def _one_error_line(capsys, *fragments) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("rwkvunet convert: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], err
+    return lines[0]
+
+
+def _save(path, state):
+    save_file(state, path) if path.suffix == ".safetensors" else torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+@pytest.mark.parametrize("keep, fragment", [(0.0, "is empty (0 bytes)"), (0.5, "truncated or damaged")])
+def test_converter_empty_or_truncated_checkpoint(checkpoint_t, tmp_path, capsys, suffix, keep, fragment):
+    src = _save(tmp_path / f"ckpt{suffix}", load_file(str(checkpoint_t)))
+    data = src.read_bytes()
+    src.write_bytes(data[: int(len(data) * keep)])
+    assert run_convert(src, tmp_path / "out", "--variant", "t") == 2
+    _one_error_line(capsys, str(src), fragment, "again")
+    assert not (tmp_path / "out").exists()
+
+
+def test_converter_wrong_shapes(checkpoint_t, tmp_path, capsys):
+    state = load_file(str(checkpoint_t))
+    key = next(k for k in sorted(state) if k.startswith("decoder1.") and k.endswith("conv.weight"))
+    state[key] = torch.zeros(*(n + 1 for n in state[key].shape))
+    src = _save(tmp_path / "bad.safetensors", state)
+    assert run_convert(src, tmp_path / "out", "--variant", "t") == 2
+    _one_error_line(capsys, "does not fit RWKV-UNet-T", "1 tensor(s) differ in shape", "in the checkpoint")
+    assert not (tmp_path / "out").exists()
+
+
+def test_converter_grey_segmenter_given_encoder(tmp_path, capsys):
+    """A 1-channel segmenter (this package's keys) cannot become an RGB timm encoder: say so."""
+    from rwkvunet import RWKVUNetConfig, RWKVUNetForSemanticSegmentation
+
+    model = RWKVUNetForSemanticSegmentation(RWKVUNetConfig(variant="t", num_labels=2, in_channels=1))
+    src = _save(tmp_path / "grey.safetensors", {k: v.contiguous() for k, v in model.state_dict().items()})
+    assert run_convert(src, tmp_path / "enc", "--encoder") == 2
+    _one_error_line(capsys, "takes 1-channel images but timm encoders take RGB", "without --encoder")
+    assert not (tmp_path / "enc").exists()
+
+
+@pytest.mark.parametrize("dst, fragment", [("notes.txt", "is a file"), ("notes.txt/out", "cannot be created")])
+def test_converter_dst_a_file(checkpoint_t, tmp_path, capsys, dst, fragment):
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert run_convert(checkpoint_t, tmp_path / dst, "--variant", "t") == 2
+    _one_error_line(capsys, f"DST {tmp_path / dst}", fragment)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_converter_in_channels_message_names_each_choice_once(checkpoint_t, tmp_path, capsys):
+    state = load_file(str(checkpoint_t))
+    key = "encoder.stage0.0.conv.conv.weight"
+    state[key] = state[key].sum(1, keepdim=True)  # a grey checkpoint
+    src = _save(tmp_path / "grey.safetensors", state)
+    assert run_convert(src, tmp_path / "out", "--in-channels", "3") == 2
+    line = _one_error_line(capsys, "takes 1 channel(s), the model 3", "convert with --in-channels 1")
+    assert "1 or 1" not in line
+
+
+def test_converter_id2label_count_names_id2label(checkpoint_t, tmp_path, capsys):
+    assert run_convert(checkpoint_t, tmp_path / "out", "--id2label", "a,b,c") == 2
+    line = _one_error_line(capsys, "predicts 2 classes, not the 3 of --id2label", "give 2 names to --id2label")
+    assert "--num-labels" not in line
+    assert run_convert(checkpoint_t, tmp_path / "out", "--id2label", "a,b,c", "--num-labels", "2") == 2
+    _one_error_line(capsys, "--id2label names 3 classes but --num-labels gives 2")
+    assert not (tmp_path / "out").exists()
+
+
+def test_converter_overwrite_keeps_what_it_did_not_write(checkpoint_t, tmp_path, capsys):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("keep me")
+    (dst / "model-00001-of-00002.safetensors").write_bytes(b"someone's shard")  # save_pretrained deletes these
+    (dst / "config.json").write_text("{}")
+    assert run_convert(checkpoint_t, dst) == 2
+    _one_error_line(capsys, "is not empty", "--overwrite")
+    assert (dst / "config.json").read_text() == "{}"
+
+    assert run_convert(checkpoint_t, dst, "--overwrite") == 0
+    assert (dst / "notes.txt").read_text() == "keep me"
+    assert (dst / "model-00001-of-00002.safetensors").read_bytes() == b"someone's shard"
+    assert json.loads((dst / "config.json").read_text())["variant"] == "t"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_converter_never_replaces_its_input(checkpoint_t, tmp_path, capsys):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    src = dst / "model.safetensors"
+    src.write_bytes(checkpoint_t.read_bytes())
+    before = src.read_bytes()
+    assert run_convert(src, dst, "--overwrite") == 2
+    _one_error_line(capsys, "would replace its own input", "give another DST")
+    assert src.read_bytes() == before and sorted(p.name for p in dst.iterdir()) == ["model.safetensors"]
+
+
+def test_converter_failure_after_saving_leaves_no_folder(checkpoint_t, tmp_path, capsys):
+    """A processor that does not fit the model is found after the weights are saved: DST must not be left
+    half-written."""
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "config.json").write_text(json.dumps({"variant": "t", "in_channels": 3}))
+    (hub / "preprocessor_config.json").write_text(json.dumps({"num_channels": 1}))
+    assert run_convert(checkpoint_t, tmp_path / "out", "--hub-config", hub) == 2
+    _one_error_line(capsys, "the image processor gives 1 channels but the model takes 3")
+    assert not (tmp_path / "out").exists()
+
+
+def test_converter_written_but_not_published_is_partial(checkpoint_t, tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert run_convert(checkpoint_t, tmp_path / "out", "--publish", "someone/model") == 1
+    err = capsys.readouterr().err
+    assert "was written but not uploaded to someone/model" in err and "Traceback" not in err
+    assert (tmp_path / "out" / "model.safetensors").is_file()

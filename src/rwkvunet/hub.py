@@ -139,7 +139,7 @@ def _read_config(source: str, hub_kwargs: dict) -> dict:
 
 
 def _check_model_type(source: str, config: dict) -> None:
-    from .models.rwkv_unet import RWKVUNetConfig
+    from .models.rwkv_unet.configuration_rwkv_unet import RWKVUNetConfig
 
     found = config.get("model_type")
     if found != RWKVUNetConfig.model_type:
@@ -198,7 +198,7 @@ def _check_loading_info(source: str, info: dict, resizing: bool) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """Hide transformers' loading report and progress bar: problems are raised here as one-line errors."""
     from transformers.utils import logging
 
@@ -221,7 +221,6 @@ def load_segmentation_model(name_or_path, **from_pretrained_kwargs):
     With ``ignore_mismatched_sizes=True`` (a new head), tensors of other shapes are re-initialised as usual."""
     import pickle
 
-    import rwkvunet  # noqa: F401  (registers the Auto classes)
     from safetensors import SafetensorError
     from transformers import AutoModelForSemanticSegmentation
 
@@ -236,7 +235,7 @@ def load_segmentation_model(name_or_path, **from_pretrained_kwargs):
     # shape mismatches are reported by _check_loading_info, with the shapes, instead of a RuntimeError
     kwargs = dict(from_pretrained_kwargs, output_loading_info=True, ignore_mismatched_sizes=True)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model, info = AutoModelForSemanticSegmentation.from_pretrained(source, **kwargs)
     except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError, KeyError) as err:
         raise _diagnose_weights(source, hub_kwargs, err) from err

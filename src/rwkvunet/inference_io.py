@@ -83,6 +83,31 @@ def find_inputs(paths: Iterable[os.PathLike | str], exclude: Optional[os.PathLik
     return found
 
 
+# --- output folders ----------------------------------------------------------------------------------------
+def _writable_folder(path: Path) -> bool:
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+def check_output_folder(path: os.PathLike | str, option: str = "--out") -> None:
+    """Raise :class:`UserError` unless ``path`` is a writable folder or one that can be created; called before
+    any work starts, so a bad output folder is not found only after the inputs were processed."""
+    path = Path(path)
+    fix = "give a folder you can write to (it is created if missing)"
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{option} {path} is a file; {fix}")
+        if not _writable_folder(path):
+            raise UserError(f"{option} {path} is not writable; {fix}")
+        return
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{option} {path} cannot be created: {parent} is a file; {fix}")
+    if not _writable_folder(parent):
+        raise UserError(f"{option} {path} cannot be created: {parent} is not writable; {fix}")
+
+
 # --- images ------------------------------------------------------------------------------------------------
 def read_image(path: os.PathLike | str) -> np.ndarray:
     """Pixels of an image file as (H, W) or (H, W, C) with C in 3 (RGB); alpha and palettes are dropped.
@@ -282,7 +307,8 @@ def strip_extension(path: os.PathLike | str) -> str:
 
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "NIFTI_EXTENSIONS", "PALETTE", "InputError", "file_kind", "find_inputs", "read_image",
+    "IMAGE_EXTENSIONS", "NIFTI_EXTENSIONS", "PALETTE", "InputError", "check_output_folder", "file_kind",
+    "find_inputs", "read_image",
     "to_display", "colorize", "overlay", "save_png", "require_nibabel", "read_volume", "save_nifti_labels",
     "legend", "save_legend",
     "montage", "montage_slices", "strip_extension",

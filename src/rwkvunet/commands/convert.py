@@ -11,22 +11,29 @@ A segmenter folder loads with ``AutoModelForSemanticSegmentation.from_pretrained
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from ..hub import HUB_ORG
+from ..errors import EXIT_OK, EXIT_PARTIAL, UserError, print_error, run_main
+from ..hub import HUB_ORG, load_weights_file, quiet_transformers
+from ..inference_io import check_output_folder
 from ..models.encoder import ENCODER_VARIANTS, _unwrap
+
+PROG = "rwkvunet convert"
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A checkpoint that does not fit the requested conversion (the message says why and what to do)."""
 
 
@@ -36,19 +43,7 @@ def load_checkpoint(path, prefix: str = "") -> Dict[str, torch.Tensor]:
     ``state_dict`` / ``model`` / EMA containers, without a ``module.`` (DataParallel) prefix and, when
     ``prefix`` is given, restricted to the keys under it (with the prefix removed)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as err:  # pickled objects other than tensors and containers
-            raise ConversionError(f"{path} cannot be read with torch.load(weights_only=True) ({err}); load it "
-                                  "where you trust it and re-save only its state_dict (torch.save(model."
-                                  "state_dict(), ...)) or as .safetensors") from err
+    state = load_weights_file(path)  # an empty, truncated or unsafe file is a UserError naming it
     if not isinstance(state, dict):
         raise ConversionError(f"{path} holds a {type(state).__name__}, not a state_dict")
     state = _unwrap(state)
@@ -115,10 +110,23 @@ def _head_rows(state: Dict[str, torch.Tensor]) -> Optional[int]:
     return None
 
 
+def shape_mismatches(state: Dict[str, torch.Tensor], model) -> List[Tuple[str, tuple, tuple]]:
+    """``(key, checkpoint shape, model shape)`` for every tensor both hold with different shapes."""
+    own = model.state_dict()
+    return sorted((k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+                  if k in own and tuple(v.shape) != tuple(own[k].shape))
+
+
+def _describe_mismatches(mismatches) -> str:
+    key, got, want = mismatches[0]
+    return f"{len(mismatches)} tensor(s) differ in shape (e.g. {key}: {got} in the checkpoint, {want} in the model)"
+
+
 # --- segmenter ------------------------------------------------------------------------------------------
 def convert_segmenter(state, *, variant: str, num_labels: Optional[int] = None, in_channels: Optional[int] = None,
-                      config_overrides: Optional[dict] = None, src="checkpoint"):
-    """An :class:`RWKVUNetForSemanticSegmentation` (eval mode) holding the weights of an authors' segmenter."""
+                      config_overrides: Optional[dict] = None, src="checkpoint", labels_from: str = "--num-labels"):
+    """An :class:`RWKVUNetForSemanticSegmentation` (eval mode) holding the weights of an authors' segmenter;
+    ``labels_from`` names the option that set ``num_labels``, for the message when the head disagrees."""
     from ..models.rwkv_unet import RWKVUNetConfig, RWKVUNetForSemanticSegmentation
     from ..models.rwkv_unet.conversion import convert_authors_state_dict
 
@@ -130,9 +138,8 @@ def convert_segmenter(state, *, variant: str, num_labels: Optional[int] = None, 
     if num_labels is None:
         num_labels = rows
     elif rows is not None and rows != num_labels:
-        raise ConversionError(f"{src} predicts {rows} classes, not {num_labels} (--num-labels or the hub "
-                              f"config's id2label); convert it with --num-labels {rows} or pick the matching "
-                              "hub config")
+        raise ConversionError(f"{src} predicts {rows} classes, not the {num_labels} of {labels_from}; "
+                              f"{_labels_fix(labels_from, rows)}")
     first = _encoder_part(state).get("stage0.0.conv.conv.weight", _encoder_part(state).get("stem.conv.conv.weight"))
     if in_channels is None:
         in_channels = int(first.shape[1]) if first is not None else 3
@@ -142,12 +149,25 @@ def convert_segmenter(state, *, variant: str, num_labels: Optional[int] = None, 
     config = RWKVUNetConfig(variant=variant, num_labels=num_labels, in_channels=in_channels, **overrides)
     model = RWKVUNetForSemanticSegmentation(config)
     converted, _ = convert_authors_state_dict(state, model)
+    mismatches = shape_mismatches(converted, model)
+    if mismatches:
+        raise ConversionError(f"{src} does not fit RWKV-UNet-{variant.upper()} with {num_labels} labels and "
+                              f"{in_channels} input channels: {_describe_mismatches(mismatches)}; check --variant, "
+                              "--num-labels and --in-channels, or that the checkpoint is the authors' RWKV-UNet")
     missing, unexpected = model.load_state_dict(converted, strict=False)
     if missing or unexpected:
         raise ConversionError(f"{src} does not fit RWKV-UNet-{variant.upper()} with {num_labels} labels and "
                               f"{in_channels} input channels: missing {missing[:6]}{'...' if len(missing) > 6 else ''}"
                               f", unexpected {unexpected[:6]}")
     return model.eval()
+
+
+def _labels_fix(labels_from: str, rows: int) -> str:
+    if labels_from == "--id2label":
+        return f"give {rows} names to --id2label (background first)"
+    if labels_from == "--num-labels":
+        return f"convert it with --num-labels {rows}"
+    return "pick the hub config that matches the checkpoint"
 
 
 def default_processor(config):
@@ -179,13 +199,14 @@ def _hub_config_segmenter_kwargs(config: dict) -> dict:
     return keep
 
 
-def write_segmenter(args) -> Path:
+def write_segmenter(args, dst: Path) -> Path:
     from ..models.rwkv_unet import RWKVUNetImageProcessor
     from ..models.rwkv_unet.remote_code import add_code
 
     state = load_checkpoint(args.src, args.prefix)
     overrides, processor_dict = {}, None
     variant, num_labels, in_channels = args.variant, args.num_labels, args.in_channels
+    labels_from = "--num-labels"
     if args.hub_config:
         hub_config, processor_dict = _read_hub_config(Path(args.hub_config))
         overrides = _hub_config_segmenter_kwargs(hub_config)
@@ -197,7 +218,8 @@ def write_segmenter(args) -> Path:
                 raise ConversionError(f"--{name.replace('_', '-')} {value} disagrees with {args.hub_config} "
                                       f"({name}={hub_values[name]})")
         variant = variant or hub_values["variant"]
-        num_labels = num_labels or hub_values["num_labels"]
+        if num_labels is None and hub_values["num_labels"] is not None:
+            num_labels, labels_from = hub_values["num_labels"], f"the id2label of {args.hub_config}"
         in_channels = in_channels or hub_values["in_channels"]
     if variant is None:
         variant = infer_variant(state)
@@ -206,15 +228,17 @@ def write_segmenter(args) -> Path:
     if args.id2label:
         overrides["id2label"] = _parse_labels(args.id2label)
         overrides["label2id"] = {name: i for i, name in overrides["id2label"].items()}
-        num_labels = num_labels or len(overrides["id2label"])
+        named = len(overrides["id2label"])
+        if num_labels is not None and num_labels != named:
+            raise ConversionError(f"--id2label names {named} classes but {labels_from} gives {num_labels}; give "
+                                  "one name per class (background first)")
+        num_labels, labels_from = named, "--id2label"
     if args.image_size:
         overrides["image_size"] = args.image_size
     model = convert_segmenter(state, variant=variant, num_labels=num_labels, in_channels=in_channels,
-                              config_overrides=overrides, src=args.src)
+                              config_overrides=overrides, src=args.src, labels_from=labels_from)
     if args.dtype != "float32":
         model = model.to(getattr(torch, args.dtype))
-    dst = Path(args.dst)
-    model.save_pretrained(dst)
     if processor_dict is not None:
         processor_dict = {k: v for k, v in processor_dict.items() if k not in ("image_processor_type", "auto_map")}
         processor = RWKVUNetImageProcessor(**processor_dict)
@@ -223,6 +247,8 @@ def write_segmenter(args) -> Path:
     if processor.num_channels != model.config.in_channels:
         raise ConversionError(f"the image processor gives {processor.num_channels} channels but the model takes "
                               f"{model.config.in_channels}; fix num_channels in preprocessor_config.json")
+    with quiet_transformers():  # no progress bar for one file
+        model.save_pretrained(dst)
     processor.save_pretrained(dst)
     if args.with_code:
         add_code(dst)
@@ -232,13 +258,21 @@ def write_segmenter(args) -> Path:
 def _parse_labels(text: str) -> Dict[int, str]:
     path = Path(text)
     if path.is_file():
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise ConversionError(f"--id2label {path} is not valid JSON ({err}); give a list of names or "
+                                  "{id: name}") from err
         data = data.get("id2label", data) if isinstance(data, dict) else data
     else:
         data = [name.strip() for name in text.split(",")]
-    if isinstance(data, list):
-        return dict(enumerate(data))
-    return {int(k): str(v) for k, v in data.items()}
+    try:
+        labels = dict(enumerate(data)) if isinstance(data, list) else {int(k): str(v) for k, v in data.items()}
+    except (AttributeError, TypeError, ValueError) as err:
+        raise ConversionError(f"--id2label {text}: expected names 'a,b,c', a JSON list or {{id: name}}") from err
+    if sorted(labels) != list(range(len(labels))) or not all(str(v).strip() for v in labels.values()):
+        raise ConversionError(f"--id2label {text}: give one non-empty name for each class 0..N-1")
+    return labels
 
 
 # --- encoder --------------------------------------------------------------------------------------------
@@ -254,14 +288,24 @@ def convert_encoder(state, *, variant: str, src="checkpoint"):
     head = state.get("head.weight")
     model = timm.create_model(f"rwkvunet_enc_{variant}", pretrained=False,
                               num_classes=int(head.shape[0]) if head is not None else 0)
-    missing, unexpected = model.load_state_dict(checkpoint_filter_fn(state, model), strict=False)
+    filtered = checkpoint_filter_fn(state, model)
+    mismatches = shape_mismatches(filtered, model)
+    stem = [m for m in mismatches if m[0].startswith("stem.") and m[1][1:2] != m[2][1:2]]
+    if stem:
+        raise ConversionError(f"{src} takes {stem[0][1][1]}-channel images but timm encoders take RGB "
+                              f"({stem[0][2][1]} channels); convert the segmenter without --encoder, or an RGB "
+                              "checkpoint")
+    if mismatches:
+        raise ConversionError(f"{src} does not fit rwkvunet_enc_{variant}: {_describe_mismatches(mismatches)}; "
+                              "check --variant and --prefix")
+    missing, unexpected = model.load_state_dict(filtered, strict=False)
     if missing or unexpected:
         raise ConversionError(f"{src} does not fit rwkvunet_enc_{variant}: missing {missing[:6]}, unexpected "
                               f"{unexpected[:6]}")
     return model.eval()
 
 
-def write_encoder(args) -> Path:
+def write_encoder(args, dst: Path) -> Path:
     from timm.models import save_for_hf
 
     state = load_checkpoint(args.src, args.prefix)
@@ -269,7 +313,6 @@ def write_encoder(args) -> Path:
     if variant is None:
         check_variant(state, "b", args.src)
     model = convert_encoder(state, variant=variant, src=args.src)
-    dst = Path(args.dst)
     save_for_hf(model, dst, safe_serialization=True)
     return dst
 
@@ -308,7 +351,7 @@ def copy_card(hub_config: Optional[str], dst: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="the authors' checkpoint: .pth/.pt/.bin (read with weights_only=True) or "
                                     ".safetensors; a state_dict, possibly inside 'state_dict' or 'model'")
-    parser.add_argument("dst", help="output folder (created)")
+    parser.add_argument("dst", help="output folder (created; an existing one must be empty unless --overwrite)")
     parser.add_argument("--variant", choices=tuple(ENCODER_VARIANTS), help="model size; inferred from the "
                         "checkpoint when omitted, and checked against it when given")
     parser.add_argument("--num-labels", type=int, help="classes including background (default: the checkpoint's)")
@@ -330,37 +373,101 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--publish", nargs="?", const="", default=None, metavar="REPO_ID",
                         help=f"upload DST to the Hub (default repo: {HUB_ORG}/<hub-config folder name>)")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    parser.add_argument("--force", action="store_true", help="write into a DST that is not empty")
+    parser.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
+                        help="write into a DST that is not empty: the files the conversion writes are replaced, "
+                             "the others are kept (nothing is deleted)")
+
+
+def _check_dst(args) -> Path:
+    """DST must be a folder that can be written or created, and empty unless --overwrite."""
+    dst = Path(args.dst)
+    check_output_folder(dst, "DST")
+    if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
+        raise UserError(f"{dst} is not empty; choose another folder or pass --overwrite (the files the conversion "
+                        "writes are replaced, the others are kept)")
+    return dst
+
+
+def _first_missing(path: Path) -> Optional[Path]:
+    """The outermost folder of ``path`` that does not exist yet (what creating it would add), or None."""
+    missing = None
+    for folder in [path.absolute(), *path.absolute().parents]:
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+@contextlib.contextmanager
+def _staged(dst: Path, protect: Path) -> Iterator[Path]:
+    """A new folder beside DST to convert into; its files move into DST only once everything is written, so a
+    failed conversion leaves DST as it was, and nothing already in DST is deleted (save_pretrained removes
+    shard-like files of a folder it writes to). An output that would replace ``protect`` (SRC) is refused."""
+    created = _first_missing(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dst.name}.converting-", dir=dst.parent))
+    try:
+        yield stage
+        _move_into(stage, dst, protect)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created is not None and created.exists() and not any(p.is_file() for p in created.rglob("*")):
+            shutil.rmtree(created)  # only folders this run made, holding no file
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _move_into(stage: Path, dst: Path, protect: Path) -> None:
+    files = sorted(p for p in stage.rglob("*") if p.is_file())
+    targets = [dst / p.relative_to(stage) for p in files]
+    clash = [t for t in targets if t.exists() and t.resolve() == protect.resolve()]
+    if clash:
+        raise UserError(f"the conversion would replace its own input {protect} ({clash[0].name} in {dst}); give "
+                        "another DST")
+    dst.mkdir(parents=True, exist_ok=True)
+    for file, target in zip(files, targets):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(file, target)
+
+
+def _convert(args, stage: Path) -> None:
+    if args.encoder:
+        if args.num_labels or args.in_channels or args.with_code or args.id2label:
+            raise ConversionError("--num-labels, --in-channels, --id2label and --with-code apply to segmenters, "
+                                  "not to --encoder")
+        write_encoder(args, stage)
+    else:
+        write_segmenter(args, stage)
+    copy_card(args.hub_config, stage)
 
 
 def run(args) -> int:
-    dst = Path(args.dst)
-    if dst.exists() and any(dst.iterdir()) and not args.force:
-        print(f"error: {dst} is not empty; choose another folder or pass --force", file=sys.stderr)
-        return 2
+    dst = _check_dst(args)
+    repo_id = hub_repo_id(args.hub_config, args.publish) if args.publish is not None else None
     try:
-        if args.encoder:
-            if args.num_labels or args.in_channels or args.with_code or args.id2label:
-                raise ConversionError("--num-labels, --in-channels, --id2label and --with-code apply to segmenters, "
-                                      "not to --encoder")
-            write_encoder(args)
-        else:
-            write_segmenter(args)
-        copy_card(args.hub_config, dst)
-        if args.publish is not None:
-            repo_id = hub_repo_id(args.hub_config, args.publish)
-            print(f"uploaded to {publish(dst, repo_id, private=args.private)}")
-    except (ValueError, FileNotFoundError) as err:  # ConversionError and invalid configurations
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        with _staged(dst, Path(args.src)) as stage:
+            _convert(args, stage)
+    except UserError:
+        raise
+    except ValueError as err:  # an invalid configuration: its message says what to change
+        raise UserError(str(err)) from err
     print(f"wrote {dst}")
-    return 0
+    if repo_id is not None:
+        try:
+            print(f"uploaded to {publish(dst, repo_id, private=args.private)}")
+        except UserError as err:
+            print_error(PROG, str(err))
+            return EXIT_PARTIAL  # written, not uploaded
+    return EXIT_OK
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="rwkvunet convert", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    args = parser.parse_args(argv)
+    return run_main(PROG, lambda: run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from collections import Counter
@@ -140,28 +139,6 @@ def _listing(paths: List[str]) -> str:
     return shown + (f" and {len(paths) - SHOWN} more" if len(paths) > SHOWN else "")
 
 
-def _writable_folder(path: Path) -> bool:
-    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
-
-
-def _check_out(out: Path) -> None:
-    """--out must be a writable folder, or one that can be created (checked before any model is loaded)."""
-    fix = "give a folder you can write to (it is created if missing)"
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"--out {out} is a file; {fix}")
-        if not _writable_folder(out):
-            raise UserError(f"--out {out} is not writable; {fix}")
-        return
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"--out {out} cannot be created: {parent} is a file; {fix}")
-    if not _writable_folder(parent):
-        raise UserError(f"--out {out} cannot be created: {parent} is not writable; {fix}")
-
-
 def _check_inputs_outside_out(args) -> None:
     """Files under --out are skipped as earlier outputs, so an input folder inside --out would be skipped."""
     out = args.out.resolve()
@@ -283,7 +260,7 @@ def _prepare(args) -> Tuple[List[Tuple[Path, Path]], list]:
     problem = _check_args(args)
     if problem:
         raise UserError(problem)
-    _check_out(args.out)
+    io.check_output_folder(args.out, "--out")
     _check_inputs_outside_out(args)
     files = io.find_inputs(args.inputs, exclude=args.out)
     if not files:

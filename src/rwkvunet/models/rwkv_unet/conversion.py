@@ -6,6 +6,7 @@ from typing import Dict, Tuple
 
 import torch
 
+from ...errors import UserError
 from ..encoder import _unwrap, remap_authors_encoder_key
 
 _UNUSED_ENCODER = re.compile(r"^encoder\.(norm|head)\.|\.(ln2)\.")
@@ -40,6 +41,13 @@ def convert_authors_state_dict(state_dict: Dict[str, torch.Tensor], model) -> Tu
         if own[first].shape[1] == 1:
             out[first] = out[first].sum(dim=1, keepdim=True)
         else:
-            raise ValueError(f"the checkpoint's first conv takes {out[first].shape[1]} channels, the model "
-                             f"{own[first].shape[1]}; convert with --in-channels {out[first].shape[1]} or 1")
+            raise UserError(f"the checkpoint's first conv takes {out[first].shape[1]} channel(s), the model "
+                            f"{own[first].shape[1]}; convert with {_channel_choices(out[first].shape[1])}")
     return out, dropped
+
+
+def _channel_choices(checkpoint_channels: int) -> str:
+    """The --in-channels values a checkpoint converts to: its own, or 1 (RGB weights summed for grey)."""
+    if checkpoint_channels == 1:
+        return "--in-channels 1"
+    return f"--in-channels {checkpoint_channels} or 1"

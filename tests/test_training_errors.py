@@ -216,3 +216,21 @@ def test_evaluate_bad_paths_and_options_are_one_line(evaluate_script, models, da
     code, err = _run(evaluate_script.main, [models / "binary", "--dataset", data["binary255"], "--cache-dir",
                                             data["cache"], "--output-dir", tmp_path / "file"], capsys)
     _assert_one_line_error(code, err, "evaluate.py", "is a file")
+
+
+def test_label_above_num_labels_in_a_saved_data_set_is_refused_before_training(finetune, tmp_path, capsys):
+    """save_to_disk masks are read before the run starts, so the folder is not even created."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = {"image": [Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)) for _ in range(6)],
+            "mask": [Image.fromarray(rng.integers(0, 6, (16, 16)).astype(np.uint8)) for _ in range(6)]}
+    features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image()})
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(
+        tmp_path / "disk")
+    out = tmp_path / "run"
+    code, err = _run(finetune.main, TINY + ["--dataset", tmp_path / "disk", "--num-labels", "3", "--output-dir", out],
+                     capsys)
+    _assert_one_line_error(code, err, "finetune.py", "{0, 1, 2, 3, 4, 5}", "--num-labels 6")
+    assert not out.exists()

@@ -45,7 +45,7 @@ from rwkvunet.training import CheckpointManager, EpochSampler, SeededSamples, Tr
 from rwkvunet.training.arguments import parse_arguments  # noqa: E402
 from rwkvunet.training.inputs import (build_image_processor, build_model, check_dataset_path,  # noqa: E402
                                       check_splits, class_names, count_parameters, infer_in_channels,
-                                      infer_num_labels, load_data)
+                                      load_data, resolve_num_labels)
 from rwkvunet.training.model_card import write_model_card  # noqa: E402
 from rwkvunet.training.plots import plot_curves, plot_overlays  # noqa: E402
 from rwkvunet.training.processes import main_process_first  # noqa: E402
@@ -166,7 +166,7 @@ def train(argv=None) -> int:
     # the main process builds the datasets cache, the others read it
     data, layout = main_process_first(accelerator, lambda: load_data(args))
     check_splits(data, args.dataset, need_validation=args.eval_every > 0)
-    num_labels = args.num_labels or infer_num_labels(data["train"], layout)
+    num_labels = resolve_num_labels(data, layout, args.num_labels, args.dataset)
     in_channels = args.in_channels or infer_in_channels(data["train"])
     names = class_names(layout, num_labels)
     # weights in the layout their gradients come in (the maps run channels-last), so DDP's gradient buckets

@@ -94,6 +94,31 @@ def infer_num_labels(train_split, layout: str, max_rows: int = 64) -> int:
     return 1 if top <= 1 else top + 1
 
 
+def resolve_num_labels(data, layout: str, num_labels, dataset: str) -> int:
+    """``--num-labels`` or the data's classes. Hub and save_to_disk masks are not checked when loaded, so all
+    of them are read here: a label outside the classes is refused now, not at some step of the training."""
+    if layout not in ("hub", "disk"):
+        return num_labels or infer_num_labels(data["train"], layout)
+    from ..data.files import BINARY_THRESHOLD
+    from ..evaluation import split_labels
+
+    found = {name: split_labels(split) for name, split in data.items()}
+    top = max((max(labels) for labels in found.values() if labels), default=0)
+    binary = top <= 1 or top >= BINARY_THRESHOLD  # 0-255 masks are thresholded, as the loaders do
+    num_labels = num_labels or (1 if binary else top + 1)
+    classes = max(num_labels, 2)
+    for name, labels in found.items():
+        shown = "{" + ", ".join(map(str, labels[:8])) + (", ..." if len(labels) > 8 else "") + "}"
+        if classes > 2 and labels and max(labels) >= classes:
+            raise UserError(f"{dataset} ({name}) holds labels {shown}, outside the {classes} classes "
+                            f"0..{classes - 1} of --num-labels {num_labels}; pass --num-labels {max(labels) + 1} "
+                            "or fix the masks")
+        if classes == 2 and labels and not (max(labels) <= 1 or max(labels) >= BINARY_THRESHOLD):
+            raise UserError(f"{dataset} ({name}) holds labels {shown}, a label map of {max(labels) + 1} classes, "
+                            f"but --num-labels {num_labels} is binary; pass --num-labels {max(labels) + 1}")
+    return num_labels
+
+
 def infer_in_channels(train_split) -> int:
     from ..data.transforms import to_image_tensor
 

@@ -98,12 +98,6 @@ def read_mask_pixels(path: Path) -> np.ndarray:
     return arr
 
 
-def read_grey(path: Path) -> np.ndarray:
-    """Decode a mask file into a 2-D array (colour masks reduced to their brightest channel)."""
-    arr = read_mask_pixels(path)
-    return arr.max(axis=-1) if arr.ndim == 3 else arr
-
-
 def is_coloured(rgb: np.ndarray) -> bool:
     """True when some pixel of an (H, W, 3) array is clearly not grey."""
     spread = rgb.max(axis=-1).astype(np.int32) - rgb.min(axis=-1)
@@ -120,8 +114,8 @@ def _pack(arr: np.ndarray) -> np.ndarray:
     return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
 
 
-def _unpack(value: int, colour: bool):
-    return (value >> 16 & 255, value >> 8 & 255, value & 255) if colour else int(value)
+def _unpack_colour(value: int) -> tuple[int, int, int]:
+    return (value >> 16 & 255, value >> 8 & 255, value & 255)
 
 
 def solid_pixels(values: np.ndarray) -> np.ndarray:
@@ -241,7 +235,7 @@ class _Survey:
         """A file's levels as values of the set: grey ints, or RGB tuples once any mask is coloured."""
         if not self.colour:
             return set(packed)
-        return {_unpack(v, True) if coloured else (v, v, v) for v in packed}
+        return {_unpack_colour(v) if coloured else (v, v, v) for v in packed}
 
     def levels(self) -> list:
         """Sorted distinct levels of the whole set."""
@@ -278,9 +272,9 @@ def decide_mask_coding(paths: Iterable[Path], num_labels: Optional[int], instanc
     :class:`DataError` naming files and levels when the masks hold several levels for a binary set, or a count
     of levels other than ``num_labels``.
     """
-    if instances:
-        return MaskCoding("instances")
     binary = num_labels is None or num_labels <= 2
+    if instances and binary:
+        return MaskCoding("instances")
     survey = _Survey()
     for summary in (summaries if summaries is not None else map(summarise_mask, paths)):
         if binary and not summary["coloured"] and summary["top"] <= 1:

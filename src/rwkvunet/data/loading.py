@@ -172,7 +172,8 @@ def _load_folder(root: Path, layout: str, num_labels, split_seed, cache_dir):
         pairs = {name: [by_id[c] for c in sorted(ids)] for name, ids in ratio_split(list(by_id), split_seed).items()}
     every_pair = [q for v in pairs.values() for q in v]
     instances = layout == "glas" or (layout == "folder" and has_instance_masks(every_pair))
-    coding = mask_coding(every_pair, num_labels, instances, _mask_summaries(every_pair, instances, cache_dir))
+    summaries = _mask_summaries(every_pair, instances, num_labels, cache_dir)
+    coding = mask_coding(every_pair, num_labels, instances, summaries)
     if coding.mapping() is not None:
         logger.info("masks of %s: %s", root, coding.describe())
     out = {}
@@ -186,11 +187,11 @@ def _load_folder(root: Path, layout: str, num_labels, split_seed, cache_dir):
     return data
 
 
-def _mask_summaries(pairs, instances: bool, cache_dir):
+def _mask_summaries(pairs, instances: bool, num_labels, cache_dir):
     """Levels of every mask file, computed once per version of the files (instance masks need none)."""
     from datasets import Features, List, Value
 
-    if instances:
+    if instances and (num_labels is None or num_labels <= 2):
         return None
     masks = [m for p in pairs for m in p.masks]
     features = Features({"path": Value("string"), "coloured": Value("bool"), "top": Value("int64"),

@@ -247,7 +247,8 @@ def _load_datasets_source(source, layout, image_column, mask_column, split_seed,
             loaded = datasets.load_dataset(source, cache_dir=cache_dir)
     except OSError as err:  # missing files, unknown Hub id, no connection (HF_HUB_OFFLINE)
         if layout == "disk":
-            raise DataError(f"cannot load the save_to_disk folder {source}: {err}. Convert the data set again.") from err
+            raise DataError(f"cannot load the save_to_disk folder {source}: {err}. Convert the data set "
+                            f"again.") from err
         raise DataError(f"{source!r} is not a local folder, and loading it as a Hub data set failed: {err}. Check "
                         f"the path, or the Hub id (org/name) and the connection.") from err
     if isinstance(loaded, datasets.Dataset):

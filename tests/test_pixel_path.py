@@ -208,3 +208,23 @@ def test_creating_a_pipeline_logs_no_error(tmp_path, capfd):
     capfd.readouterr()
     pipeline("image-segmentation", model=str(tmp_path))
     assert "not supported" not in capfd.readouterr().err
+
+
+def test_evaluate_feeds_the_model_what_predict_feeds_it(tmp_path):
+    """training/evaluate.py builds its transform from the model folder by the same code as Segmenter: a
+    16-bit image scored by evaluate.py and segmented by predict reaches the model as the same pixels."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "evaluate_script", Path(__file__).resolve().parents[1] / "training" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    config = rwkvunet.RWKVUNetConfig(variant="t", num_labels=2, in_channels=1, image_size=40)
+    rwkvunet.RWKVUNetForSemanticSegmentation(config).save_pretrained(tmp_path)
+    build_image_processor(40, 1).save_pretrained(tmp_path)
+    model, settings = script.load_model(str(tmp_path))
+    transform = EvalTransform(pixels=script.eval_pixels(settings, None, model.config))
+    segmenter = Segmenter.from_pretrained(tmp_path, device="cpu")
+    assert torch.equal(transform(GREY16)["pixel_values"], segmenter.model_input(GREY16)[0])
+    assert transform(GREY16)["pixel_values"].max() <= 1.0

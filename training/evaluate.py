@@ -58,17 +58,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_model(name: str):
-    """The segmenter and its image processor settings (size, normalisation), if it has a processor; a missing,
-    empty or truncated model is a one-line error."""
+    """The segmenter and the pixel settings it was trained with (its ``preprocessor_config.json``, read by the
+    same code as ``Segmenter`` and ``rwkvunet predict``); a missing, empty or truncated model is a one-line
+    error."""
     from rwkvunet.hub import load_segmentation_model
-    from transformers import AutoImageProcessor
+    from rwkvunet.inference import load_preprocessing
 
     model = load_segmentation_model(name)
-    try:
-        processor = AutoImageProcessor.from_pretrained(name)
-    except (OSError, ValueError):
-        processor = None
-    return model, processor
+    return model, load_preprocessing(name, int(model.config.in_channels))
+
+
+def eval_pixels(pixels, img_size, config):
+    """The model's pixel settings at ``--img-size``, else at its processor's size, else at its training size."""
+    import dataclasses
+
+    size = img_size or pixels.size or getattr(config, "image_size", None) or 224
+    return dataclasses.replace(pixels, size=(size, size) if isinstance(size, int) else tuple(size))
 
 
 def output_folder(args) -> Path:
@@ -120,7 +125,7 @@ def run(args) -> int:
     # every check that can refuse comes before the processes wait for each other
     detect_layout(args.dataset)
     out = output_folder(args)
-    model, processor = load_model(args.model)
+    model, pixels = load_model(args.model)
     accelerator = Accelerator()
     model.to(accelerator.device)
     num_labels = model.config.num_labels
@@ -130,16 +135,9 @@ def run(args) -> int:
         raise UserError(f"{args.dataset} has no cases in split {args.split!r} (its splits: {found}); pass "
                         "--split with one of them")
     check_model_fits_labels(num_labels, split_labels(data[args.split]), f"{args.dataset} ({args.split})")
-    size = args.img_size
-    mean = std = None
-    if processor is not None:
-        if size is None and getattr(processor, "size", None):
-            size = (processor.size["height"], processor.size["width"])
-        if getattr(processor, "do_normalize", False):
-            mean, std = processor.image_mean, processor.image_std
-    size = size or 224
-    transform = EvalTransform(size, num_channels=model.config.in_channels, mean=mean, std=std)
-    result = evaluate(model, data[args.split], img_size=size, batch_size=args.batch_size, tta=args.tta,
+    pixels = eval_pixels(pixels, args.img_size, model.config)
+    transform = EvalTransform(pixels=pixels)
+    result = evaluate(model, data[args.split], img_size=pixels.size, batch_size=args.batch_size, tta=args.tta,
                       accelerator=accelerator, progress=not args.no_progress, transform=transform)
     if accelerator.is_main_process:
         result.write_json(out / "metrics.json")

@@ -213,3 +213,13 @@ def test_weights_file_missing_or_a_folder(tmp_path):
     _one_line_error(lambda: load_weights_file(tmp_path / "nope.pth"), "nope.pth: no such file")
     (tmp_path / "dir.safetensors").mkdir()
     _one_line_error(lambda: load_weights_file(tmp_path / "dir.safetensors"), "is a folder")
+
+
+def test_remote_code_folder_and_subfolder(saved, tmp_path):
+    """Arguments for the files (subfolder) and for the model (trust_remote_code, dtype) pass through."""
+    shutil.copytree(saved, tmp_path / "repo" / "seg")
+    model = load_segmentation_model(tmp_path / "repo", subfolder="seg", trust_remote_code=True, dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    (tmp_path / "repo" / "seg" / "model.safetensors").write_bytes(b"")
+    _one_line_error(lambda: load_segmentation_model(tmp_path / "repo", subfolder="seg"), "seg/model.safetensors",
+                    "is empty")

@@ -23,8 +23,7 @@ def encoder_repo_id(variant: str) -> str:
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 #: from_pretrained arguments that say where to find files (the others configure the model).
-_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token",
-               "trust_remote_code")
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 _REDOWNLOAD = "download, copy or convert it again"
 
 
@@ -151,7 +150,8 @@ def _check_model_type(source: str, config: dict) -> None:
 def _weights_paths(source: str, hub_kwargs: dict) -> list:
     """The single-file weights of a folder or of a Hub id's cached snapshot that exist here."""
     if os.path.isdir(source):
-        return [Path(source) / name for name in WEIGHTS_FILES[::2] if (Path(source) / name).is_file()]
+        folder = Path(source, hub_kwargs.get("subfolder") or "")
+        return [folder / name for name in WEIGHTS_FILES[::2] if (folder / name).is_file()]
     from huggingface_hub import try_to_load_from_cache
 
     found = []
@@ -227,7 +227,7 @@ def load_segmentation_model(name_or_path, **from_pretrained_kwargs):
     source = os.path.expanduser(str(name_or_path))
     hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in _HUB_KWARGS}
     if os.path.exists(source):
-        _check_local_folder(source)
+        _check_local_folder(os.path.join(source, hub_kwargs.get("subfolder") or ""))
     elif _looks_like_path(source):
         raise UserError(f"{source} does not exist (and is not a Hub id of the form 'org/name'); check the path")
     _check_model_type(source, _read_config(source, hub_kwargs))

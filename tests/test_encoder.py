@@ -219,3 +219,43 @@ def test_pretrained_from_offline_hub_cache(fixture_file, tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert float(res.stdout.strip().splitlines()[-1]) < 1e-4
+
+
+def test_in_chans_zero_is_refused_at_creation():
+    with pytest.raises(ValueError, match="in_chans"):
+        timm.create_model("rwkvunet_enc_t", in_chans=0)
+
+
+@pytest.mark.parametrize("out_indices", [(7,), (0, 5), (-6,)])
+def test_out_of_range_out_indices_are_refused_at_creation(out_indices):
+    with pytest.raises(ValueError, match=r"0 \(stem\) to 4 \(stage IV\)"):
+        timm.create_model("rwkvunet_enc_t", features_only=True, out_indices=out_indices)
+
+
+def test_negative_out_indices_still_work():
+    model = timm.create_model("rwkvunet_enc_t", features_only=True, out_indices=(-1,))
+    assert model.feature_info.channels() == [160]
+
+
+def test_float64_input_is_cast_to_the_model_dtype():
+    model = timm.create_model("rwkvunet_enc_t", num_classes=0).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want, got = model(x), model(x.double())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_empty_batch_gives_empty_features():
+    model = timm.create_model("rwkvunet_enc_t", num_classes=0).eval()
+    with torch.no_grad():
+        assert model(torch.randn(0, 3, 64, 64)).shape == (0, 160)
+        feats = model.forward_intermediates(torch.randn(0, 3, 64, 64), intermediates_only=True)
+    assert [tuple(f.shape) for f in feats] == [(0, 24, 64, 64), (0, 32, 32, 32), (0, 48, 16, 16), (0, 96, 8, 8),
+                                               (0, 160, 4, 4)]
+
+
+def test_wrong_channel_count_names_in_chans():
+    model = timm.create_model("rwkvunet_enc_t", num_classes=0, in_chans=1)
+    with pytest.raises(ValueError, match=r"in_chans=1"):
+        model(torch.randn(1, 3, 32, 32))

@@ -331,3 +331,53 @@ def test_label_values_out_of_range_but_ignore_index_allowed(eval_model):
     y[0, 0, 0] = 255  # the ignore index
     assert torch.isfinite(eval_model(pixel_values=x, labels=y).loss)
     assert torch.isfinite(eval_model(pixel_values=x, labels=y[:, None]).loss)  # (B, 1, H, W) masks too
+
+
+def test_multiclass_loss_is_zero_when_every_label_is_ignored():
+    """An all-ignored batch has no labelled pixel: CE over none is 0 and the Dice term is 0, like the binary
+    loss; the gradient is all zeros, not NaN."""
+    model = tiny(num_labels=3).train()
+    x = torch.randn(2, 1, 32, 32)
+    labels = torch.full((2, 32, 32), model.config.semantic_loss_ignore_index)
+    out = model(pixel_values=x, labels=labels)
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() and (g == 0).all() for g in grads)
+
+
+def test_multiclass_loss_with_some_ignored_pixels_matches_the_formula():
+    """CE averages over the labelled pixels only; Dice over the labelled pixels (float64 recomputation)."""
+    model = tiny(num_labels=3).eval()
+    x, y = batch(1, h=32, w=32)
+    y[:, :10] = model.config.semantic_loss_ignore_index
+    out = model(pixel_values=x, labels=y)
+    logits, valid = out.logits.double(), y != model.config.semantic_loss_ignore_index
+    logp = logits.log_softmax(1)
+    ce = -logp.gather(1, y.clamp_max(2).unsqueeze(1))[:, 0][valid].mean()
+    p = logits.softmax(1) * valid[:, None]
+    t = torch.nn.functional.one_hot(y.clamp_max(2), 3).permute(0, 3, 1, 2).double() * valid[:, None]
+    dice = (1 - (2 * (p * t).sum((0, 2, 3)) + 1e-5) / ((p * p).sum((0, 2, 3)) + (t * t).sum((0, 2, 3)) + 1e-5)).mean()
+    assert torch.allclose(out.loss.double(), 0.5 * ce + 0.5 * dice, rtol=1e-5)
+
+
+def test_float64_input_runs_in_the_model_dtype(eval_model):
+    x = torch.randn(1, eval_model.config.in_channels, 32, 32)
+    with torch.no_grad():
+        want = eval_model(pixel_values=x).logits
+        got = eval_model(pixel_values=x.double()).logits
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # the float64 input is rounded to float32 first
+
+
+def test_empty_batch_gives_empty_logits(eval_model):
+    x = torch.randn(0, eval_model.config.in_channels, 40, 56)
+    with torch.no_grad():
+        out = eval_model(pixel_values=x, labels=torch.zeros(0, 40, 56, dtype=torch.long))
+    assert out.logits.shape == (0, eval_model.config.num_labels, 40, 56)
+    assert out.loss.item() == 0.0
+
+
+def test_wrong_channel_count_names_in_channels(eval_model):
+    with pytest.raises(ValueError, match=r"config\.in_channels"):
+        eval_model(pixel_values=torch.randn(1, eval_model.config.in_channels + 2, 32, 32))

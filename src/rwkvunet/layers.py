@@ -228,7 +228,7 @@ def token_linear(x: torch.Tensor, layer: nn.Linear, grid: Grid) -> torch.Tensor:
     B, T, C = x.shape
     maps = x.view(B, grid[0], grid[1], C).permute(0, 3, 1, 2)
     y = F.conv2d(maps, layer.weight[:, :, None, None], layer.bias)
-    return y.permute(0, 2, 3, 1).reshape(B, T, -1)
+    return y.permute(0, 2, 3, 1).reshape(B, T, layer.out_features)
 
 
 class ChannelMix(nn.Module):

@@ -88,6 +88,8 @@ class RWKVUNetEncoder(nn.Module):
             mix_channel_mix: bool = False,
     ):
         super().__init__()
+        if not isinstance(in_chans, int) or in_chans < 1:
+            raise ValueError(f"in_chans must be a positive number of input channels (1 grey, 3 RGB), got {in_chans!r}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -149,11 +151,23 @@ class RWKVUNetEncoder(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    @staticmethod
-    def _prepare_cpu(x: torch.Tensor) -> None:
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Checks the channel count and casts floating-point input (e.g. float64) to the weights' dtype.
+
+        Shape and dtype checks only, so tracing (torch.compile, torch.export) sees no data-dependent branch.
+        """
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected input of shape (batch, {self.in_chans}, height, width) for in_chans="
+                             f"{self.in_chans}, got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected floating-point input, got {x.dtype}; convert with x.float() (and scale, "
+                            "e.g. / 255)")
+        dtype = self.stem.conv.conv.weight.dtype
+        x = x.to(dtype) if x.dtype != dtype else x
         # freed activations are kept for reuse rather than page-faulted back in on every pass (see ops.cpu_memory)
         if x.device.type == "cpu" and not torch.jit.is_scripting() and not torch.compiler.is_compiling():
             keep_freed_cpu_memory()
+        return x
 
     def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # channels-last maps: 1x1 convs become plain matmuls, and the LayerNorm2d permutes and the
@@ -175,7 +189,7 @@ class RWKVUNetEncoder(nn.Module):
         """Outputs of the stem (index 0) and stages I-IV (1-4); ``norm`` applies the final norm to the last."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        self._prepare_cpu(x)
+        x = self._prepare_input(x)
         modules = [self.stem] + self.stages
         take_indices, max_index = feature_take_indices(len(modules), indices)
         if stop_early:
@@ -207,7 +221,7 @@ class RWKVUNetEncoder(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._prepare_cpu(x)
+        x = self._prepare_input(x)
         x = self._run_stage(self.stem, x)
         for stage in self.stages:
             x = self._run_stage(stage, x)
@@ -273,7 +287,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> Dict[str, torch.
 # --- registration ---------------------------------------------------------------------------------------
 def _create_encoder(variant: str, pretrained: bool = False, **kwargs) -> RWKVUNetEncoder:
     size = variant.rsplit("_", 1)[-1]
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3, 4))
+    out_indices = _check_out_indices(kwargs.pop("out_indices", (0, 1, 2, 3, 4)))
     model_args = dict(ENCODER_VARIANTS[size], **kwargs)
     return build_model_with_cfg(
         RWKVUNetEncoder,
@@ -283,6 +297,17 @@ def _create_encoder(variant: str, pretrained: bool = False, **kwargs) -> RWKVUNe
         feature_cfg=dict(out_indices=out_indices, flatten_sequential=False),
         **model_args,
     )
+
+
+def _check_out_indices(out_indices):
+    """Feature indices are 0 (stem) to 4 (stage IV), or -5 to -1 from the end; refused at creation, not later."""
+    n = 1 + len(next(iter(ENCODER_VARIANTS.values()))["depths"])
+    indices = (out_indices,) if isinstance(out_indices, int) else tuple(out_indices)
+    bad = [i for i in indices if not isinstance(i, int) or not -n <= i < n]
+    if bad or not indices:
+        raise ValueError(f"out_indices must be feature indices 0 (stem) to {n - 1} (stage IV), or -{n} to -1; "
+                         f"got {out_indices!r}")
+    return out_indices
 
 
 def _cfg(**kwargs):

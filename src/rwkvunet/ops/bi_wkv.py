@@ -107,7 +107,7 @@ def bi_wkv_torch(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Ten
     Max-shifted cumulative sums where they are provably exact, the log-space scan otherwise. A compiled
     graph always takes the cumulative sums (a data-dependent choice would break the graph).
     """
-    if k.shape[1] == 0:
+    if k.numel() == 0:
         return _empty_sequence(w, u, k, v)
     compiling = torch.compiler.is_compiling()
     if not compiling and not _fast_path_is_exact(w, u, k):
@@ -118,7 +118,7 @@ def bi_wkv_torch(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
 
 def _empty_sequence(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """T = 0: an empty output that still depends on every input, so gradients (zeros, empty) come back."""
+    """No tokens: an empty output that still depends on every input, so gradients (zeros, empty) come back."""
     dtype = torch.promote_types(torch.promote_types(w.dtype, u.dtype), torch.promote_types(k.dtype, v.dtype))
     return (v.to(dtype) + (k + w + u) * 0).to(v.dtype)
 
@@ -226,7 +226,7 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     """
     _check_inputs(w, u, k, v)
     B, T, C = k.shape
-    if T == 0:
+    if k.numel() == 0:  # T = 0 (or an empty batch): nothing to mix
         return _empty_sequence(w, u, k, v)
     if k.is_cuda:
         from .kernel_hub import cuda_bi_wkv

@@ -223,12 +223,15 @@ class RWKVUNetForSemanticSegmentation(RWKVUNetPreTrainedModel):
             **kwargs,
     ):
         r"""
-        pixel_values (`torch.FloatTensor` of shape `(batch_size, in_channels, height, width)`): any height and width.
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, in_channels, height, width)`): any height and width;
+            any floating-point dtype (cast to the model's); a batch of 0 gives empty logits.
         labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*): class indices; with
             `num_labels == 1`, 0/1 foreground masks. Returns the loss ce_weight * CE + dice_weight * Dice.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         self._check_pixel_values(pixel_values)
+        # any floating-point input (float64 from numpy, say) runs in the model's dtype
+        pixel_values = pixel_values.to(self.segmentation_head.weight.dtype)
         height, width = pixel_values.shape[-2:]
         pad_h, pad_w = (-height) % SIZE_DIVISOR, (-width) % SIZE_DIVISOR
         x = F.pad(pixel_values, (0, pad_w, 0, pad_h)) if (pad_h or pad_w) else pixel_values
@@ -283,7 +286,8 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, config: RWKVUN
         ce = F.binary_cross_entropy_with_logits(logits, target, weight=valid, reduction="sum") / valid.sum().clamp_min(1)
         dice = _soft_dice_loss(torch.sigmoid(logits), target, valid)
     else:
-        ce = F.cross_entropy(logits, labels.long(), ignore_index=ignore)
+        # mean over the labelled pixels; a batch with none gives 0, not 0 / 0 (as the binary loss does)
+        ce = F.cross_entropy(logits, labels.long(), ignore_index=ignore, reduction="sum") / valid.sum().clamp_min(1)
         safe = torch.where(labels == ignore, torch.zeros_like(labels), labels).long()
         # one-hot by comparison: F.one_hot checks the label range by reading it on the host (a sync)
         classes = torch.arange(config.num_labels, device=labels.device).view(1, -1, 1, 1)

@@ -100,15 +100,14 @@ extern "C" void backward(int B, int T, int C, const float* w, const float* u, co
                          const float* states, const float* gy, float* gw, float* gu, float* gk, float* gv) {
   const int NC = (T + CHUNK - 1) / CHUNK;
   const int64_t plane = (int64_t)B * NC * C;
-  std::vector<float> grad_states(6 * plane), grad_refs(2 * plane), partials(2 * plane);
+  std::vector<float> grad_states(6 * plane), partials(2 * plane);
   const Dim3 grid{blocks(plane)}, block{THREADS};
   launch(grid, block, false, [&] {
-    grad_summarize_kernel<float>(w, u, k, v, gy, states, grad_states.data(), grad_refs.data(), B, T, C, NC);
+    grad_summarize_kernel<float>(w, u, k, v, gy, states, grad_states.data(), B, T, C, NC);
   });
   scan(w, grad_states.data(), B, T, C, NC);
   launch(grid, block, false, [&] {
-    grad_output_kernel<float>(w, u, k, v, gy, states, grad_states.data(), grad_refs.data(), gk, gv,
-                              partials.data(), B, T, C, NC);
+    grad_output_kernel<float>(w, u, k, v, gy, states, grad_states.data(), gk, gv, partials.data(), B, T, C, NC);
   });
   launch({(unsigned)((C + 31) / 32)}, {32, REDUCE_ROWS}, true,
          [&] { reduce_kernel(w, partials.data(), gw, gu, B * NC, C); });
@@ -188,3 +187,37 @@ def test_fused_and_chunked_forward_agree(emulated):
         # the two scans combine chunk states in different orders: apart by float32 rounding (dw sums many
         # terms of both signs, so it shows the most)
         assert ((a - b).abs().max() / b.abs().max()).item() < 1e-4
+
+
+def _extreme_inputs(B, T, C, decay, seed=0):
+    """Keys at +-80 (+ noise), bonus from -80 to 80, |w| * T = |decay| (up to 1e4), float32."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.tensor([1.0, 0.3, 0.05, 1.0][:C]) * decay / T
+    u = torch.tensor([0.0, 80.0, -80.0, 5.0][:C])
+    k = torch.where(torch.rand(B, T, C, generator=g) > 0.5, 80.0, -80.0) + torch.randn(B, T, C, generator=g)
+    v = torch.randn(B, T, C, generator=g)
+    gy = torch.randn(B, T, C, generator=g)
+    return w, u, k, v, gy
+
+
+# chunks and scan groups at growth and decay far beyond the old ~80 exponent range, both forward paths
+@pytest.mark.parametrize("decay", [120.0, -120.0, 1e4, -1e4])
+@pytest.mark.parametrize("shape,fused", [((2, 37, 4), False), ((1, 100, 4), True), ((1, 1100, 3), False)])
+def test_cuda_kernel_source_is_exact_at_extreme_values(emulated, shape, fused, decay):
+    """Against the float64 formula of the same float32 inputs. The kernel accumulates in float32, so its
+    exponents (up to |w| * T = 1e4 in size) carry float32's resolution: y and the gradients are judged
+    against their natural scales (max|v|; sum|g| max|v| for dk, du; times T for dw) with a tolerance of
+    64 * eps32 * (1 + |w| T), the forward error a backward-stable float32 evaluation may have."""
+    w, u, k, v, gy = _extreme_inputs(*shape, decay)
+    got = run_emulated(emulated, w, u, k, v, gy, fused)
+    leaves = [t.double().requires_grad_() for t in (w, u, k, v)]
+    ref = bi_wkv_torch(*leaves)
+    want = (ref, *torch.autograd.grad(ref, leaves, gy.double()))
+    T = shape[1]
+    gsum, vmax = gy.abs().sum(1).max().item(), v.abs().max().item()
+    scales = {"y": vmax, "w": 2 * vmax * gsum * T, "u": 2 * vmax * gsum, "k": 2 * vmax * gsum, "v": gsum}
+    tol = 64 * torch.finfo(torch.float32).eps * (1 + abs(decay))
+    for name, g, r in zip("y w u k v".split(), got, want):
+        assert torch.isfinite(g).all(), name
+        err = ((g.double() - r).abs().max() / scales[name]).item()
+        assert err < tol, (name, err, tol)

@@ -22,9 +22,10 @@
 // dw and du are summed per (batch, chunk, channel) and then reduced over batch and chunks in a fixed
 // order, so all gradients are deterministic (no atomics).
 //
-// Exponents are kept relative to each chunk's maximum and chunk states as (log-scale, a, b) triples, so with
-// float32 accumulation nothing overflows or vanishes while range(k) + |w| * T stays below ~80 (the range of
-// the PyTorch implementation; trained models have |w| * T <= 10).
+// Chunk states are (log-scale, a, b) triples relative to their largest term, and the walks inside a chunk
+// rescale to their running maximum at every token, so with float32 accumulation no term that matters
+// overflows or vanishes for any finite w, u, k, v (|w| * T of 1e4, keys of +-80 and beyond). Only float32's
+// resolution of exponents that large remains: about |w| * T * 6e-8 relative, the inputs' own precision.
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -164,22 +165,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bi_wkv_backward(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto f32 = k.options().dtype(at::kFloat);
   auto grad_states = at::empty({6, B, NC, C}, f32);
-  auto grad_refs = at::empty({2, B, NC, C}, f32);
   auto partials = at::empty({2, B, NC, C}, f32);
   const int blocks = blocks_for((int64_t)B * NC * C, THREADS);
   dispatch_dtype(k.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     grad_summarize_kernel<scalar_t><<<blocks, THREADS, 0, stream>>>(
         w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-        grad_y.data_ptr<scalar_t>(), states.data_ptr<float>(), grad_states.data_ptr<float>(),
-        grad_refs.data_ptr<float>(), B, T, C, NC);
+        grad_y.data_ptr<scalar_t>(), states.data_ptr<float>(), grad_states.data_ptr<float>(), B, T, C, NC);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     launch_scan(w, grad_states, B, T, C, NC, stream);
     grad_output_kernel<scalar_t><<<blocks, THREADS, 0, stream>>>(
         w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-        grad_y.data_ptr<scalar_t>(), states.data_ptr<float>(), grad_states.data_ptr<float>(),
-        grad_refs.data_ptr<float>(), gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(), partials.data_ptr<float>(), B,
-        T, C, NC);
+        grad_y.data_ptr<scalar_t>(), states.data_ptr<float>(), grad_states.data_ptr<float>(), gk.data_ptr<scalar_t>(),
+        gv.data_ptr<scalar_t>(), partials.data_ptr<float>(), B, T, C, NC);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   reduce_kernel<<<(C + 31) / 32, dim3(32, REDUCE_ROWS), 0, stream>>>(

@@ -94,50 +94,21 @@ __device__ __forceinline__ void chunk_summary(const float (&lam)[CHUNK], const f
   sb = {mb - (n - 1) * w, ba, bb};
 }
 
-// Walks the chunk left to right: before token i, the exclusive causal sums are
-// (in.a * c_in + acc_a * c_loc, in.b * c_in + acc_b * c_loc) * exp(r - (i - 1) w).
-struct CausalWalk {
-  float r, c_in, c_loc, in_a, in_b, acc_a, acc_b, w, ref;
-  __device__ __forceinline__ CausalWalk(State in, float ref_, float w_) : w(w_), ref(ref_) {
-    r = fmaxf(in.m - w, ref);
-    c_in = __expf(in.m - w - r);
-    c_loc = __expf(ref - r);
-    in_a = in.a;
-    in_b = in.b;
-    acc_a = 0.f;
-    acc_b = 0.f;
-  }
-  __device__ __forceinline__ float a() const { return in_a * c_in + acc_a * c_loc; }
-  __device__ __forceinline__ float b() const { return in_b * c_in + acc_b * c_loc; }
-  __device__ __forceinline__ float log_scale(int i) const { return r - (i - 1) * w; }
-  __device__ __forceinline__ void push(int i, float lam, float x, float z) {
-    const float e = __expf(lam + i * w - ref);
-    acc_a += e * x;
-    acc_b += e * z;
-  }
-};
-
-// The same from the right: before token i (walking i = n-1 .. 0) the exclusive anti-causal sums, with
-// log-scale r - (n - i - 2) w.
-struct AntiCausalWalk {
-  float r, c_in, c_loc, in_a, in_b, acc_a, acc_b, w, ref;
-  int n;
-  __device__ __forceinline__ AntiCausalWalk(State in, float ref_, float w_, int n_) : w(w_), ref(ref_), n(n_) {
-    r = fmaxf(in.m - w, ref);
-    c_in = __expf(in.m - w - r);
-    c_loc = __expf(ref - r);
-    in_a = in.a;
-    in_b = in.b;
-    acc_a = 0.f;
-    acc_b = 0.f;
-  }
-  __device__ __forceinline__ float a() const { return in_a * c_in + acc_a * c_loc; }
-  __device__ __forceinline__ float b() const { return in_b * c_in + acc_b * c_loc; }
-  __device__ __forceinline__ float log_scale(int i) const { return r - (n - i - 2) * w; }
-  __device__ __forceinline__ void push(int i, float lam, float x, float z) {
-    const float e = __expf(lam + (n - 1 - i) * w - ref);
-    acc_a += e * x;
-    acc_b += e * z;
+// Exclusive sums of a chunk, walked one token at a time in either direction: before each token they are
+// (a, b) * exp(m), seen from the token before it (after it, walking right to left). Stepping past a token
+// decays them by exp(-w) and adds the token, rescaled to the running maximum m, as RWKV's kernels keep
+// theirs: the largest term has coefficient 1, so no term that matters underflows or overflows, whatever
+// w, k and the incoming state (a reference fixed per chunk would count tokens the sums do not hold).
+struct Walk {
+  float m, a, b, w;
+  __device__ __forceinline__ Walk(State in, float w_) : m(in.m), a(in.a), b(in.b), w(w_) {}
+  __device__ __forceinline__ void push(float lam, float x, float z) {
+    const float moved = m - w;
+    const float top = fmaxf(moved, lam);
+    const float c_old = __expf(moved - top), c_new = __expf(lam - top);
+    a = a * c_old + x * c_new;
+    b = b * c_old + z * c_new;
+    m = top;
   }
 };
 
@@ -171,38 +142,38 @@ __device__ __forceinline__ void load_chunk(const T* __restrict__ src, const Chun
   for (int i = 0; i < CHUNK; ++i) dst[i] = i < ch.n ? load_float(src + ch.base + (int64_t)i * C) : 0.f;
 }
 
-// First pass of every output kernel: the forward anti-causal sums (ga_i, gb_i) before each token, walking
-// right to left; returns the log-scale r with which token i's sums are scaled by exp(r - (n - i - 2) w).
-__device__ __forceinline__ float anticausal_sums(const float (&k)[CHUNK], const float (&v)[CHUNK], int n, float w,
-                                                 State in_b, float mb, float (&ga)[CHUNK], float (&gb)[CHUNK]) {
-  AntiCausalWalk back(in_b, mb, w, n);
+// First pass of every output kernel: the forward anti-causal sums (ga_i, gb_i) * exp(lb_i) after each token,
+// walking right to left.
+__device__ __forceinline__ void anticausal_sums(const float (&k)[CHUNK], const float (&v)[CHUNK], int n, float w,
+                                                State in_b, float (&ga)[CHUNK], float (&gb)[CHUNK],
+                                                float (&lb)[CHUNK]) {
+  Walk back(in_b, w);
 #pragma unroll
   for (int i = CHUNK - 1; i >= 0; --i) {
     if (i < n) {
-      ga[i] = back.a();
-      gb[i] = back.b();
-      back.push(i, k[i], v[i], 1.f);
+      ga[i] = back.a;
+      gb[i] = back.b;
+      lb[i] = back.m;
+      back.push(k[i], v[i], 1.f);
     } else {
-      ga[i] = 0.f;
-      gb[i] = 0.f;
+      ga[i] = gb[i] = 0.f;
+      lb[i] = NEG;
     }
   }
-  return back.r;
 }
 
 // y_i and log D_i of every token of a chunk.
 __device__ __forceinline__ void forward_tokens(const float (&k)[CHUNK], const float (&v)[CHUNK], int n, float w,
                                                float u, State in_f, State in_b, float (&y)[CHUNK],
                                                float (&log_d)[CHUNK]) {
-  float mf, mb, ga[CHUNK], gb[CHUNK];
-  chunk_refs(k, n, w, mf, mb);
-  const float rb = anticausal_sums(k, v, n, w, in_b, mb, ga, gb);
-  CausalWalk fwd(in_f, mf, w);
+  float ga[CHUNK], gb[CHUNK], lb[CHUNK];
+  anticausal_sums(k, v, n, w, in_b, ga, gb, lb);
+  Walk fwd(in_f, w);
 #pragma unroll
   for (int i = 0; i < CHUNK; ++i) {
     if (i < n) {
-      mix(fwd.a(), fwd.b(), fwd.log_scale(i), ga[i], gb[i], rb - (n - i - 2) * w, u + k[i], v[i], y[i], log_d[i]);
-      fwd.push(i, k[i], v[i], 1.f);
+      mix(fwd.a, fwd.b, fwd.m, ga[i], gb[i], lb[i], u + k[i], v[i], y[i], log_d[i]);
+      fwd.push(k[i], v[i], 1.f);
     } else {
       y[i] = 0.f;
       log_d[i] = 0.f;
@@ -383,7 +354,7 @@ template <typename T>
 __global__ void __launch_bounds__(THREADS)
     grad_summarize_kernel(const float* __restrict__ w, const float* __restrict__ u, const T* __restrict__ k,
                           const T* __restrict__ v, const T* __restrict__ gy, const float* __restrict__ states,
-                          float* __restrict__ grad_sums, float* __restrict__ grad_refs, int B, int T_, int C, int NC) {
+                          float* __restrict__ grad_sums, int B, int T_, int C, int NC) {
   Chunk ch;
   if (!locate(thread_index(false), B, T_, C, NC, ch)) return;
   const float wc = w[ch.c], uc = u[ch.c];
@@ -406,17 +377,14 @@ __global__ void __launch_bounds__(THREADS)
   chunk_summary(lam, gg, hh, ch.n, wc, mf, mb, sf, sb);
   write_state(grad_sums, plane, ch.slot, 0, sf);
   write_state(grad_sums, plane, ch.slot, 1, sb);
-  grad_refs[ch.slot] = mf;
-  grad_refs[plane + ch.slot] = mb;
 }
 
 template <typename T>
 __global__ void __launch_bounds__(THREADS)
     grad_output_kernel(const float* __restrict__ w, const float* __restrict__ u, const T* __restrict__ k,
                        const T* __restrict__ v, const T* __restrict__ gy, const float* __restrict__ states,
-                       const float* __restrict__ grad_states, const float* __restrict__ grad_refs,
-                       T* __restrict__ gk, T* __restrict__ gv, float* __restrict__ partials, int B, int T_, int C,
-                       int NC) {
+                       const float* __restrict__ grad_states, T* __restrict__ gk, T* __restrict__ gv,
+                       float* __restrict__ partials, int B, int T_, int C, int NC) {
   Chunk ch;
   if (!locate(thread_index(true), B, T_, C, NC, ch)) return;
   const float wc = w[ch.c], uc = u[ch.c];
@@ -428,71 +396,61 @@ __global__ void __launch_bounds__(THREADS)
   load_chunk(gy, ch, C, gg);
 
   // 1. right to left: the forward anti-causal sums G (c_m, d_m in the header's dw formula)
-  float mf, mb, ga[CHUNK], gb[CHUNK];
-  chunk_refs(kk, n, wc, mf, mb);
-  const float rb = anticausal_sums(kk, vv, n, wc, read_state(states, plane, ch.slot, 1), mb, ga, gb);
+  float ga[CHUNK], gb[CHUNK], lb[CHUNK];
+  anticausal_sums(kk, vv, n, wc, read_state(states, plane, ch.slot, 1), ga, gb, lb);
 
-  // 2. left to right: the forward causal sums F (a_m, b_m) and y, lambda = -log D, h = -g y; the causal sums
-  // P<, Q< of p and q; the parts of dv and dk that do not need the anti-causal sums P>, Q>; du; both dw terms.
-  // The anti-causal walk of step 3 is fixed by its incoming state and reference alone, so its log-scale rq and
-  // push weights are known here: sum_i (a_i P>_i + b_i Q>_i) is accumulated as in.a * c_in * sum_i a_i +
-  // c_loc * sum_t wg_t * (sum_{i<t} a_i) (and the same for b), with wg_t = g_t * exp(lambda_t + ... - ref).
-  CausalWalk fw(read_state(states, plane, ch.slot, 0), mf, wc);
-  CausalWalk pw(read_state(grad_states, plane, ch.slot, 0), grad_refs[ch.slot], wc);
-  const AntiCausalWalk q0(read_state(grad_states, plane, ch.slot, 1), grad_refs[plane + ch.slot], wc, n);
-  float wg[CHUNK], wh[CHUNK], e2[CHUNK], dv_part[CHUNK], dk_part[CHUNK];
-  float du = 0.f, dw_gp = 0.f, sum_fa = 0.f, sum_fb = 0.f, dw_fq = 0.f;
+  // 2. left to right: the forward causal sums F (a_m, b_m, kept for step 3) and y, lambda = -log D,
+  // h = -g y; the causal sums P<, Q< of p and q; the parts of dv and dk that do not need P>, Q>; du; the
+  // dw terms c_m P<_m + d_m Q<_m. Every dw term has its own scale, and exp(-w) is folded into it: each
+  // pairs tokens t, j with weight exp(k_j + lambda_t - (|t-j|-1) w) = a_tj <= 1, so it cannot overflow.
+  Walk fw(read_state(states, plane, ch.slot, 0), wc);
+  Walk pw(read_state(grad_states, plane, ch.slot, 0), wc);
+  float fa[CHUNK], fb[CHUNK], lf[CHUNK], lam[CHUNK], hh[CHUNK], dv_part[CHUNK], dk_part[CHUNK];
+  float du = 0.f, dw = 0.f;
 #pragma unroll
   for (int i = 0; i < CHUNK; ++i) {
     if (i < n) {
-      const float fa = fw.a(), fb = fw.b();
+      fa[i] = fw.a;
+      fb[i] = fw.b;
+      lf[i] = fw.m;
       float y, log_d;
-      mix(fa, fb, fw.log_scale(i), ga[i], gb[i], rb - (n - i - 2) * wc, uc + kk[i], vv[i], y, log_d);
-      fw.push(i, kk[i], vv[i], 1.f);
-      const float lam = -log_d, h = -gg[i] * y;
-      const float pa = pw.a(), pb = pw.b();
-      const float e0 = __expf(uc + kk[i] + lam);
-      const float e1 = __expf(kk[i] + pw.log_scale(i));
-      dv_part[i] = e0 * gg[i] + e1 * pa;
-      dk_part[i] = e0 * h + e1 * pb;
-      du += e0 * (gg[i] * vv[i] + h);
-      dw_gp += ga[i] * pa + gb[i] * pb;
-      pw.push(i, lam, gg[i], h);
-      const float eq = __expf(lam + (n - 1 - i) * wc - q0.ref);
-      wg[i] = eq * gg[i];
-      wh[i] = eq * h;
-      e2[i] = __expf(kk[i] + q0.log_scale(i));
-      dw_fq += wg[i] * sum_fa + wh[i] * sum_fb;
-      sum_fa += fa;
-      sum_fb += fb;
+      mix(fw.a, fw.b, fw.m, ga[i], gb[i], lb[i], uc + kk[i], vv[i], y, log_d);
+      fw.push(kk[i], vv[i], 1.f);
+      lam[i] = -log_d;
+      hh[i] = -gg[i] * y;
+      const float e0 = __expf(uc + kk[i] + lam[i]);
+      const float e1 = __expf(kk[i] + pw.m);
+      dv_part[i] = e0 * gg[i] + e1 * pw.a;
+      dk_part[i] = e0 * hh[i] + e1 * pw.b;
+      du += e0 * (gg[i] * vv[i] + hh[i]);
+      dw -= (ga[i] * pw.a + gb[i] * pw.b) * __expf(lb[i] + pw.m - wc);
+      pw.push(lam[i], gg[i], hh[i]);
     } else {
-      wg[i] = wh[i] = e2[i] = dv_part[i] = dk_part[i] = 0.f;
+      fa[i] = fb[i] = lam[i] = hh[i] = dv_part[i] = dk_part[i] = 0.f;
+      lf[i] = NEG;
     }
   }
-  // (lb_i + lp_i) and (lf_i + lq_i) do not depend on i
-  const float shift = -(n - 3) * wc;
-  float dw = dw_gp * __expf(rb + pw.r + shift);
-  dw += (q0.c_in * (q0.in_a * sum_fa + q0.in_b * sum_fb) + q0.c_loc * dw_fq) * __expf(fw.r + q0.r + shift);
 
-  // 3. right to left: the anti-causal sums P>, Q>; finish dv and dk
-  AntiCausalWalk qw = q0;
+  // 3. right to left: the anti-causal sums P>, Q>; finish dv, dk and the dw terms a_m P>_m + b_m Q>_m
+  Walk qw(read_state(grad_states, plane, ch.slot, 1), wc);
 #pragma unroll
   for (int i = CHUNK - 1; i >= 0; --i) {
     if (i < n) {
-      const float dv = dv_part[i] + e2[i] * qw.a();
-      const float dk = vv[i] * dv + dk_part[i] + e2[i] * qw.b();
+      const float e2 = __expf(kk[i] + qw.m);
+      const float dv = dv_part[i] + e2 * qw.a;
+      const float dk = vv[i] * dv + dk_part[i] + e2 * qw.b;
+      dw -= (fa[i] * qw.a + fb[i] * qw.b) * __expf(lf[i] + qw.m - wc);
       gv[ch.base + (int64_t)i * C] = static_cast<T>(dv);
       gk[ch.base + (int64_t)i * C] = static_cast<T>(dk);
-      qw.acc_a += wg[i];
-      qw.acc_b += wh[i];
+      qw.push(lam[i], gg[i], hh[i]);
     }
   }
   partials[ch.slot] = dw;
   partials[plane + ch.slot] = du;
 }
 
-// dw_c = -exp(-w_c) * sum over (batch, chunk) of the dw partials, du_c = sum of the du partials, each summed
-// in one fixed order, in float64 (dw's terms cancel widely). Block (32, REDUCE_ROWS).
+// dw_c and du_c: the sums over (batch, chunk) of the partials (dw's already hold the factor -exp(-w_c)), each
+// summed in one fixed order, in float64 (dw's terms cancel widely). Block (32, REDUCE_ROWS).
 __global__ void __launch_bounds__(32 * REDUCE_ROWS)
     reduce_kernel(const float* __restrict__ w, const float* __restrict__ partials, float* __restrict__ gw,
                   float* __restrict__ gu, int rows, int C) {
@@ -516,7 +474,7 @@ __global__ void __launch_bounds__(32 * REDUCE_ROWS)
       sw += acc[0][r][threadIdx.x];
       su += acc[1][r][threadIdx.x];
     }
-    gw[c] = (float)(-exp(-(double)w[c]) * sw);
+    gw[c] = (float)sw;
     gu[c] = (float)su;
   }
 }

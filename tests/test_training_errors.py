@@ -176,7 +176,7 @@ def test_evaluate_refuses_labels_the_model_does_not_predict(evaluate_script, mod
 
 def test_evaluate_refuses_a_label_map_for_a_binary_model(evaluate_script, models, data, tmp_path, capsys):
     code, err = _evaluate(evaluate_script, models / "binary", data["labels6"], data, tmp_path, capsys)
-    _assert_one_line_error(code, err, "evaluate.py", "up to 5")
+    _assert_one_line_error(code, err, "evaluate.py", "{0, 1, 2, 3, 4, 5}", "label map of 6 classes", "binary")
 
 
 def test_labels_above_the_model_classes_in_a_saved_data_set(tmp_path):

@@ -85,10 +85,10 @@ def output_folder(args) -> Path:
 
 
 def load_data(args, num_labels: int):
-    """The data set read for the model's classes; binary masks that a multi-class model cannot read are named
-    as such (with their labels) instead of as a wrong label map."""
+    """The data set read for the model's classes. Masks it cannot read that way are read once more as a binary
+    set or a label map, so that the message names the labels found and the model's classes."""
     from rwkvunet.data import DataError, load_segmentation_dataset
-    from rwkvunet.evaluation import split_labels
+    from rwkvunet.evaluation import check_model_fits_labels, split_labels
 
     def load(labels):
         return load_segmentation_dataset(args.dataset, image_column=args.image_column,
@@ -97,16 +97,13 @@ def load_data(args, num_labels: int):
     try:
         return load(num_labels)
     except DataError as err:
-        if num_labels <= 2:
-            raise
-        try:
-            binary = load(None)  # do the masks read as a binary set?
+        try:  # read the masks as a binary set (multi-class model) or as a label map (binary model)
+            other = load(None if num_labels > 2 else 256)
         except DataError:
             raise err from None
-        labels = sorted({v for split in binary.values() for v in split_labels(split)})
-        raise DataError(f"{args.dataset} holds binary masks (read as labels {set(labels)}) but the model "
-                        f"predicts {num_labels} classes; score a binary model (num_labels 1) on it, or this model "
-                        f"on masks labelled 0..{num_labels - 1}") from err
+        labels = sorted({v for split in other.values() for v in split_labels(split)})
+        check_model_fits_labels(num_labels, labels, args.dataset)
+        raise
 
 
 def main(argv=None) -> int:

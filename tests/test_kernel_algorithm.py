@@ -73,28 +73,27 @@ def _scan(sum_f, sum_b, lengths, w):
     return in_f, in_b
 
 
-def _causal_pass(lam, x, z, w, n, ref, inc):
-    """Exclusive causal states (a_t, b_t, log-scale l_t) of one chunk, left to right."""
-    r = torch.maximum(inc[0] - w, ref)
-    c_in, c_loc = torch.exp(inc[0] - w - r), torch.exp(ref - r)
-    acc_a, acc_b, out = 0.0, 0.0, []
-    for i in range(n):
-        out.append((inc[1] * c_in + acc_a * c_loc, inc[2] * c_in + acc_b * c_loc, r - (i - 1) * w))
-        e = torch.exp(lam[i] + i * w - ref)
-        acc_a, acc_b = acc_a + e * x[i], acc_b + e * z[i]
+def _walk(lam, x, z, w, order, inc):
+    """Exclusive states (a_t, b_t, log-scale m_t) of one chunk, visiting tokens in ``order``: before each
+    token the sums seen from its neighbour; stepping past a token decays them by exp(-w) and adds it on the
+    running maximum (kernel ``Walk``)."""
+    m, a, b = inc
+    out = [None] * len(order)
+    for i in order:
+        out[i] = (a, b, m)
+        moved = m - w
+        top = torch.maximum(moved, lam[i])
+        c_old, c_new = torch.exp(moved - top), torch.exp(lam[i] - top)
+        a, b, m = a * c_old + x[i] * c_new, b * c_old + z[i] * c_new, top
     return out
 
 
-def _anticausal_pass(lam, x, z, w, n, ref, inc):
-    """Exclusive anti-causal states of one chunk, right to left."""
-    r = torch.maximum(inc[0] - w, ref)
-    c_in, c_loc = torch.exp(inc[0] - w - r), torch.exp(ref - r)
-    acc_a, acc_b, out = 0.0, 0.0, [None] * n
-    for i in reversed(range(n)):
-        out[i] = (inc[1] * c_in + acc_a * c_loc, inc[2] * c_in + acc_b * c_loc, r - (n - i - 2) * w)
-        e = torch.exp(lam[i] + (n - 1 - i) * w - ref)
-        acc_a, acc_b = acc_a + e * x[i], acc_b + e * z[i]
-    return out
+def _causal_pass(lam, x, z, w, n, inc):
+    return _walk(lam, x, z, w, range(n), inc)
+
+
+def _anticausal_pass(lam, x, z, w, n, inc):
+    return _walk(lam, x, z, w, range(n - 1, -1, -1), inc)
 
 
 def _mix(F, G, u, k, v):
@@ -111,9 +110,8 @@ def _mix(F, G, u, k, v):
 
 def _forward_token_states(w, u, kc, vc, n, inc_f, inc_b):
     one = [torch.ones_like(a) for a in kc]
-    mf, mb = _refs(kc, w, n)
-    G = _anticausal_pass(kc, vc, one, w, n, mb, inc_b)
-    F = _causal_pass(kc, vc, one, w, n, mf, inc_f)
+    G = _anticausal_pass(kc, vc, one, w, n, inc_b)
+    F = _causal_pass(kc, vc, one, w, n, inc_f)
     mixed = [_mix(F[i], G[i], u, kc[i], vc[i]) for i in range(n)]
     return F, G, [m[0] for m in mixed], [m[1] for m in mixed]
 
@@ -135,20 +133,18 @@ def emulate(w, u, k, v, gy, L):
         for i, yi in enumerate(yc):
             y[:, t0 + i] = yi
 
-    # backward kernel `grad_summarize`: lambda = -log D, values g and h = -g y; chunk references kept
-    bsums, brefs = [], []
+    # backward kernel `grad_summarize`: lambda = -log D, values g and h = -g y
+    bsums = []
     for j, (t0, t1) in enumerate(chunks):
         n = t1 - t0
         kc, vc, gc = col(k, t0, n), col(v, t0, n), col(gy, t0, n)
         _, _, yc, logd = _forward_token_states(w, u, kc, vc, n, fin[j], bin_[j])
         lam, hc = [-d for d in logd], [-g * yy for g, yy in zip(gc, yc)]
         bsums.append(_summaries(lam, gc, hc, w, n))
-        brefs.append(_refs(lam, w, n))
     pin, qin = _scan([s[0] for s in bsums], [s[1] for s in bsums], lengths, w)
 
-    # backward kernel `grad_output`: dk, dv per token; dw, du partials per (b, chunk, c). As in the CUDA
-    # source, the anti-causal sums of p and q (step 3) are fixed by their incoming state and reference, so
-    # their weights and the dw term that pairs them with the causal forward sums are accumulated in step 2.
+    # backward kernel `grad_output`: dk, dv per token; dw, du partials per (b, chunk, c). Every dw term
+    # carries its own scale with exp(-w) folded in (it is the weight of one pair of tokens, at most 1).
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dw_part, du_part = torch.zeros_like(k[:, 0]), torch.zeros_like(k[:, 0])
     for j, (t0, t1) in enumerate(chunks):
@@ -156,36 +152,18 @@ def emulate(w, u, k, v, gy, L):
         kc, vc, gc = col(k, t0, n), col(v, t0, n), col(gy, t0, n)
         F, G, yc, logd = _forward_token_states(w, u, kc, vc, n, fin[j], bin_[j])
         lam, hc = [-d for d in logd], [-g * yy for g, yy in zip(gc, yc)]
-        P = _causal_pass(lam, gc, hc, w, n, brefs[j][0], pin[j])  # sums over t < j of p_t, q_t
-        q_in, q_ref = qin[j], brefs[j][1]
-        r_q = torch.maximum(q_in[0] - w, q_ref)
-        c_in, c_loc = torch.exp(q_in[0] - w - r_q), torch.exp(q_ref - r_q)
-        dv_p, dk_p, wg, wh, e2 = [], [], [], [], []
-        dw_gp = dw_fq = sum_fa = sum_fb = 0.0
+        P = _causal_pass(lam, gc, hc, w, n, pin[j])  # sums over t < i of p_t, q_t
+        Q = _anticausal_pass(lam, gc, hc, w, n, qin[j])  # sums over t > i
         for i in range(n):
             e0 = torch.exp(u + kc[i] - logd[i])
-            e1 = torch.exp(kc[i] + P[i][2])
-            dv_p.append(e0 * gc[i] + e1 * P[i][0])
-            dk_p.append(e0 * hc[i] + e1 * P[i][1])
-            du_part = du_part + e0 * (gc[i] * vc[i] + hc[i])
-            dw_gp = dw_gp + G[i][0] * P[i][0] + G[i][1] * P[i][1]
-            eq = torch.exp(lam[i] + (n - 1 - i) * w - q_ref)
-            wg.append(eq * gc[i])
-            wh.append(eq * hc[i])
-            e2.append(torch.exp(kc[i] + r_q - (n - i - 2) * w))
-            dw_fq = dw_fq + wg[i] * sum_fa + wh[i] * sum_fb
-            sum_fa, sum_fb = sum_fa + F[i][0], sum_fb + F[i][1]
-        r_f, r_b, r_p = F[0][2] - w, G[0][2] + (n - 2) * w, P[0][2] - w  # the walks' scales at i = 0
-        shift = -(n - 3) * w
-        dw_part = dw_part + dw_gp * torch.exp(r_b + r_p + shift)
-        dw_part = dw_part + (c_in * (q_in[1] * sum_fa + q_in[2] * sum_fb) + c_loc * dw_fq) * torch.exp(r_f + r_q + shift)
-        acc_a = acc_b = 0.0
-        for i in reversed(range(n)):
-            dvi = dv_p[i] + e2[i] * (q_in[1] * c_in + acc_a * c_loc)
-            dk[:, t0 + i] = vc[i] * dvi + dk_p[i] + e2[i] * (q_in[2] * c_in + acc_b * c_loc)
+            e1, e2 = torch.exp(kc[i] + P[i][2]), torch.exp(kc[i] + Q[i][2])
+            dvi = e0 * gc[i] + e1 * P[i][0] + e2 * Q[i][0]
             dv[:, t0 + i] = dvi
-            acc_a, acc_b = acc_a + wg[i], acc_b + wh[i]
-    dw = -torch.exp(-w) * dw_part.sum(0)
+            dk[:, t0 + i] = vc[i] * dvi + e0 * hc[i] + e1 * P[i][1] + e2 * Q[i][1]
+            du_part = du_part + e0 * (gc[i] * vc[i] + hc[i])
+            dw_part = dw_part - (G[i][0] * P[i][0] + G[i][1] * P[i][1]) * torch.exp(G[i][2] + P[i][2] - w)
+            dw_part = dw_part - (F[i][0] * Q[i][0] + F[i][1] * Q[i][1]) * torch.exp(F[i][2] + Q[i][2] - w)
+    dw = dw_part.sum(0)
     du = du_part.sum(0)
     return y, dw, du, dk, dv
 
@@ -229,3 +207,31 @@ def test_chunked_algorithm_in_float32_meets_the_kernel_tolerance():
     for name, g, r in zip("y w u k v".split(), got, want):
         assert torch.isfinite(g).all(), name
         assert ((g.double() - r).abs().max() / r.abs().max()) < 1e-4, name
+
+
+@pytest.mark.parametrize("decay", [120.0, -120.0, 1e4, -1e4])
+@pytest.mark.parametrize("k_scale,u_value,dtype", [(700.0, 700.0, torch.float64), (80.0, -80.0, torch.float32)])
+def test_chunked_algorithm_is_exact_at_extreme_values(decay, k_scale, u_value, dtype):
+    """|w| * T up to 1e4, keys at +-700 (float64) or +-80 (float32), bonus at the same size: the algorithm
+    in float64 matches the formula to 1e-12 of each quantity's natural scale; in float32 (as the kernel
+    runs) to 64 * eps32 * (1 + |w| T), the resolution of float32 exponents that large."""
+    B, T, C, L = 2, 45, 3, 8
+    g = torch.Generator().manual_seed(int(abs(decay)) + int(k_scale))
+    w = torch.tensor([1.0, 0.3, 0.02], dtype=torch.float64) * decay / T
+    u = torch.tensor([u_value, 0.0, -u_value / 2], dtype=torch.float64)
+    k = torch.where(torch.rand(B, T, C, generator=g) > 0.5, k_scale, -k_scale).double()
+    k = k + torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    v = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    gy = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    x = [t.to(dtype) for t in (w, u, k, v, gy)]
+    got = emulate(*x, L)
+    leaves = [t.double().requires_grad_() for t in x[:4]]
+    ref = bi_wkv_torch(*leaves)
+    want = (ref, *torch.autograd.grad(ref, leaves, x[4].double()))
+    gsum, vmax = x[4].abs().double().sum(1).max().item(), x[3].abs().max().item()
+    scales = {"y": vmax, "w": 2 * vmax * gsum * T, "u": 2 * vmax * gsum, "k": 2 * vmax * gsum, "v": gsum}
+    tol = 1e-12 if dtype == torch.float64 else 64 * torch.finfo(torch.float32).eps * (1 + abs(decay))
+    for name, a, b in zip("y w u k v".split(), got, want):
+        assert torch.isfinite(a).all(), name
+        err = ((a.double() - b).abs().max() / scales[name]).item()
+        assert err < tol, (name, err, tol)

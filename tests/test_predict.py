@@ -370,8 +370,7 @@ def test_pixels_match_the_image_processor():
                         device="cpu")
         for image in images:
             want = proc(image, return_tensors="pt")["pixel_values"]
-            got, _ = seg.to_pixels(image)
-            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
+            assert torch.equal(seg.model_input(image, native=True), want)
 
 
 def test_find_inputs_skips_the_output_folder(tmp_path):
@@ -669,3 +668,26 @@ def test_nifti_labels_keep_the_input_compression(model_dir, tmp_path, capsys):
     assert (out / "plain_labels.nii").is_file() and (out / "packed_labels.nii.gz").is_file()
     assert (out / "packed_labels.nii.gz").read_bytes()[:2] == b"\x1f\x8b"  # gzip
     assert (out / "plain_labels.nii").read_bytes()[:2] != b"\x1f\x8b"
+
+
+def test_nan_voxels_are_set_to_zero_and_said(tmp_path, capsys):
+    """A NIfTI volume with NaN voxels (outside the field of view) is segmented with them set to 0, and the
+    output says how many; an image with a NaN pixel is that file's error, naming the count."""
+    pytest.importorskip("nibabel")
+    model = tmp_path / "model"
+    _build(12).save_pretrained(model)
+    volume = np.random.default_rng(11).random((16, 16, 3)).astype(np.float32)
+    volume[2, 3, 1] = np.nan
+    (tmp_path / "in").mkdir()
+    _nifti(tmp_path / "in" / "scan.nii.gz", volume, _affine())
+    rc = cli_main(["predict", str(model), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--mri-minmax"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "1 NaN or infinite voxel set to 0" in err
+    import tifffile
+
+    image = np.random.default_rng(12).random((16, 16)).astype(np.float32)
+    image[0, 0] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", image)
+    rc = cli_main(["predict", str(model), str(tmp_path / "nan.tif"), "--out", str(tmp_path / "out2")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "1 NaN or infinite value" in err and "Traceback" not in err

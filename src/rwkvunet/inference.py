@@ -362,10 +362,13 @@ def _check_axis(axis: int, ndim: int) -> int:
     return axis % ndim
 
 
-def _is_volume_array(item) -> bool:
-    """A 3-D array or tensor that is not one image: neither axis at its ends holds 1-4 channels."""
-    shape = tuple(item.shape) if hasattr(item, "shape") and not hasattr(item, "mode") else ()
-    return len(shape) == 3 and shape[0] not in (1, 2, 3, 4) and shape[-1] not in (1, 2, 3, 4)
+def _is_volume_array(item, in_channels: int) -> bool:
+    """A 3-D array (or tensor) that is a volume rather than one image: an array whose last axis, or a tensor
+    whose first axis, does not hold 1, 3, 4 or the model's number of channels."""
+    if not hasattr(item, "shape") or hasattr(item, "mode") or len(item.shape) != 3:
+        return False
+    channel_axis = 0 if torch.is_tensor(item) else -1
+    return int(item.shape[channel_axis]) not in (1, 3, 4, in_channels)
 
 
 def _progress(enabled: bool, total: int, unit: str):
@@ -407,7 +410,7 @@ def _predict_one(seg: Segmenter, item, axis, intensity, tile, overlap, native, b
         if kind is None:
             raise InputError(f"{item}: unsupported format; use one of {inference_io.supported_formats()}")
         item = inference_io.read_image(item)
-    if _is_volume_array(item):
+    if _is_volume_array(item, seg.in_channels):
         volume = item.detach().cpu().numpy() if torch.is_tensor(item) else np.asarray(item)
         return seg.predict_volume(volume, axis=axis, batch_size=batch_size, intensity=intensity, native=native,
                                   tile=tile, overlap=overlap)

@@ -213,9 +213,7 @@ def read_volume(path: os.PathLike | str):
     if data.ndim != 3:
         raise InputError(f"{path}: expected a 3-D volume, got shape {data.shape}; split 4-D series into 3-D "
                          "files (e.g. one time point or modality per file)")
-    if not np.isfinite(data).all():
-        data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
-    return data, img
+    return data, img  # NaN voxels are kept: rwkvunet.pixels.prepare_volume sets them to 0 and says how many
 
 
 def save_nifti_labels(path: os.PathLike | str, labels: np.ndarray, reference) -> Path:

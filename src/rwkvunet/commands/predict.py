@@ -26,6 +26,7 @@ from .. import inference_io as io
 from ..errors import EXIT_NOTHING_DONE, EXIT_OK, EXIT_PARTIAL, UserError, print_error
 from ..inference import (CT_AIR_THRESHOLD, CT_WINDOW, InputConversionWarning, Segmenter, choose_intensity,
                          match_channels, prepare_volume)
+from ..pixels import clean_volume
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -222,10 +223,12 @@ def _segment_image(seg: Segmenter, args, file: Path, base: Path, notes: Counter,
 
 def _segment_volume(seg: Segmenter, args, file: Path, base: Path, notes: Counter, say) -> List[Path]:
     data, img = io.read_volume(file)
+    data, cleaned = clean_volume(data)
     axis = args.axis
     intensity, why = _intensity(args, data)
     prepared, how = prepare_volume(data, intensity)
-    say(f"{file}: shape {data.shape}, {data.shape[axis]} slices along axis {axis % 3}; intensity: {how} ({why})")
+    say(f"{file}: shape {data.shape}, {data.shape[axis]} slices along axis {axis % 3}; intensity: {how} ({why})"
+        + (f"; note: {cleaned}" if cleaned else ""))
     if seg.in_channels != 1:
         note = match_channels(np.zeros((1, 1), np.float32), seg.in_channels)[1]
         if not notes[note]:

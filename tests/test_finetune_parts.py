@@ -136,3 +136,32 @@ def test_config_values_are_plain_yaml():
     for path in CONFIGS:
         data = yaml.safe_load(path.read_text())
         assert isinstance(data, dict) and "dataset" in data
+
+
+class _Killed(BaseException):
+    pass
+
+
+def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """Pruning hides a checkpoint with one rename before deleting it, so --resume never finds a checkpoint
+    whose files are partly gone."""
+    from rwkvunet.training import checkpoints as module
+
+    rmtree = module.shutil.rmtree
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=1)
+    manager.save(_FakeAccelerator(), 1, metadata={"run_id": "a"})
+
+    def killed_half_way(path, ignore_errors=False):
+        path = Path(path)
+        if path.exists():
+            next(p for p in path.iterdir() if p.is_file()).unlink()  # the first file goes, then the kill
+            raise _Killed()
+
+    monkeypatch.setattr(module.shutil, "rmtree", killed_half_way)
+    with pytest.raises(_Killed):
+        manager.save(_FakeAccelerator(), 2, metadata={"run_id": "a"})
+    monkeypatch.setattr(module.shutil, "rmtree", rmtree)
+    for checkpoint in manager.checkpoints():
+        assert {p.name for p in checkpoint.iterdir()} == {"model.safetensors", "run.json"}, checkpoint
+    manager.save(_FakeAccelerator(), 3, metadata={"run_id": "a"})  # the next save clears what the kill left
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["checkpoint-00000003"]

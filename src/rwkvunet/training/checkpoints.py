@@ -44,8 +44,9 @@ class CheckpointManager:
         tmp = self.directory / f".tmp-checkpoint-{step:08d}"
         if accelerator.is_main_process:
             self.directory.mkdir(parents=True, exist_ok=True)
-            for stale in self.directory.glob(".tmp-checkpoint-*"):  # left by a run killed while saving
-                shutil.rmtree(stale, ignore_errors=True)
+            for pattern in (".tmp-checkpoint-*", ".old-checkpoint-*"):  # left by a run killed while saving
+                for stale in self.directory.glob(pattern):
+                    shutil.rmtree(stale, ignore_errors=True)
         accelerator.wait_for_everyone()
         tmp.mkdir(parents=True, exist_ok=True)  # every process writes its own RNG state into it
         accelerator.save_state(str(tmp))
@@ -62,9 +63,18 @@ class CheckpointManager:
             else:
                 os.replace(tmp, final)
             for old in self.checkpoints()[:-self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)
         accelerator.wait_for_everyone()
         return final
+
+
+def _remove(checkpoint: Path) -> None:
+    """Hide the folder with one rename before deleting it: a kill during the deletion must not leave a
+    half-deleted folder under a checkpoint's name."""
+    hidden = checkpoint.with_name(f".old-{checkpoint.name}")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(checkpoint, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -175,12 +175,17 @@ def _latest_checkpoint(folder: Path, record: Optional[dict]) -> Path:
     if record is None:
         raise UserError(f"{folder} has checkpoints but no run record ({RUN_FILE}; written by an older rwkvunet?), "
                         "so they cannot be matched to one run; start a new run in a new --output-dir")
-    foreign = [p.name for p in found if (read_json(p / RUN_FILE) or {}).get("run_id") != record.get("run_id")]
+    ids = {p: (read_json(p / RUN_FILE) or {}).get("run_id") for p in found}
+    foreign = [p.name for p, run_id in ids.items() if run_id is not None and run_id != record.get("run_id")]
     if foreign:
         raise UserError(f"{folder}/checkpoints holds checkpoints of another run ({', '.join(foreign)}); resume "
                         "would mix two runs. Pass --resume with one of this run's checkpoint folders, or start a "
                         "new run in a new --output-dir")
-    return found[-1]
+    own = [p for p, run_id in ids.items() if run_id is not None]
+    if not own:
+        raise UserError(f"{folder}/checkpoints holds no checkpoint of the run in {folder} (none carries its "
+                        f"{RUN_FILE}); start a new run in a new --output-dir")
+    return own[-1]
 
 
 def _check_same_settings(meta: dict, settings: dict, num_processes: int, checkpoint: Path) -> None:

@@ -141,3 +141,12 @@ def test_torch_dataset_collate_and_set_transform():
 def test_size_mismatch_is_refused():
     with pytest.raises(ValueError, match="differ in size"):
         EvalTransform(8)(np.zeros((4, 5), np.float32), np.zeros((5, 4), np.uint8))
+
+
+def test_a_binary_mask_for_a_multi_class_model_names_the_fix():
+    from rwkvunet.data import prepare_mask
+
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:5, 2:5] = 255
+    with pytest.raises(DataError, match=r"binary mask \(values 0, 255\) but 4 classes.*--num-labels 1"):
+        prepare_mask(mask, 4)

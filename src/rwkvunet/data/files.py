@@ -349,6 +349,11 @@ def prepare_mask(mask: np.ndarray, num_labels: Optional[int], source: str = "mas
             f"{source} holds values up to {top}, which is neither a binary 0/1 or 0/255 mask nor valid for "
             f"{num_labels or 2} classes; pass num_labels={top + 1} (--num-labels) if it is a label map.")
     if top >= num_labels:
+        values = np.unique(mask)
+        if top >= BINARY_THRESHOLD and len(values) <= 2:
+            raise DataError(
+                f"{source} is a binary mask (values {', '.join(map(str, values.tolist()))}) but {num_labels} "
+                f"classes were asked for; use a binary model (num_labels 1, --num-labels 1) for it.")
         raise DataError(
             f"{source} holds label {top}, outside the {num_labels} classes 0..{num_labels - 1}; "
             f"check the mask or pass a larger num_labels.")

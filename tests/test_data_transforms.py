@@ -144,7 +144,7 @@ def test_size_mismatch_is_refused():
 
 
 def test_a_binary_mask_for_a_multi_class_model_names_the_fix():
-    from rwkvunet.data import prepare_mask
+    from rwkvunet.data import DataError, prepare_mask
 
     mask = np.zeros((8, 8), np.uint8)
     mask[2:5, 2:5] = 255

@@ -111,7 +111,7 @@ def test_publish_script_assembles_a_hub_folder(tmp_path, monkeypatch, capsys):
     out = tmp_path / "rwkvunet-s-acdc"
     rc = script["main"]([str(checkpoint), str(HUB_CONFIGS / "rwkvunet-s-acdc"), "--out", str(out), "--prefix", "sd.",
                          "--push"])
-    assert rc == 2 and "not uploaded to rwkv-unet/rwkvunet-s-acdc" in capsys.readouterr().err
+    assert rc == 1 and "not uploaded to rwkv-unet/rwkvunet-s-acdc" in capsys.readouterr().err  # written, not uploaded
     assert (out / "README.md").read_text() == (HUB_CONFIGS / "rwkvunet-s-acdc" / "README.md").read_text()
     config = json.loads((out / "config.json").read_text())
     hub = json.loads((HUB_CONFIGS / "rwkvunet-s-acdc" / "config.json").read_text())

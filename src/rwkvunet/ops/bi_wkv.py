@@ -34,6 +34,12 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 _FAST_SPAN = {torch.float32: 60.0, torch.float64: 600.0}
 
 
+def _host_reads_are_free(k: torch.Tensor) -> bool:
+    """The fast-path check reads three numbers back: free on the CPU, a stall on a GPU, where (without the
+    kernel) the exact scan runs instead so that forward and backward never wait for the device."""
+    return k.device.type == "cpu"
+
+
 def _fast_path_is_exact(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether the max-shifted sums are exact for these inputs.
 
@@ -110,7 +116,7 @@ def bi_wkv_torch(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if k.numel() == 0:
         return _empty_sequence(w, u, k, v)
     compiling = torch.compiler.is_compiling()
-    if not compiling and not _fast_path_is_exact(w, u, k):
+    if not compiling and not (_host_reads_are_free(k) and _fast_path_is_exact(w, u, k)):
         return bi_wkv_scan(w, u, k, v)
     if not compiling and not (torch.is_grad_enabled() and any(x.requires_grad for x in (w, u, k, v))):
         return _bi_wkv_no_grad(w, u, k, v)

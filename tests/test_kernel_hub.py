@@ -36,17 +36,17 @@ from rwkvunet.ops.bi_wkv import bi_wkv_torch
 
 NAMESPACE = "{namespace}"
 _lib = torch.library.Library(NAMESPACE, "DEF")
-_lib.define("bi_wkv_forward(Tensor w, Tensor u, Tensor k, Tensor v) -> (Tensor, Tensor)")
+_lib.define("bi_wkv_forward(Tensor w, Tensor u, Tensor k, Tensor v, bool need_state) -> (Tensor, Tensor)")
 _lib.define(
     "bi_wkv_backward(Tensor w, Tensor u, Tensor k, Tensor v, Tensor state, Tensor grad_y) "
     "-> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 
-def _forward(w, u, k, v):
+def _forward(w, u, k, v, need_state):
     B, T, C = k.shape
     y = bi_wkv_torch(w, u, k, v).to(k.dtype)
-    return y, k.new_zeros((6, B, -(-T // 16), C), dtype=torch.float32)
+    return y, k.new_zeros((6, B, -(-T // 16), C) if need_state else (0,), dtype=torch.float32)
 
 
 def _backward(w, u, k, v, state, grad_y):
@@ -305,8 +305,40 @@ def test_kernel_package_compiles_fullgraph_with_its_fake_and_autograd(tmp_path):
     y.float().sum().backward()
     assert all(t.grad is not None and t.grad.dtype == t.dtype for t in leaves)
     # the fake implementations give the shapes the CUDA op returns
-    y_meta, state = module._ops.ops.bi_wkv_forward(*(t.to("meta") for t in (w, u, k, v)))
+    y_meta, state = module._ops.ops.bi_wkv_forward(*(t.to("meta") for t in (w, u, k, v)), True)
     assert y_meta.shape == k.shape and state.shape == (6, 2, 2, 5) and state.dtype == torch.float32
+    _, no_state = module._ops.ops.bi_wkv_forward(*(t.to("meta") for t in (w, u, k, v)), False)
+    assert no_state.shape == (0,)
+
+
+def test_kernel_package_keeps_no_state_without_backward(tmp_path, monkeypatch):
+    """Inference (no_grad, or no input needing grad) asks the op for no chunk states; training does."""
+    module = kernels.get_local_kernel(make_standin(tmp_path / "kernel"))
+    forward = module._ops.ops.bi_wkv_forward
+    asked = []
+
+    def spy(*args):
+        asked.append(args[-1])
+        return forward(*args)
+
+    monkeypatch.setattr(module._ops.ops, "bi_wkv_forward", spy)
+    w, u, k, v = _inputs()
+    with torch.no_grad():
+        module.bi_wkv(w, u, k, v.requires_grad_())
+    module.bi_wkv(w, u, k, v.detach())
+    assert asked == [False, False]
+    module.bi_wkv(w, u, k, v.detach().requires_grad_())
+    assert asked[-1] is True
+
+
+def test_kernel_state_output_is_not_differentiable(tmp_path):
+    """The op's state is scratch for its backward: autograd must not track it as an output."""
+    module = kernels.get_local_kernel(make_standin(tmp_path / "kernel"))
+    w, u, k, v = (t.clone().requires_grad_() for t in _inputs())
+    y, state = module._ops.ops.bi_wkv_forward(w, u, k, v, True)
+    assert y.requires_grad and not state.requires_grad
+    (y.sum() + state.sum()).backward()  # a loss that touches the state still backpropagates through y
+    assert all(t.grad is not None for t in (w, u, k, v))
 
 
 def test_kernelize_swaps_in_the_hub_layer(tmp_path):

@@ -105,24 +105,28 @@ void launch_scan(const at::Tensor& w, at::Tensor& planes, int B, int T, int C, i
 }  // namespace bi_wkv
 
 std::tuple<at::Tensor, at::Tensor> bi_wkv_forward(const at::Tensor& w, const at::Tensor& u,
-                                                       const at::Tensor& k, const at::Tensor& v) {
+                                                       const at::Tensor& k, const at::Tensor& v, bool need_state) {
   using namespace bi_wkv;
   check_inputs(w, u, k, v);
   const c10::cuda::OptionalCUDAGuard guard(k.device());
   const int B = k.size(0), T = k.size(1), C = k.size(2);
   const int NC = (int)num_chunks(T);
+  const bool fused = NC <= FUSED_MAX_CHUNKS;  // T <= 1024: one kernel, tokens read once
   auto y = at::empty_like(k);
-  auto states = at::empty({6, B, NC, C}, k.options().dtype(at::kFloat));
-  if (k.numel() == 0) return {y, states};
+  const auto f32 = k.options().dtype(at::kFloat);
+  // Without a backward pass the state is not returned; the chunked path still needs it as scratch.
+  auto states = need_state || !fused ? at::empty({6, B, NC, C}, f32) : at::empty({0}, f32);
+  const auto returned = [&] { return need_state ? states : at::empty({0}, f32); };
+  if (k.numel() == 0) return {y, returned()};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int blocks = blocks_for((int64_t)B * NC * C, THREADS);
   dispatch_dtype(k.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    if (NC <= FUSED_MAX_CHUNKS) {  // T <= 1024: one kernel, tokens read once
+    if (fused) {
       const dim3 grid(B, (C + SCAN_CHANNELS - 1) / SCAN_CHANNELS), block(SCAN_CHANNELS, NC);
       fused_forward_kernel<scalar_t><<<grid, block, 0, stream>>>(
           w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-          states.data_ptr<float>(), y.data_ptr<scalar_t>(), B, T, C, NC);
+          need_state ? states.data_ptr<float>() : nullptr, y.data_ptr<scalar_t>(), B, T, C, NC);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
@@ -137,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> bi_wkv_forward(const at::Tensor& w, const at:
                                                             NC);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {y, states};
+  return {y, returned()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bi_wkv_backward(
@@ -181,7 +185,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bi_wkv_backward(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   reduce_kernel<<<(C + 31) / 32, dim3(32, REDUCE_ROWS), 0, stream>>>(
-      w.data_ptr<float>(), partials.data_ptr<float>(), gw.data_ptr<float>(), gu.data_ptr<float>(), B * NC, C);
+      w.data_ptr<float>(), partials.data_ptr<float>(), gw.data_ptr<float>(), gu.data_ptr<float>(), (int64_t)B * NC,
+      C);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {gw, gu, gk, gv};
 }

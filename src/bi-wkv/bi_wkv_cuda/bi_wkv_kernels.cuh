@@ -254,7 +254,8 @@ __global__ void __launch_bounds__(SCAN_CHANNELS* SCAN_GROUPS * 2)
 // Whole forward pass in one kernel when a sequence has at most FUSED_MAX_CHUNKS chunks: block
 // (SCAN_CHANNELS, NC) holds every chunk of SCAN_CHANNELS channels of one batch row, scans the chunk states in
 // shared memory (Hillis-Steele over (state, length) pairs, both directions at once) and writes y from the
-// tokens still in registers, so k and v are read once. The incoming states are stored for the backward pass.
+// tokens still in registers, so k and v are read once. The incoming states are stored for the backward pass
+// unless `states` is null.
 constexpr int FUSED_MAX_CHUNKS = 64;
 
 template <typename T>
@@ -317,9 +318,11 @@ __global__ void __launch_bounds__(SCAN_CHANNELS* FUSED_MAX_CHUNKS)
   const State in_f = j > 0 ? part[0][j - 1][x] : empty_state();
   const State in_b = j + 1 < NC ? part[1][j + 1][x] : empty_state();
   if (!valid) return;
-  const int64_t plane = (int64_t)B * NC * C;
-  write_state(states, plane, ch.slot, 0, in_f);
-  write_state(states, plane, ch.slot, 1, in_b);
+  if (states != nullptr) {  // null when no backward pass will read them (inference)
+    const int64_t plane = (int64_t)B * NC * C;
+    write_state(states, plane, ch.slot, 0, in_f);
+    write_state(states, plane, ch.slot, 1, in_b);
+  }
   float yy[CHUNK], log_d[CHUNK];
   forward_tokens(kk, vv, ch.n, wc, uc, in_f, in_b, yy, log_d);
 #pragma unroll
@@ -453,15 +456,15 @@ __global__ void __launch_bounds__(THREADS)
 // summed in one fixed order, in float64 (dw's terms cancel widely). Block (32, REDUCE_ROWS).
 __global__ void __launch_bounds__(32 * REDUCE_ROWS)
     reduce_kernel(const float* __restrict__ w, const float* __restrict__ partials, float* __restrict__ gw,
-                  float* __restrict__ gu, int rows, int C) {
+                  float* __restrict__ gu, int64_t rows, int C) {
   __shared__ double acc[2][REDUCE_ROWS][32];
   const int64_t c = (int64_t)blockIdx.x * 32 + threadIdx.x;
   const int64_t plane = (int64_t)rows * C;
   double sw = 0.0, su = 0.0;
   if (c < C) {
-    for (int r = threadIdx.y; r < rows; r += REDUCE_ROWS) {
-      sw += partials[(int64_t)r * C + c];
-      su += partials[plane + (int64_t)r * C + c];
+    for (int64_t r = threadIdx.y; r < rows; r += REDUCE_ROWS) {
+      sw += partials[r * C + c];
+      su += partials[plane + r * C + c];
     }
   }
   acc[0][threadIdx.y][threadIdx.x] = sw;

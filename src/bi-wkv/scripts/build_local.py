@@ -11,6 +11,9 @@ so that ``kernels.get_local_kernel(OUT)`` (or ``LOCAL_KERNELS=rwkv-unet/bi-wkv=O
 namespace ``_bi_wkv_<hash>`` is unique to the sources, like kernel-builder's.
 
     python src/bi-wkv/scripts/build_local.py OUT [--arch 9.0]
+
+Without ``--arch`` (and without TORCH_CUDA_ARCH_LIST) it builds for the visible GPU, or, on a machine
+without one, for build.toml's ``cuda-capabilities`` that this nvcc supports (PTX on the highest).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -77,14 +81,47 @@ def variant_name() -> str:
     return f"torch{major}{minor}-{abi}-cu{cu_major}{cu_minor}-{platform.machine()}-linux"
 
 
+def _nvcc() -> str:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and (Path(home) / "bin" / "nvcc").exists():
+        return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+
+
+def default_archs() -> str:
+    """TORCH_CUDA_ARCH_LIST when none is given: the visible GPU's capability, else build.toml's list.
+
+    torch derives the list from the visible GPUs and fails on a machine without one; the distributable
+    set is build.toml's capabilities that this nvcc can target, with PTX on the highest so newer GPUs
+    can run it.
+    """
+    import tomllib
+
+    import torch
+
+    if torch.cuda.is_available():
+        return "{}.{}".format(*torch.cuda.get_device_capability())
+    config = tomllib.loads((KERNEL_DIR / "build.toml").read_text())
+    (kernel,) = [k for k in config["kernel"].values() if k.get("backend") == "cuda"]
+    wanted = [c.replace("+PTX", "") for c in kernel["cuda-capabilities"]]
+    listed = subprocess.run([_nvcc(), "--list-gpu-arch"], capture_output=True, text=True, check=True).stdout
+    supported = {f"{int(n) // 10}.{int(n) % 10}" for n in re.findall(r"compute_(\d+)", listed)}
+    archs = [c for c in wanted if c in supported]
+    if not archs:
+        raise RuntimeError(f"nvcc supports none of build.toml's cuda-capabilities {wanted}")
+    archs[-1] += "+PTX"
+    return ";".join(archs)
+
+
 def _compile(name: str, build_dir: Path, verbose: bool) -> Path:
     """Compile in a child process, so this process never loads (and registers) the library itself."""
     (build_dir / "registration.h").write_text(REGISTRATION_H)
+    threads = int(os.environ.get("NVCC_THREADS", "0"))  # nvcc compiles the archs in parallel; 0: one per core
     code = f"""
 import torch.utils.cpp_extension as ce
 ce.load(name={name!r}, sources={[str(KERNEL_DIR / s) for s in SOURCES]!r},
         extra_include_paths={[str(build_dir), str(KERNEL_DIR / "torch-ext")]!r},
-        extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"],
+        extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo", "--threads={threads}"],
         build_directory={str(build_dir)!r}, verbose={verbose!r})
 """
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -98,10 +135,12 @@ def build(out: Path, arch: str | None = None, verbose: bool = False) -> Path:
     """Compile and lay out one build variant under ``out/build``; returns the variant folder."""
     out = Path(out)
     name = f"_bi_wkv_{source_hash()}"
-    if arch:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and Path("/usr/local/cuda/bin/nvcc").exists():
         os.environ["CUDA_HOME"] = "/usr/local/cuda"  # torch would guess from `which nvcc`, which may be a copy
+    if arch:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    elif not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = default_archs()
     build_dir = out / "cpp_extension"
     build_dir.mkdir(parents=True, exist_ok=True)
     lib = _compile(name, build_dir, verbose)

@@ -26,9 +26,10 @@ def _num_chunks(T: int) -> int:
 
 
 @torch.library.register_fake(add_op_namespace_prefix("bi_wkv_forward"))
-def _forward_fake(w, u, k, v):
+def _forward_fake(w, u, k, v, need_state):
     B, T, C = k.shape
-    return torch.empty_like(k), k.new_empty((6, B, _num_chunks(T), C), dtype=torch.float32)
+    shape = (6, B, _num_chunks(T), C) if need_state else (0,)
+    return torch.empty_like(k), k.new_empty(shape, dtype=torch.float32)
 
 
 @torch.library.register_fake(add_op_namespace_prefix("bi_wkv_backward"))
@@ -37,16 +38,19 @@ def _backward_fake(w, u, k, v, state, grad_y):
 
 
 def _setup_context(ctx, inputs, output):
-    w, u, k, v = inputs
+    w, u, k, v, _ = inputs
     _, state = output
+    ctx.mark_non_differentiable(state)  # scratch for the backward pass, not a function of the inputs
     ctx.save_for_backward(w, u, k, v, state)
 
 
 def _backward(ctx, grad_y, grad_state):
     w, u, k, v, state = ctx.saved_tensors
+    if state.numel() == 0 and k.numel() != 0:
+        raise RuntimeError("bi_wkv: the forward pass ran with need_state=False, so it kept no state for backward")
     if grad_y is None:
         grad_y = torch.zeros_like(k)
-    return tuple(ops.bi_wkv_backward(w, u, k, v, state, grad_y.to(k.dtype).contiguous()))
+    return (*ops.bi_wkv_backward(w, u, k, v, state, grad_y.to(k.dtype).contiguous()), None)
 
 
 torch.library.register_autograd(
@@ -64,8 +68,11 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     dtype = torch.promote_types(k.dtype, v.dtype)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"bi_wkv supports float32, float16 and bfloat16 keys and values; got {k.dtype} and {v.dtype}")
+    # the chunk states are only kept (and written) when autograd will run the backward pass
+    need_state = torch.is_grad_enabled() and any(t.requires_grad for t in (w, u, k, v))
     y, _ = ops.bi_wkv_forward(
-        w.float().contiguous(), u.float().contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous()
+        w.float().contiguous(), u.float().contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous(),
+        need_state,
     )
     return y.to(v.dtype)
 

@@ -377,3 +377,59 @@ def test_kernel_package_exports_with_torch_export(tmp_path):
     program = torch.export.export(Mix(), args)
     assert "bi_wkv_forward" in program.graph_module.code
     torch.testing.assert_close(program.module()(*args), bi_wkv_torch(*args), rtol=1e-5, atol=1e-6)
+
+
+def test_model_layer_is_the_exact_op_and_carries_the_hub_marks():
+    from rwkvunet.ops.bi_wkv_layer import LAYER_NAME, BiWKV
+
+    w, u, k, v = _inputs()
+    torch.testing.assert_close(BiWKV()(w, u, k, v), bi_wkv(w, u, k, v), rtol=0, atol=0)
+    assert BiWKV.kernel_layer_name == LAYER_NAME == "BiWKV"
+    assert BiWKV.kernel_condition(BiWKV()) is True
+    # the marks are those kernels' own decorator sets
+    @kernels.use_kernel_forward_from_hub("BiWKV")
+    class Decorated(torch.nn.Module):
+        def forward(self, w, u, k, v):
+            return w
+
+    assert Decorated.kernel_layer_name == BiWKV.kernel_layer_name
+    assert Decorated.kernel_condition(Decorated()) == BiWKV.kernel_condition(BiWKV())
+    assert list(BiWKV().state_dict()) == []  # checkpoints of modules holding it do not change
+
+
+def test_kernelize_swaps_the_model_layer_for_the_kernels_layer(tmp_path):
+    """The route a user takes: a kernel mapping for "BiWKV" and kernelize on a model holding rwkvunet's layer."""
+    from kernels import LocalLayerRepository, Mode, kernelize, use_kernel_mapping
+
+    from rwkvunet.ops.bi_wkv_layer import BiWKV
+
+    root = make_standin(tmp_path / "kernel")
+    model = torch.nn.ModuleDict({"mix": BiWKV()})
+    mapping = {"BiWKV": {"cpu": LocalLayerRepository(repo_path=root, layer_name="BiWKV")}}
+    with use_kernel_mapping(mapping, inherit_mapping=False):
+        model = kernelize(model, mode=Mode.TRAINING, device="cpu")
+    w, u, k, v = _inputs()
+    leaves = [t.clone().requires_grad_() for t in (w, u, k, v)]
+    y = model["mix"](*leaves)
+    assert y.grad_fn is not None and "bi_wkv_forward" in y.grad_fn.name()  # the kernel package's op ran
+    torch.testing.assert_close(y, bi_wkv_torch(w, u, k, v), rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    assert all(t.grad is not None for t in leaves)
+
+
+def test_model_layer_without_kernels_is_a_plain_module():
+    code = (
+        "import sys; sys.modules['kernels'] = None\n"
+        "import torch\n"
+        "from rwkvunet.ops.bi_wkv import bi_wkv_torch\n"
+        "from rwkvunet.ops.bi_wkv_layer import BiWKV, kernels_available\n"
+        "assert not kernels_available() and not hasattr(BiWKV, 'kernel_layer_name')\n"
+        "w, k = torch.rand(4), torch.rand(2, 3, 4)\n"
+        "torch.testing.assert_close(BiWKV()(w, w, k, k + 1), bi_wkv_torch(w, w, k, k + 1))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_importing_the_model_layer_does_not_import_kernels():
+    code = "import sys, rwkvunet.ops.bi_wkv_layer as m; assert 'kernels' not in sys.modules; assert m.BiWKV.kernel_layer_name"
+    subprocess.run([sys.executable, "-c", code], check=True)

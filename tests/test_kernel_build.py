@@ -42,10 +42,42 @@ def test_build_toml_has_what_kernel_builder_needs():
         assert (KERNEL / src).is_file(), src
     (cuda,) = [k for k in config["kernel"].values() if k["backend"] == "cuda"]
     assert cuda["depends"] == ["torch"]
-    assert "9.0" in cuda["cuda-capabilities"]  # H100
+    caps = cuda["cuda-capabilities"]
+    bases = [c.replace("+PTX", "") for c in caps]
+    assert {"8.0", "9.0", "10.0", "12.0"} <= set(bases)  # A100, H100, B200, RTX 50xx
+    assert bases == sorted(bases, key=lambda c: tuple(map(int, c.split("."))))
+    assert caps[-1].endswith("+PTX")  # newer GPUs (sm_100+ on older toolkits, sm_12x and later) JIT the PTX
     for src in cuda["src"]:
         assert (KERNEL / src).is_file(), src
-    assert (KERNEL / "README.md").is_file()
+    for name in ("README.md", "CARD.md", "example.py", "flake.nix", "tests/__init__.py", "tests/test_bi_wkv.py"):
+        assert (KERNEL / name).is_file(), name
+
+
+def test_flake_uses_kernel_builders_generator():
+    flake = (KERNEL / "flake.nix").read_text()
+    assert 'kernel-builder.url = "github:huggingface/kernels"' in flake
+    assert "kernel-builder.lib.genKernelFlakeOutputs" in flake and "path = ./.;" in flake
+
+
+def test_kernel_tests_reference_is_the_formula():
+    """The self-contained float64 reference of src/bi-wkv/tests agrees with the PyTorch op, extremes included."""
+    from rwkvunet.ops.bi_wkv import bi_wkv_torch
+
+    spec = importlib.util.spec_from_file_location("bi_wkv_kernel_tests", KERNEL / "tests" / "test_bi_wkv.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    g = torch.Generator().manual_seed(0)
+    for decay, key in ((10.0, 20.0), (1e3, 80.0)):
+        w = (torch.rand(5, generator=g, dtype=torch.float64) * 2 - 1) * decay / 37
+        u = (torch.rand(5, generator=g, dtype=torch.float64) * 2 - 1) * decay / 37
+        k = (torch.rand(2, 37, 5, generator=g, dtype=torch.float64) * 2 - 1) * key
+        v = torch.randn(2, 37, 5, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(module.reference(w, u, k, v), bi_wkv_torch(w, u, k, v), rtol=1e-10, atol=1e-10)
+
+
+def test_kernel_package_files_compile():
+    for path in [KERNEL / "example.py", *(KERNEL / "tests").glob("*.py"), *(KERNEL / "torch-ext").rglob("*.py")]:
+        compile(path.read_text(), str(path), "exec")
 
 
 def test_build_toml_parses_with_kernels_own_validator():

@@ -103,15 +103,15 @@ def test_bad_inputs_raise_clear_errors(kernel):
     w, u, k, v, _ = _inputs(2, 10, 4, torch.float32)
     ops = kernel._ops.ops
     with pytest.raises(RuntimeError, match="contiguous"):
-        ops.bi_wkv_forward(w, u, k.transpose(0, 1), v.transpose(0, 1))
+        ops.bi_wkv_forward(w, u, k.transpose(0, 1), v.transpose(0, 1), True)
     with pytest.raises(RuntimeError, match="share a dtype"):
-        ops.bi_wkv_forward(w, u, k, v.half())
+        ops.bi_wkv_forward(w, u, k, v.half(), True)
     with pytest.raises(RuntimeError, match="float32"):
-        ops.bi_wkv_forward(w.half(), u, k, v)
+        ops.bi_wkv_forward(w.half(), u, k, v, True)
     with pytest.raises(RuntimeError, match=r"w and u must be \(4,\)"):
-        ops.bi_wkv_forward(w[:3], u, k, v)
+        ops.bi_wkv_forward(w[:3], u, k, v, True)
     with pytest.raises(RuntimeError, match="CUDA tensors"):
-        ops.bi_wkv_forward(w, u, k.cpu(), v)
+        ops.bi_wkv_forward(w, u, k.cpu(), v, True)
 
 
 def test_package_dispatch_uses_the_kernel(kernel_dir, kernel, monkeypatch):
@@ -123,3 +123,19 @@ def test_package_dispatch_uses_the_kernel(kernel_dir, kernel, monkeypatch):
     w, u, k, v, _ = _inputs(2, 50, 8, torch.float32)
     assert torch.equal(bi_wkv(w, u, k, v), kernel.bi_wkv(w, u, k, v))
     kernel_hub.clear_cache()
+
+
+def test_no_state_is_kept_for_inference(kernel):
+    """Under no_grad the op returns an empty state (the fused forward writes none), with the same y."""
+    w, u, k, v, _ = _inputs(2, 100, 16, torch.float32)
+    y_free, free = kernel._ops.ops.bi_wkv_forward(w, u, k, v, False)
+    y_kept, kept = kernel._ops.ops.bi_wkv_forward(w, u, k, v, True)
+    assert free.numel() == 0 and kept.shape == (6, 2, 7, 16) and torch.equal(y_free, y_kept)
+    y_long, state = kernel._ops.ops.bi_wkv_forward(*_inputs(1, 1100, 3, torch.float32)[:4], False)  # chunked path
+    assert state.numel() == 0 and torch.isfinite(y_long).all()
+
+
+def test_kernel_builder_tests_pass(kernel_dir, monkeypatch):
+    """src/bi-wkv/tests (what kernel-builder runs) against this build, through LOCAL_KERNELS."""
+    monkeypatch.setenv("LOCAL_KERNELS", f"rwkv-unet/bi-wkv={kernel_dir}")
+    assert pytest.main(["-q", "-p", "no:cacheprovider", str(KERNEL / "tests")]) == 0

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Bi-WK
 def bi_wkv():
     import kernels
 
-    return kernels.get_kernel("rwkv-unet/bi-wkv", version=1)
+    return kernels.get_kernel("rwkv-unet/bi-wkv", version=1, trust_remote_code=["rwkv-unet/bi-wkv"])
 
 
 def reference(w, u, k, v):

@@ -11,6 +11,7 @@ import torch
 
 import rwkvunet  # noqa: F401
 from rwkvunet import HUB_ORG, RWKVUNetForSemanticSegmentation, RWKVUNetImageProcessor
+from rwkvunet.hub import AUTHORS_URL
 from transformers import AutoConfig, AutoImageProcessor
 
 HUB_CONFIGS = Path(__file__).resolve().parents[1] / "hub_configs"
@@ -69,13 +70,61 @@ def test_encoder_config_is_timm_hub_format(name, tmp_path):
     assert timm.models.get_pretrained_cfg(f"rwkvunet_enc_{variant}.in1k").hf_hub_id == f"{HUB_ORG}/{name}"
 
 
+def _license_fields(value, path=""):
+    """(path, value) of every key naming a licence, at any depth of a JSON document."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if "licen" in key.lower():
+                yield f"{path}{key}", item
+            yield from _license_fields(item, f"{path}{key}.")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _license_fields(item, f"{path}{i}.")
+
+
+def test_no_weights_card_or_config_claims_apache():
+    """The authors publish no licence for their weights: Apache-2.0 (the code's) must not be claimed for them,
+    in a card's metadata, a timm pretrained_cfg (ours or a Hub config.json), or any licence field of a release
+    folder's JSON files. (The code's licence is named in the card text, as not covering the weights.)"""
+    import timm
+    from huggingface_hub import ModelCard
+
+    claims = []
+    for folder in sorted(p for p in HUB_CONFIGS.iterdir() if p.is_dir()):
+        data = ModelCard.load(folder / "README.md").data.to_dict()
+        claims += [f"{folder.name}/README.md {k}" for k in ("license", "license_name", "license_link")
+                   if "apache" in str(data.get(k, "")).lower()]
+        for file in folder.glob("*.json"):
+            claims += [f"{folder.name}/{file.name} {k}" for k, v in _license_fields(json.loads(file.read_text()))
+                       if "apache" in str(v).lower()]
+    for name in ENCODERS:
+        cfg = timm.models.get_pretrained_cfg(name)
+        claims += [f"pretrained_cfg {name}"] if "apache" in str(cfg.license).lower() else []
+        assert cfg.license == "unknown" and "no licence" in " ".join(cfg.notes)
+        hub = json.loads((HUB_CONFIGS / name / "config.json").read_text())["pretrained_cfg"]
+        assert hub["license"] == cfg.license and hub["notes"] == list(cfg.notes)
+    assert not claims
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_encoder_hub_config_is_what_publishing_writes(name, tmp_path):
+    """timm's save_for_hf (what training/publish_hub.py uploads for an encoder) writes exactly this config.json."""
+    import timm
+    from timm.models import save_for_hf
+
+    save_for_hf(timm.create_model(name.split(".")[0]), tmp_path, safe_serialization=True)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written == json.loads((HUB_CONFIGS / name / "config.json").read_text())
+
+
 @pytest.mark.parametrize("name", ENCODERS + SEGMENTERS)
 def test_model_card_metadata(name):
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(HUB_CONFIGS / name / "README.md")
     data = card.data
-    assert data.license == "apache-2.0"
+    assert (data.license, data.license_name, data.license_link) == ("other", "unknown", AUTHORS_URL)
+    assert "no licence" in card.text and "Apache-2.0" in card.text  # the weights have none; the code's is named
     assert data.library_name == ("timm" if name in ENCODERS else "transformers")
     assert data.datasets and data.tags
     assert "arXiv:2501.08458" in card.text or "2501.08458" in card.text

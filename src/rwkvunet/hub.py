@@ -13,9 +13,117 @@ KERNEL_REPO_ID = f"{HUB_ORG}/bi-wkv"
 KERNEL_VERSION = 1
 
 
+#: Where the authors release their checkpoints (ImageNet encoders, Synapse and ACDC segmenters).
+AUTHORS_URL = "https://github.com/juntaoJianggavin/RWKV-UNet"
+#: The authors publish no licence for their weights, so none is claimed: timm's ``license`` says "unknown"
+#: and the Hub cards say ``license: other`` / ``license_name: unknown`` / ``license_link: AUTHORS_URL``.
+WEIGHTS_LICENSE = "unknown"
+
+
 def encoder_repo_id(variant: str) -> str:
     """Hub repo of an ImageNet-pretrained encoder, e.g. ``rwkv-unet/rwkvunet_enc_b.in1k``."""
     return f"{HUB_ORG}/rwkvunet_enc_{variant}.in1k"
+
+
+def segmenter_repo_id(variant: str, dataset: str) -> str:
+    """Hub repo of a segmenter trained by the authors, e.g. ``rwkv-unet/rwkvunet-b-synapse``."""
+    return f"{HUB_ORG}/rwkvunet-{variant}-{dataset}"
+
+
+def where_weights_are(encoder: bool) -> str:
+    """Where RWKV-UNet weights can be had, for messages about weights that cannot be found."""
+    hub = (f"the {HUB_ORG}/* Hub repos (made from hub_configs/ with training/publish_hub.py) must be online or in "
+           "the Hub cache (HF_HUB_CACHE) for loading by name")
+    if encoder:
+        return (f"{hub}; otherwise take the authors' ImageNet checkpoint from {AUTHORS_URL} and load it with "
+                "timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=CKPT)), or convert it "
+                "with `rwkvunet convert CKPT OUT --encoder` and use timm.create_model('local-dir:OUT', "
+                "pretrained=True)")
+    return (f"{hub}; otherwise take the authors' checkpoint from {AUTHORS_URL}, convert it with `rwkvunet "
+            "convert CKPT OUT --hub-config hub_configs/<repo>` and load the folder OUT")
+
+
+def _is_ours(repo_id: str) -> bool:
+    return str(repo_id).startswith(f"{HUB_ORG}/")
+
+
+def _hub_reason(err: BaseException) -> str:
+    """Why a Hub file could not be had, in words (offline and not cached, no such repo or file, no network)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
+    )
+
+    if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        state = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+        return f"not in the Hub cache ({constants.HF_HUB_CACHE}) and {state}"
+    if isinstance(err, RepositoryNotFoundError):
+        return "no such repository on the Hub (or it is private)"
+    if isinstance(err, EntryNotFoundError):
+        return "the repository has no such file"
+    return _first_line(err)
+
+
+def _hub_errors() -> tuple:
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
+
+    return EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled, ConnectionError, TimeoutError
+
+
+def _encoder_repo(model_name: str):
+    """The Hub repo timm reads for ``model_name`` ('hf-hub:org/name', or a registered name's pretrained_cfg)."""
+    if model_name.startswith("hf-hub:"):
+        return model_name[len("hf-hub:"):]
+    import timm
+
+    try:
+        return timm.models.get_pretrained_cfg(model_name).hf_hub_id
+    except (AttributeError, RuntimeError, ValueError, KeyError):
+        return None
+
+
+def _weights_in_folder(folder: Path):
+    return next((folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()), None)
+
+
+def create_encoder(model_name: str = "rwkvunet_enc_b", pretrained: bool = True, weights=None, **kwargs):
+    """``timm.create_model`` for an RWKV-UNet encoder where weights that cannot be found raise a one-line
+    :class:`UserError` saying where weights can be had (timm's own error is a Hub traceback).
+
+    ``model_name``: ``"rwkvunet_enc_b"`` (weights from its Hub repo, online or cached), ``"hf-hub:org/name"``
+    or ``"local-dir:FOLDER"`` (a folder written by ``rwkvunet convert --encoder``). ``weights``: a weights file
+    (the authors' checkpoint or a converted ``model.safetensors``) or a folder holding one, loaded through
+    timm's ``pretrained_cfg_overlay=dict(file=...)``. Other arguments go to ``timm.create_model``."""
+    import timm
+
+    if weights is not None:
+        path = Path(os.path.expanduser(str(weights)))
+        if path.is_dir():
+            found = _weights_in_folder(path)
+            if found is None:
+                raise UserError(f"{path} holds no model.safetensors or pytorch_model.bin; give the weights file "
+                                f"or a folder written by `rwkvunet convert CKPT OUT --encoder`")
+            path = found
+        check_safetensors(path) if path.name.endswith(".safetensors") else _check_file(path)
+        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {}, file=str(path.resolve()))
+        kwargs["pretrained_cfg_overlay"], pretrained = overlay, True
+    if model_name.startswith("local-dir:"):
+        folder = Path(os.path.expanduser(model_name[len("local-dir:"):]))
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{folder} has no config.json; give a folder written by `rwkvunet convert CKPT OUT "
+                            f"--encoder` (or timm's save_for_hf)")
+        if pretrained and _weights_in_folder(folder) is None:
+            raise UserError(f"{folder} holds no model.safetensors or pytorch_model.bin; convert the weights into "
+                            f"it again; {where_weights_are(encoder=True)}")
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except _hub_errors() as err:
+        repo = _encoder_repo(model_name) or model_name
+        raise UserError(f"{repo}: {_hub_reason(err)}; {where_weights_are(encoder=True)}") from err
+    except Exception:
+        if weights is not None:
+            load_weights_file(path)  # an unreadable or unsafe file raises a UserError naming it
+        raise
 
 
 # --- loading weights and models, with a message for every file a user can get wrong ------------------------
@@ -132,8 +240,10 @@ def _read_config(source: str, hub_kwargs: dict) -> dict:
         if os.path.isdir(source):
             raise UserError(f"cannot read {os.path.join(source, 'config.json')} ({_first_line(err)}); save the "
                             "model again with save_pretrained") from err
+        hint = f"; {where_weights_are(encoder=False)}" if _is_ours(source) else ""
         raise UserError(f"{source} is no local folder and cannot be loaded as a Hub id ({_first_line(err)}); "
-                        "check the path or the id, and the network (or HF_HUB_OFFLINE and the cache)") from err
+                        f"check the path or the id, and the network (or HF_HUB_OFFLINE and the cache){hint}"
+                        ) from err
     return config
 
 
@@ -170,6 +280,10 @@ def _diagnose_weights(source: str, hub_kwargs: dict, err: BaseException) -> User
             load_weights_file(path)
         except UserError as found:
             return found
+    if not os.path.isdir(source) and isinstance(err, OSError) and not _weights_paths(source, hub_kwargs):
+        hint = f"; {where_weights_are(encoder=False)}" if _is_ours(source) else ""
+        return UserError(f"{source}: its config.json is here but its weights are not ({_first_line(err)}); "
+                         f"check the network (or HF_HUB_OFFLINE and the cache){hint}")
     return UserError(f"cannot load a segmentation model from {source} ({_first_line(err)}); save the model "
                      "again with save_pretrained, or check the Hub id")
 

@@ -171,3 +171,20 @@ def test_publish_script_assembles_a_hub_folder(tmp_path, monkeypatch, capsys):
     rc = script["main"]([str(checkpoint), str(HUB_CONFIGS / "rwkvunet-s-synapse"), "--out", str(tmp_path / "x"),
                          "--prefix", "sd."])
     assert rc == 2 and "predicts 4 classes" in capsys.readouterr().err
+
+
+def test_publish_script_refuses_a_card_that_claims_a_licence_for_the_weights(tmp_path):
+    """A card that says apache-2.0 (the code's licence) for the authors' weights is not published."""
+    import runpy
+    import shutil
+
+    from rwkvunet.errors import UserError
+
+    script = runpy.run_path(str(HUB_CONFIGS.parent / "training" / "publish_hub.py"))
+    folder = tmp_path / "rwkvunet-t-acdc"
+    shutil.copytree(HUB_CONFIGS / "rwkvunet-t-acdc", folder)
+    card = (folder / "README.md").read_text()
+    (folder / "README.md").write_text(card.replace("license: other\n", "license: apache-2.0\n", 1))
+    with pytest.raises(UserError, match="license 'apache-2.0'.*authors publish no licence"):
+        script["main"]([str(tmp_path / "unused.pth"), str(folder), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

@@ -7,6 +7,10 @@ Segmenters get their weights, config, image processor config, model card and the
 repo also loads with trust_remote_code=True); encoders become timm Hub folders with their card. The repo id is
 ``rwkvunet.hub.HUB_ORG/<hub config folder name>`` unless --repo-id says otherwise. Without --push nothing
 leaves the machine.
+
+The weights are the authors' and their repository publishes no licence for them: a card whose metadata
+claims a licence for them (anything but ``license: other`` with ``license_name: unknown``) is refused, and
+uploading them at all is redistribution, which needs the authors' permission.
 """
 from __future__ import annotations
 
@@ -16,11 +20,28 @@ import sys
 from pathlib import Path
 
 from rwkvunet.commands import convert
+from rwkvunet.errors import UserError
+from rwkvunet.hub import AUTHORS_URL, WEIGHTS_LICENSE
 
 
 def is_encoder_config(hub_config: Path) -> bool:
     """timm Hub configs name an ``architecture``; transformers configs a ``model_type``."""
     return "architecture" in json.loads((hub_config / "config.json").read_text(encoding="utf-8"))
+
+
+def check_card_licence(hub_config: Path) -> None:
+    """Refuse a model card that claims a licence for the authors' weights, which have none published."""
+    from huggingface_hub import ModelCard
+
+    card = hub_config / "README.md"
+    if not card.is_file():
+        raise UserError(f"{hub_config} has no README.md; every release needs its model card")
+    data = ModelCard.load(card).data
+    found = (data.license, data.get("license_name"), data.get("license_link"))
+    if found != ("other", WEIGHTS_LICENSE, AUTHORS_URL):
+        raise UserError(f"{card} says license {found[0]!r} (license_name {found[1]!r}, license_link {found[2]!r}) "
+                        f"but the authors publish no licence for these weights; use license: other, "
+                        f"license_name: {WEIGHTS_LICENSE}, license_link: {AUTHORS_URL}")
 
 
 def main(argv=None) -> int:
@@ -38,6 +59,7 @@ def main(argv=None) -> int:
     hub_config = args.hub_config.resolve()
     if not (hub_config / "config.json").is_file():
         parser.error(f"{hub_config} has no config.json; pass a hub_configs/<repo> folder")
+    check_card_licence(hub_config)
     out = args.out or Path("build") / hub_config.name
     encoder = is_encoder_config(hub_config)
     variant = json.loads((hub_config / "config.json").read_text(encoding="utf-8"))

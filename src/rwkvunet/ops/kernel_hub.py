@@ -16,6 +16,9 @@ a folder
 When the kernel cannot be had (``kernels`` not installed, no network, no build for this torch/CUDA, ...)
 CUDA tensors fall back to the PyTorch implementation with a single warning that names the reason. The
 lookup runs once per setting and its result is cached; ``import rwkvunet`` never imports ``kernels``.
+
+Independently of this lookup, :class:`rwkvunet.ops.bi_wkv_layer.BiWKV` carries kernels' layer marks, so
+``kernels.kernelize`` with a mapping for ``"BiWKV"`` can put the kernel package's ``layers.BiWKV`` in its place.
 """
 from __future__ import annotations
 

@@ -188,3 +188,19 @@ def test_publish_script_refuses_a_card_that_claims_a_licence_for_the_weights(tmp
     with pytest.raises(UserError, match="license 'apache-2.0'.*authors publish no licence"):
         script["main"]([str(tmp_path / "unused.pth"), str(folder), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_fine_tuned_cards_claim_no_licence_for_weights_they_started_from(tmp_path):
+    """A model fine-tuned from others' weights (the authors' publish no licence) must not be carded apache-2.0."""
+    import yaml
+
+    from rwkvunet.training.model_card import write_model_card
+
+    def meta(args):
+        path = write_model_card(tmp_path, args=args, test=None, validation_best=None, steps=1, epochs=1,
+                                num_parameters=1, train_seconds=1.0)
+        return yaml.safe_load(Path(path).read_text().split("---")[1])
+
+    assert "license" not in meta({"variant": "t", "dataset": "synthetic"})
+    started = meta({"variant": "t", "dataset": "synthetic", "encoder_pretrained": "imagenet"})
+    assert started["license"] == "other" and started["license_name"] == "unknown"

@@ -6,6 +6,8 @@ from typing import Optional
 
 import yaml
 
+from ..hub import AUTHORS_URL
+
 PAPER = "https://arxiv.org/abs/2501.08458"
 
 
@@ -22,9 +24,11 @@ def write_model_card(folder, *, args: dict, test: Optional[dict], validation_bes
     meta = {
         "library_name": "transformers",
         "pipeline_tag": "image-segmentation",
-        "license": "apache-2.0",
         "tags": ["rwkvunet", "rwkv", "medical-imaging", "semantic-segmentation"],
     }
+    if args.get("pretrained") or args.get("encoder_pretrained"):
+        # started from others' weights (e.g. the authors', which have no published licence): claim none
+        meta.update(license="other", license_name="unknown", license_link=AUTHORS_URL)
     if dataset != "synthetic" and not Path(dataset).exists():
         meta["datasets"] = [dataset]
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",

@@ -49,7 +49,7 @@ def test_folded_conv_matches_unfused_float64(kernel_size, groups, with_pre_norm)
     assert block.can_fold(pre)
     x = torch.randn(2, 8, 12, 10)
     with torch.no_grad():
-        got = block(x, pre_norm=pre)
+        got = block.forward_with_pre_norm(x, pre)
     ref = _unfused(block, x, pre)
     # float32 conv of O(1) values over at most 25 * 8 terms: a few ulps of the output scale
     assert (got.double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
@@ -67,14 +67,14 @@ def test_fold_cache_follows_every_change_to_the_folded_tensors():
 
     def check():
         with torch.no_grad():
-            got = block(x, pre_norm=pre)
+            got = block.forward_with_pre_norm(x, pre)
         ref = _unfused(block, x, pre)
         assert (got.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
         return got
 
     first = check()
     with torch.no_grad():
-        same = block(x, pre_norm=pre)
+        same = block.forward_with_pre_norm(x, pre)
     assert torch.equal(first, same)  # served from the cache
     with torch.no_grad():
         block.norm.running_var.mul_(3.0)  # in-place edit of a buffer
@@ -89,7 +89,7 @@ def test_fold_cache_follows_every_change_to_the_folded_tensors():
     assert not torch.allclose(second, third)
     block.double()  # a dtype change
     with torch.no_grad():
-        assert block(x.double(), pre_norm=pre.double()).dtype == torch.float64
+        assert block.forward_with_pre_norm(x.double(), pre.double()).dtype == torch.float64
     # without pre_norm the same module folds a different weight
     with torch.no_grad():
         plain = block(x.double())

@@ -3,15 +3,15 @@
 Token tensors are (B, T, C) with T = H * W in row-major order; maps are (B, C, H, W). Nothing assumes a
 square grid: every token module takes the grid size ``(H, W)`` it belongs to.
 """
-from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm2d
+from timm.layers import DropPath, LayerNorm2d, register_notrace_function
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from .ops.bi_wkv import bi_wkv
 
@@ -37,6 +37,7 @@ def tokens_to_map(x: torch.Tensor, grid: Grid) -> torch.Tensor:
     return x.reshape(x.shape[0], grid[0], grid[1], x.shape[2]).permute(0, 3, 1, 2)
 
 
+@register_notrace_function  # compares sizes: a branch on the input's shape
 def resize_bilinear(x: torch.Tensor, size) -> torch.Tensor:
     """Bilinear resize (align_corners=False); a no-op when the size already matches."""
     if tuple(x.shape[-2:]) == tuple(size):
@@ -85,9 +86,9 @@ class ConvNormAct(nn.Sequential):
 
         The cache is keyed on the version counters and storages of every tensor folded in, so any change to
         them (an optimizer step, ``load_state_dict``, ``.to()``, an in-place edit) recomputes it. With
-        gradients on, or while compiling, the fold is recomputed each call so it stays in the graph.
+        gradients on, or while compiling or FX tracing, the fold is recomputed each call so it stays in the graph.
         """
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or is_fx_symbolic_tracing():
             return self.folded_weight_bias(pre_norm)
         sources = [self.conv.weight, self.norm.weight, self.norm.bias, self.norm.running_mean, self.norm.running_var]
         if pre_norm is not None:
@@ -106,7 +107,16 @@ class ConvNormAct(nn.Sequential):
         state.pop("_fold_cache", None)  # derived from the weights: never pickled or deep-copied
         return state
 
-    def forward(self, x: torch.Tensor, pre_norm: Optional[nn.Module] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            return self.forward_with_pre_norm(x, None)
+        return self.act(self.norm(self.conv(x)))  # TorchScript: the norm runs as is
+
+    def forward_with_pre_norm(self, x: torch.Tensor, pre_norm: Optional[nn.BatchNorm2d]) -> torch.Tensor:
+        """``pre_norm`` -> conv -> norm -> act, with eval-mode norms folded into the conv.
+
+        Not part of the TorchScript graph: a scripted module cannot take another module as an argument.
+        """
         if self.can_fold(pre_norm):
             weight, bias = self._folded(pre_norm)
             c = self.conv
@@ -135,6 +145,7 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(self.conv_expand(self.act(self.conv_reduce(s))))
 
 
+@register_notrace_function  # slices at positions computed from the shape
 def q_shift(x: torch.Tensor, grid: Grid, shift: int = 1) -> torch.Tensor:
     """Quad-directional token shift on (B, T, C) tokens of an (H, W) grid, zero filled.
 
@@ -144,7 +155,7 @@ def q_shift(x: torch.Tensor, grid: Grid, shift: int = 1) -> torch.Tensor:
     B, T, C = x.shape
     H, W = grid
     x = x.reshape(B, H, W, C)
-    c1, c2, c3, c4 = (int(C * g) for g in (0.25, 0.5, 0.75, 1.0))
+    c1, c2, c3, c4 = int(C * 0.25), int(C * 0.5), int(C * 0.75), int(C * 1.0)
     s = shift
     # one output written once: each quarter is copied to its shifted place and only its uncovered border
     # row or column is zeroed
@@ -160,6 +171,14 @@ def q_shift(x: torch.Tensor, grid: Grid, shift: int = 1) -> torch.Tensor:
     if c4 < C:
         out[..., c4:] = x[..., c4:]
     return out.reshape(B, T, C)
+
+
+@register_notrace_function
+@torch.jit.ignore
+def bi_wkv_leaf(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`bi_wkv` as one opaque call: its dispatch (kernel or PyTorch, exactness checks) reads devices,
+    dtypes and values, which TorchScript cannot compile and FX cannot trace."""
+    return bi_wkv(w, u, k, v)
 
 
 class SpatialMix(nn.Module):
@@ -186,14 +205,14 @@ class SpatialMix(nn.Module):
             nn.init.constant_(p, 0.5)
 
     def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
-        B, T, C = x.shape
+        T = x.shape[1]
         xx = q_shift(x, grid)
         # the three token-shift mixes in one pass; then one matmul each (faster on the CPU than a batched
         # matmul over stacked weights, which also copies the weights on every call)
         mix = torch.cat([self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r]).to(x.dtype)
         xk, xv, xr = torch.lerp(xx.unsqueeze(0), x.unsqueeze(0), mix.unsqueeze(1)).unbind(0)  # (3, B, T, C)
         k, v, r = self.key(xk), self.value(xv), self.receptance(xr)
-        y = bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v)
+        y = bi_wkv_leaf(self.spatial_decay / T, self.spatial_first / T, k, v)
         return self.output(torch.sigmoid(r) * self.key_norm(y))
 
 
@@ -217,18 +236,19 @@ class AttentionMix(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-def token_linear(x: torch.Tensor, layer: nn.Linear, grid: Grid) -> torch.Tensor:
-    """``layer(x)`` on (B, T, C) tokens of an (H, W) grid.
+@register_notrace_function  # chooses its form by the input's device and layout
+def token_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], grid: Grid) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` on (B, T, C) tokens of an (H, W) grid.
 
     On the CPU it runs as a 1x1 convolution over the channels-last map view of the tokens (no copy), which
     oneDNN computes markedly faster than a matmul with so few input channels; elsewhere it is the matmul.
     """
     if x.device.type != "cpu" or not x.is_contiguous():
-        return layer(x)
+        return F.linear(x, weight, bias)
     B, T, C = x.shape
     maps = x.view(B, grid[0], grid[1], C).permute(0, 3, 1, 2)
-    y = F.conv2d(maps, layer.weight[:, :, None, None], layer.bias)
-    return y.permute(0, 2, 3, 1).reshape(B, T, layer.out_features)
+    y = F.conv2d(maps, weight[:, :, None, None], bias)
+    return y.permute(0, 2, 3, 1).reshape(B, T, weight.shape[0])
 
 
 class ChannelMix(nn.Module):
@@ -253,13 +273,14 @@ class ChannelMix(nn.Module):
         # two plain lerps: on the CPU a lerp with a stacked, broadcast weight runs at half their speed
         xk = torch.lerp(xx, x, self.spatial_mix_k.to(x.dtype))
         xr = torch.lerp(xx, x, self.spatial_mix_r.to(x.dtype))
-        k = torch.relu_(token_linear(xk, self.key, grid))  # in place: the matmul's output is not kept for backward
-        r = token_linear(xr, self.receptance, grid)
+        k = torch.relu_(token_linear(xk, self.key.weight, self.key.bias, grid))  # in place: the matmul's output is not kept for backward
+        r = token_linear(xr, self.receptance.weight, self.receptance.bias, grid)
         if torch.is_grad_enabled():
             k = k * k  # squared ReLU; a multiply is several times faster than pow on the CPU
-            return torch.sigmoid(r) * token_linear(self.key_norm(k), self.value, grid)
+            return torch.sigmoid(r) * token_linear(self.key_norm(k), self.value.weight, self.value.bias, grid)
         # inference: reuse the fresh buffers (large new allocations cost page faults on the CPU)
-        return torch.sigmoid_(r).mul_(token_linear(self.key_norm(k.mul_(k)), self.value, grid))
+        return torch.sigmoid_(r).mul_(token_linear(self.key_norm(k.mul_(k)), self.value.weight, self.value.bias,
+                                                   grid))
 
 
 def _make_mixer(kind: Optional[str], dim: int) -> Optional[nn.Module]:
@@ -317,10 +338,15 @@ class IRBlock(nn.Module):
         self.residual = residual and stride == 1 and in_chs == out_chs
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
+    def _norm_conv(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.norm, nn.BatchNorm2d):
+            return self.conv.forward_with_pre_norm(x, self.norm)  # folded into the 1x1 conv in eval mode
+        return self.conv(self.norm(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        if isinstance(self.norm, nn.BatchNorm2d):
-            x = self.conv(x, pre_norm=self.norm)  # folded into the 1x1 conv in eval mode
+        if not torch.jit.is_scripting():
+            x = self._norm_conv(x)
         else:
             x = self.conv(self.norm(x))
         if self.mix is not None:

@@ -7,7 +7,6 @@ residual (IR) blocks, stages III-IV add Vision-RWKV spatial mixing (IR-RWKV bloc
 Paper: RWKV-UNet: Improving UNet with Long-Range Cooperation for Effective Medical Image Segmentation
 (arXiv 2501.08458).
 """
-from __future__ import annotations
 
 import re
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -15,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm2d, SelectAdaptivePool2d
+from timm.layers import LayerNorm2d, SelectAdaptivePool2d, register_notrace_function
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -40,7 +39,47 @@ def _check_head(num_classes: int, pool: SelectAdaptivePool2d) -> None:
                          "with global_pool='' for unpooled feature maps")
 
 
-def _make_stage(in_chs, out_chs, depth, expansion, norm, mixer, drop_path_rates, **block_kwargs) -> nn.Sequential:
+class EncoderStage(nn.Sequential):
+    """A stage's blocks, run on a channels-last map (optionally with gradient checkpointing)."""
+
+    def __init__(self, *blocks: nn.Module):
+        super().__init__(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # channels-last maps: 1x1 convs become plain matmuls, and the LayerNorm2d permutes and the
+        # map <-> token conversions of the mixing blocks become views instead of copies
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self, x)
+        for block in self:
+            x = block(x)
+        return x
+
+
+@register_notrace_function  # checks the input's shape and dtype: branches FX cannot trace
+def prepare_input(x: torch.Tensor, in_chans: int, dtype: torch.dtype) -> torch.Tensor:
+    """Checks the channel count and casts floating-point input (e.g. float64) to the weights' ``dtype``.
+
+    Shape and dtype checks only, so tracing (torch.compile, torch.export) sees no data-dependent branch.
+    """
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        shape = "(" + ", ".join([str(n) for n in x.shape]) + ")"
+        raise ValueError(f"expected input of shape (batch, {in_chans}, height, width) for in_chans={in_chans}, "
+                         f"got {shape}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected floating-point input, got {x.dtype}; convert with x.float() (and scale, "
+                        "e.g. / 255)")
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    if not torch.jit.is_scripting():
+        # freed activations are kept for reuse rather than page-faulted back in on every pass (ops.cpu_memory)
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            keep_freed_cpu_memory()
+    return x
+
+
+def _make_stage(in_chs, out_chs, depth, expansion, norm, mixer, drop_path_rates, **block_kwargs) -> EncoderStage:
     """Block 0 downsamples (stride 2, twice the expansion, no mixer, no residual); the rest mix and add."""
     blocks = []
     for j in range(depth):
@@ -55,7 +94,7 @@ def _make_stage(in_chs, out_chs, depth, expansion, norm, mixer, drop_path_rates,
             drop_path=drop_path_rates[j],
             **(block_kwargs if not first else {}),
         ))
-    return nn.Sequential(*blocks)
+    return EncoderStage(*blocks)
 
 
 class RWKVUNetEncoder(nn.Module):
@@ -72,6 +111,7 @@ class RWKVUNetEncoder(nn.Module):
         mix_dw_conv: keep the depthwise conv after the mixer (stages III-IV).
         mix_channel_mix: add an RWKV channel mix after the spatial mix (stages III-IV).
     """
+    __jit_unused_properties__ = ["stages"]
 
     def __init__(
             self,
@@ -90,6 +130,9 @@ class RWKVUNetEncoder(nn.Module):
         super().__init__()
         if not isinstance(in_chans, int) or in_chans < 1:
             raise ValueError(f"in_chans must be a positive number of input channels (1 grey, 3 RGB), got {in_chans!r}")
+        if not len(depths) == len(dims) == len(expansions) == 4:
+            raise ValueError(f"depths, dims and expansions give one value per stage I-IV (four each), got "
+                             f"{tuple(depths)}, {tuple(dims)}, {tuple(expansions)}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -139,6 +182,9 @@ class RWKVUNetEncoder(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable
+        for stage in self.stages:
+            if isinstance(stage, EncoderStage):
+                stage.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -152,30 +198,7 @@ class RWKVUNetEncoder(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Checks the channel count and casts floating-point input (e.g. float64) to the weights' dtype.
-
-        Shape and dtype checks only, so tracing (torch.compile, torch.export) sees no data-dependent branch.
-        """
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected input of shape (batch, {self.in_chans}, height, width) for in_chans="
-                             f"{self.in_chans}, got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"expected floating-point input, got {x.dtype}; convert with x.float() (and scale, "
-                            "e.g. / 255)")
-        dtype = self.stem.conv.conv.weight.dtype
-        x = x.to(dtype) if x.dtype != dtype else x
-        # freed activations are kept for reuse rather than page-faulted back in on every pass (see ops.cpu_memory)
-        if x.device.type == "cpu" and not torch.jit.is_scripting() and not torch.compiler.is_compiling():
-            keep_freed_cpu_memory()
-        return x
-
-    def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        # channels-last maps: 1x1 convs become plain matmuls, and the LayerNorm2d permutes and the
-        # map <-> token conversions of the mixing blocks become views instead of copies
-        x = x.contiguous(memory_format=torch.channels_last)
-        if self.grad_checkpointing and not torch.jit.is_scripting() and isinstance(stage, nn.Sequential):
-            return checkpoint_seq(stage, x)
-        return stage(x)
+        return prepare_input(x, self.in_chans, self.stem.conv.conv.weight.dtype)
 
     def forward_intermediates(
             self,
@@ -189,14 +212,14 @@ class RWKVUNetEncoder(nn.Module):
         """Outputs of the stem (index 0) and stages I-IV (1-4); ``norm`` applies the final norm to the last."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        x = self._prepare_input(x)
+        x = self._prepare_input(x).contiguous(memory_format=torch.channels_last)
         modules = [self.stem] + self.stages
         take_indices, max_index = feature_take_indices(len(modules), indices)
         if stop_early:
             modules = modules[:max_index + 1]
         intermediates = []
         for i, module in enumerate(modules):
-            x = self._run_stage(module, x)
+            x = module(x)
             if i in take_indices:
                 y = self.norm(x) if (norm and i == len(self.depths)) else x
                 intermediates.append(y.permute(0, 2, 3, 1) if output_fmt == "NHWC" else y)
@@ -221,10 +244,13 @@ class RWKVUNetEncoder(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._prepare_input(x)
-        x = self._run_stage(self.stem, x)
-        for stage in self.stages:
-            x = self._run_stage(stage, x)
+        x = self._prepare_input(x).contiguous(memory_format=torch.channels_last)
+        x = self.stem(x)
+        # the stages one by one, not in a loop: TorchScript cannot iterate over a list of modules
+        x = self.stage1(x)
+        x = self.stage2(x)
+        x = self.stage3(x)
+        x = self.stage4(x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

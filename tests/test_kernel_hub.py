@@ -433,3 +433,20 @@ def test_model_layer_without_kernels_is_a_plain_module():
 def test_importing_the_model_layer_does_not_import_kernels():
     code = "import sys, rwkvunet.ops.bi_wkv_layer as m; assert 'kernels' not in sys.modules; assert m.BiWKV.kernel_layer_name"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_model_layer_scripts_as_an_opaque_call():
+    """A module holding BiWKV still scripts with TorchScript: its forward is an ignored Python call."""
+    from rwkvunet.ops.bi_wkv_layer import BiWKV
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bi_wkv = BiWKV()
+
+        def forward(self, w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return self.bi_wkv(w, u, k, v) * 2
+
+    w, u, k, v = _inputs()
+    scripted = torch.jit.script(Holder())
+    torch.testing.assert_close(scripted(w, u, k, v), 2 * bi_wkv_torch(w, u, k, v), rtol=1e-5, atol=1e-6)

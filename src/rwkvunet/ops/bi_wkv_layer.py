@@ -8,8 +8,9 @@ mapping for ``"BiWKV"`` (the ``layers.BiWKV`` of ``rwkv-unet/bi-wkv``, or any la
 ``import rwkvunet`` never imports ``kernels`` (it costs about half a second and pulls in huggingface_hub):
 when ``kernels`` is installed but not yet imported, the class gets the two attributes the decorator sets
 (``kernel_layer_name`` and ``kernel_condition``); when it is already imported, the decorator itself is used.
+
+No ``from __future__ import annotations`` here: TorchScript resolves the ignored forward's annotations.
 """
-from __future__ import annotations
 
 import importlib.util
 import sys

@@ -10,10 +10,13 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm2d, register_notrace_function
+from timm.layers import DropPath, LayerNorm2d, register_notrace_function, register_notrace_module
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from .ops.bi_wkv import bi_wkv
+from .ops.bi_wkv_layer import BiWKV
+
+register_notrace_module(BiWKV)  # opaque to FX, as bi_wkv_leaf is
 
 __all__ = [
     "ConvNormAct", "SqueezeExcite", "q_shift", "SpatialMix", "AttentionMix", "ChannelMix", "IRBlock",
@@ -197,6 +200,7 @@ class SpatialMix(nn.Module):
         self.receptance = nn.Linear(dim, dim, bias=False)
         self.key_norm = nn.LayerNorm(dim)
         self.output = nn.Linear(dim, dim, bias=False)
+        self.bi_wkv = BiWKV()  # kernels.kernelize can swap its forward for the Hub kernel's layer
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.spatial_decay)
@@ -212,7 +216,7 @@ class SpatialMix(nn.Module):
         mix = torch.cat([self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r]).to(x.dtype)
         xk, xv, xr = torch.lerp(xx.unsqueeze(0), x.unsqueeze(0), mix.unsqueeze(1)).unbind(0)  # (3, B, T, C)
         k, v, r = self.key(xk), self.value(xv), self.receptance(xr)
-        y = bi_wkv_leaf(self.spatial_decay / T, self.spatial_first / T, k, v)
+        y = self.bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v)
         return self.output(torch.sigmoid(r) * self.key_norm(y))
 
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from bi_wkv_reference import bi_wkv_reference
+from timm.utils import reparameterize_model
+
 from rwkvunet import RWKVUNetConfig, RWKVUNetForSemanticSegmentation
 from rwkvunet.ops import bi_wkv
 
@@ -22,7 +24,7 @@ def tiny_t():
     # no stochastic depth: the compiled and eager training steps must draw nothing at random
     config = RWKVUNetConfig(variant="t", num_labels=3, in_channels=1, drop_path_rate=0.0, ccm_drop_path_rate=0.0)
     model = RWKVUNetForSemanticSegmentation(config)
-    # non-trivial norm statistics, so that folding them into the convolutions is exercised
+    # non-trivial norm statistics, so that folding them into the convolutions (reparameterize_model) is exercised
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -47,6 +49,18 @@ def test_segmenter_eval_fullgraph_matches_eager(tiny_t):
         got = compiled(pixel_values=x).logits
     assert got.shape == (2, 3, 40, 56)
     assert rel(got, want) < 1e-6
+
+
+def test_reparameterized_segmenter_fullgraph_matches_eager(tiny_t):
+    """The BatchNorm-folded copy that inference uses compiles without graph breaks and matches the unfolded model."""
+    torch._dynamo.reset()
+    model = tiny_t.eval()
+    compiled = torch.compile(reparameterize_model(model), fullgraph=True, backend="eager")
+    x = torch.randn(1, 1, 48, 48)
+    with torch.no_grad():
+        want = model(pixel_values=x).logits
+        got = compiled(pixel_values=x).logits
+    assert rel(got, want) < 1e-5
 
 
 def test_segmenter_training_step_fullgraph_matches_eager(tiny_t):

@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from timm.utils import reparameterize_model
 
 import rwkvunet  # noqa: F401
 from rwkvunet import RWKVUNetConfig, RWKVUNetForSemanticSegmentation
@@ -61,11 +62,17 @@ def close(got, want, rel=1e-4):
 
 @pytest.fixture(scope="module")
 def exported(model):
+    """The deployed graph: BatchNorm folded into the convolutions (timm's reparameterize_model) before export."""
     batch = torch.export.Dim("batch", min=1, max=64)
     height = 16 * torch.export.Dim("height_16", min=3, max=256)
     width = 16 * torch.export.Dim("width_16", min=3, max=256)
-    return torch.export.export(LogitsOnly(model), (torch.randn(2, 1, 48, 64),),
+    return torch.export.export(LogitsOnly(reparameterize_model(model)), (torch.randn(2, 1, 48, 64),),
                                dynamic_shapes={"pixel_values": {0: batch, 2: height, 3: width}})
+
+
+def test_exported_graph_has_no_batch_norm(exported):
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert not [t for t in targets if "batch_norm" in t]
 
 
 def test_compile_fullgraph_matches_eager(model):

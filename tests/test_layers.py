@@ -1,5 +1,6 @@
-"""Building blocks against plain references: BatchNorm folding (and its cache), the token shift, and the CPU
+"""Building blocks against plain references: BatchNorm folding (reparameterize), the token shift, and the CPU
 allocator setting."""
+import copy
 import os
 import subprocess
 import sys
@@ -46,81 +47,54 @@ def test_folded_conv_matches_unfused_float64(kernel_size, groups, with_pre_norm)
         _randomise_bn(pre, seed=1)
         pre.eval()
     block.eval()
-    assert block.can_fold(pre)
     x = torch.randn(2, 8, 12, 10)
-    with torch.no_grad():
-        got = block.forward_with_pre_norm(x, pre)
     ref = _unfused(block, x, pre)
+    with torch.no_grad():
+        unfused = block(pre(x) if pre is not None else x)
+    folded = copy.deepcopy(block)
+    folded.reparameterize(pre_norm=pre)
+    assert isinstance(folded.norm, nn.Identity) and folded.conv.bias is not None
+    with torch.no_grad():
+        got = folded(x)
     # float32 conv of O(1) values over at most 25 * 8 terms: a few ulps of the output scale
-    assert (got.double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
+    for out in (got, unfused):
+        assert (out.double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
 
 
-def test_fold_cache_follows_every_change_to_the_folded_tensors():
-    torch.manual_seed(0)
-    block = ConvNormAct(6, 6, 1)
-    pre = nn.BatchNorm2d(6, eps=1e-6)
+def test_reparameterize_is_idempotent_and_keeps_dtype_and_layout():
+    block = ConvNormAct(6, 6, 5, groups=6).double().to(memory_format=torch.channels_last)
     _randomise_bn(block)
-    _randomise_bn(pre, seed=3)
-    block.eval()
-    pre.eval()
-    x = torch.randn(1, 6, 5, 5)
-
-    def check():
-        with torch.no_grad():
-            got = block.forward_with_pre_norm(x, pre)
-        ref = _unfused(block, x, pre)
-        assert (got.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
-        return got
-
-    first = check()
-    with torch.no_grad():
-        same = block.forward_with_pre_norm(x, pre)
-    assert torch.equal(first, same)  # served from the cache
-    with torch.no_grad():
-        block.norm.running_var.mul_(3.0)  # in-place edit of a buffer
-    assert not torch.allclose(check(), first)
-    with torch.no_grad():
-        pre.weight.add_(1.0)  # in-place edit of the pre-norm
-    second = check()
-    state = {k: v.clone() for k, v in block.state_dict().items()}
-    state["conv.weight"].neg_()
-    block.load_state_dict(state)  # load_state_dict copies into the parameters
-    third = check()
-    assert not torch.allclose(second, third)
-    block.double()  # a dtype change
-    with torch.no_grad():
-        assert block.forward_with_pre_norm(x.double(), pre.double()).dtype == torch.float64
-    # without pre_norm the same module folds a different weight
-    with torch.no_grad():
-        plain = block(x.double())
-    ref = _unfused(block, x.double())
-    assert (plain - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+    block.eval().reparameterize()
+    weight = block.conv.weight.detach().clone()
+    block.reparameterize()  # already folded: nothing left to do
+    assert torch.equal(block.conv.weight, weight)
+    assert block.conv.weight.dtype == torch.float64
+    assert block.conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_fold_cache_is_not_pickled_or_copied():
-    import copy
-    import io
-    import pickle
+def test_pre_norm_is_refused_where_it_cannot_fold():
+    block = ConvNormAct(4, 4, 3)
+    with pytest.raises(ValueError, match="1x1 conv"):
+        block.reparameterize(pre_norm=nn.BatchNorm2d(4))
 
+
+def test_forward_keeps_no_state():
+    """A forward pass leaves the module's __dict__ as it was: no per-call caches, nothing to pickle away."""
     block = ConvNormAct(4, 4, 1).eval()
+    before = set(block.__dict__)
     with torch.no_grad():
         block(torch.randn(1, 4, 3, 3))
-    assert "_fold_cache" in block.__dict__
-    assert "_fold_cache" not in copy.deepcopy(block).__dict__
-    buffer = io.BytesIO()
-    pickle.dump(block, buffer)
-    assert "_fold_cache" not in pickle.loads(buffer.getvalue()).__dict__
+    assert set(block.__dict__) == before
+    assert "__getstate__" not in type(block).__dict__
 
 
-def test_eval_mode_fold_still_trains_the_conv_and_norm():
-    """With gradients on, the fold is recomputed in the graph: eval-mode fine-tuning reaches the weights."""
+def test_eval_mode_forward_trains_the_conv_and_norm():
+    """The unfolded eval-mode forward is conv -> BatchNorm: eval-mode fine-tuning reaches both."""
     torch.manual_seed(0)
     block = ConvNormAct(4, 4, 3)
     _randomise_bn(block)
     block.eval()
     x = torch.randn(1, 4, 6, 6)
-    with torch.no_grad():
-        block(x)  # fills the cache
     block(x).square().sum().backward()
     assert block.conv.weight.grad is not None and block.conv.weight.grad.abs().sum() > 0
     assert block.norm.weight.grad is not None and block.norm.weight.grad.abs().sum() > 0
@@ -167,9 +141,11 @@ from rwkvunet.ops.cpu_memory import cpu_allocator_state
 import rwkvunet
 enc = rwkvunet.models.encoder.RWKVUNetEncoder(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), expansions=(1, 1, 1, 1),
                                              num_classes=0).eval()
-before = cpu_allocator_state()
 with torch.no_grad():
     enc(torch.randn(1, 3, 32, 32))
+before = cpu_allocator_state()  # a forward pass leaves malloc alone
+rwkvunet.keep_freed_cpu_memory()
+with torch.no_grad():
     # 40 MiB blocks: above glibc's largest automatic mmap threshold (32 MiB), below the raised one
     for _ in range(3):
         torch.empty(10 << 20).fill_(1.0)
@@ -182,7 +158,7 @@ print(before, cpu_allocator_state(), faults)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is Linux-only")
-def test_first_cpu_forward_keeps_freed_memory_for_reuse():
+def test_keep_freed_cpu_memory_keeps_freed_memory_for_reuse():
     tuned = _run_python(_FAULTS)
     assert tuned.returncode == 0, tuned.stderr
     before, state, faults = tuned.stdout.split()

@@ -251,9 +251,9 @@ def test_tiles_agree_with_whole_image_away_from_tile_borders():
     anywhere; a model with a known 3-pixel receptive field tests the tiling and blending instead.
     """
     torch.manual_seed(6)
-    model = LocalModel()
     image = np.random.default_rng(6).random((100, 90)).astype(np.float32)
-    seg = Segmenter(model, device="cpu", batch_size=3)
+    seg = Segmenter(LocalModel(), device="cpu", batch_size=3)
+    model = seg.inference_model  # the copy that predictions run
     whole = seg.predict_proba(image, native=True)
     model.seen.clear()
     tiled = seg.predict_proba(image, tile=48, overlap=16)
@@ -691,3 +691,16 @@ def test_nan_voxels_are_set_to_zero_and_said(tmp_path, capsys):
     rc = cli_main(["predict", str(model), str(tmp_path / "nan.tif"), "--out", str(tmp_path / "out2")])
     err = capsys.readouterr().err
     assert rc == 2 and "1 NaN or infinite value" in err and "Traceback" not in err
+
+
+# --- the fused inference copy ----------------------------------------------------------------------------------
+def test_segmenter_runs_a_fused_copy_and_keeps_the_model_loadable(segmenter, model):
+    """Predictions run a BatchNorm-folded copy (timm's reparameterize_model); ``Segmenter.model`` keeps its
+    checkpoint layout, so its state_dict saves and loads as usual."""
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in segmenter.inference_model.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in segmenter.model.modules())
+    assert set(segmenter.model.state_dict()) == set(model.state_dict())
+    segmenter.model.load_state_dict(model.state_dict())
+    x = torch.rand(1, 1, 48, 48)
+    got = segmenter.forward_probs(x).double()
+    assert (got - _probs(model, x)).abs().max().item() < 1e-5

@@ -11,6 +11,7 @@ import timm
 from timm import create_model, list_models, set_scriptable
 from timm.layers import get_channel_dim, get_spatial_dim
 from timm.models import get_notrace_functions, get_notrace_modules
+from timm.utils import reparameterize_model
 
 import rwkvunet  # noqa: F401  (registers the models)
 
@@ -171,7 +172,7 @@ def test_model_forward_torchscript(model_name, batch_size):
         outputs = torch.jit.script(model)(inputs)
     assert outputs.shape[0] == batch_size
     assert not torch.isnan(outputs).any(), "Output included NaNs"
-    # eager mode folds eval-mode norms into the convolutions, the scripted model runs them: rounding apart
+    # the same modules, compiled by TorchScript: rounding apart
     torch.testing.assert_close(outputs, eager, rtol=1e-4, atol=1e-5)
 
 
@@ -298,3 +299,47 @@ def test_model_forward_fx_torchscript(model_name, batch_size):
     assert outputs.shape[0] == batch_size
     assert not torch.isnan(outputs).any(), "Output included NaNs"
     torch.testing.assert_close(outputs, eager, rtol=1e-4, atol=1e-5)
+
+
+# --- reparameterize_model (timm's inference fusion, as for RepViT and MobileOne) ---------------------------
+def _with_trained_norms(model):
+    """Non-trivial BatchNorm statistics and affine parameters, so that folding them changes the weights."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_model_reparameterize(model_name):
+    """The fused copy computes the same outputs to float rounding, holds no BatchNorm, scripts and traces;
+    the model it was made from keeps its modules and weights."""
+    model = _with_trained_norms(create_model(model_name, pretrained=False))
+    input_size = _get_input_size(model=model, target=TARGET_JIT_SIZE)
+    inputs = torch.randn((1, *input_size))
+    keys = set(model.state_dict())
+    fused = reparameterize_model(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert set(model.state_dict()) == keys
+    with torch.no_grad():
+        eager = model(inputs)
+        torch.testing.assert_close(fused(inputs), eager, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.jit.script(fused)(inputs), eager, rtol=1e-4, atol=1e-5)
+        fx_outputs = torch.cat(tuple(_create_fx_model(fused)(inputs).values()))
+        torch.testing.assert_close(fx_outputs, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_model_features_reparameterize(model_name):
+    model = _with_trained_norms(create_model(model_name, pretrained=False, features_only=True))
+    input_size = _get_input_size(model=model, target=TARGET_FFEAT_SIZE)
+    inputs = torch.randn((1, *input_size))
+    fused = reparameterize_model(model)
+    with torch.no_grad():
+        for got, want in zip(fused(inputs), model(inputs)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

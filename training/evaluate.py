@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from rwkvunet.errors import UserError, run_main
+from rwkvunet.ops.cpu_memory import keep_freed_cpu_memory
 
 
 PROG = "evaluate.py"
@@ -108,11 +109,17 @@ def load_data(args, num_labels: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return run_main(PROG, lambda: run(args), debug=args.debug)
+    return run_main(PROG, lambda: _own_process_and_run(args), debug=args.debug)
+
+
+def _own_process_and_run(args) -> int:
+    keep_freed_cpu_memory()  # the script owns the process: freed CPU activations are kept for reuse
+    return run(args)
 
 
 def run(args) -> int:
     from accelerate import Accelerator
+    from timm.utils import reparameterize_model
 
     from rwkvunet.data import detect_layout
     from rwkvunet.data.transforms import EvalTransform
@@ -134,6 +141,8 @@ def run(args) -> int:
     check_model_fits_labels(num_labels, split_labels(data[args.split]), f"{args.dataset} ({args.split})")
     pixels = eval_pixels(pixels, args.img_size, model.config)
     transform = EvalTransform(pixels=pixels)
+    # inference only: BatchNorm folded into the convolutions (timm's reparameterize_model), in place
+    model = reparameterize_model(model.eval(), inplace=True)
     result = evaluate(model, data[args.split], img_size=pixels.size, batch_size=args.batch_size, tta=args.tta,
                       accelerator=accelerator, progress=not args.no_progress, transform=transform)
     if accelerator.is_main_process:

@@ -40,6 +40,7 @@ import rwkvunet  # noqa: F401,E402  (registers the model with transformers)
 from rwkvunet.data.transforms import (EvalTransform, SegmentationDataset, TrainTransform, collate_fn,  # noqa: E402
                                       to_image_tensor)
 from rwkvunet.errors import UserError, run_main  # noqa: E402
+from rwkvunet.ops.cpu_memory import keep_freed_cpu_memory  # noqa: E402
 from rwkvunet.evaluation import evaluate, predict_probabilities, probabilities_to_labels  # noqa: E402
 from rwkvunet.training import CheckpointManager, EpochSampler, SeededSamples, TrainState, cosine_schedule  # noqa: E402
 from rwkvunet.training.arguments import parse_arguments  # noqa: E402
@@ -135,7 +136,12 @@ PROG = "finetune.py"
 def main(argv=None) -> int:
     """Run :func:`train` with the errors convention: one line and exit status 2 for a mistake the user can fix."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    return run_main(PROG, lambda: train(argv), debug="--debug" in argv)
+    return run_main(PROG, lambda: _own_process_and_train(argv), debug="--debug" in argv)
+
+
+def _own_process_and_train(argv) -> int:
+    keep_freed_cpu_memory()  # the script owns the process: freed CPU activations are kept for reuse
+    return train(argv)
 
 
 def train(argv=None) -> int:

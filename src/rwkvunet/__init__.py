@@ -9,6 +9,7 @@ from .models.rwkv_unet import (
     RWKVUNetConfig, RWKVUNetForSemanticSegmentation, RWKVUNetImageProcessor, RWKVUNetPreTrainedModel,
 )
 from .ops import bi_wkv
+from .ops.cpu_memory import keep_freed_cpu_memory
 from .inference import Segmenter, predict
 
 __version__ = "0.1.0"
@@ -31,5 +32,6 @@ _register_auto_classes()
 
 __all__ = [
     "HUB_ORG", "ENCODER_VARIANTS", "RWKVUNetEncoder", "RWKVUNetConfig", "RWKVUNetForSemanticSegmentation",
-    "RWKVUNetImageProcessor", "RWKVUNetPreTrainedModel", "Segmenter", "bi_wkv", "predict", "__version__",
+    "RWKVUNetImageProcessor", "RWKVUNetPreTrainedModel", "Segmenter", "bi_wkv", "keep_freed_cpu_memory", "predict",
+    "__version__",
 ]

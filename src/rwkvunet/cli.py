@@ -39,7 +39,14 @@ def main(argv=None) -> int:
     sub_parser.add_argument("--debug", action="store_true",
                             help="show the full traceback of an error (also RWKVUNET_DEBUG=1)")
     args = sub_parser.parse_args(argv[1:])
-    return run_main(prog, lambda: module.run(args), debug=args.debug)
+    return run_main(prog, lambda: _run(module, args), debug=args.debug)
+
+
+def _run(module, args) -> int:
+    from .ops.cpu_memory import keep_freed_cpu_memory
+
+    keep_freed_cpu_memory()  # the process is ours: freed CPU activations are kept for reuse (ops.cpu_memory)
+    return module.run(args)
 
 
 if __name__ == "__main__":

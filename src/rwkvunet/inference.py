@@ -20,6 +20,7 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.utils import reparameterize_model
 
 from .inference_io import InputError
 from .pixels import (CT_AIR_THRESHOLD, CT_WINDOW, PixelConfig, PixelError, choose_intensity, convert_channels,  # noqa: F401
@@ -138,7 +139,11 @@ class Segmenter:
 
     Args:
         model: a transformers semantic segmentation model returning ``logits`` at the input size
-            (``RWKVUNetForSemanticSegmentation``); it is put in eval mode on ``device``.
+            (``RWKVUNetForSemanticSegmentation``); it is put in eval mode on ``device`` and kept unchanged as
+            :attr:`model` (its ``state_dict`` saves and loads as usual). Predictions run a copy of it made here
+            with ``timm.utils.reparameterize_model`` (BatchNorm folded into the convolutions, same outputs to
+            float rounding), :attr:`inference_model`; later changes to :attr:`model`'s weights are not seen by
+            it, so build a new ``Segmenter`` after editing them.
         preprocessing: the pixel settings it was trained with, a :class:`rwkvunet.pixels.PixelConfig`
             (default: no resize, integers by bit depth, floats as stored, no normalisation); its channel
             count is the model's ``config.in_channels``.
@@ -155,6 +160,7 @@ class Segmenter:
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = _resolve_dtype(dtype, self.device)
         self.model = model.to(self.device).eval()
+        self.inference_model = reparameterize_model(self.model)  # a fused copy: self.model stays loadable
         channels = _in_channels(model.config) if hasattr(model, "config") else None
         preprocessing = preprocessing or PixelConfig(num_channels=channels or 1)
         if channels is not None and preprocessing.num_channels != channels:
@@ -233,7 +239,7 @@ class Segmenter:
         for dims in flips:
             x = pixels.flip(dims) if dims else pixels
             with self._autocast():
-                logits = self.model(pixel_values=x).logits
+                logits = self.inference_model(pixel_values=x).logits
             logits = logits.float()
             probs = torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(dim=1)
             probs = probs.flip(dims) if dims else probs

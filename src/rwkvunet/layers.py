@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, register_notrace_function, register_notrace_module
-from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from .ops.bi_wkv import bi_wkv
 from .ops.bi_wkv_layer import BiWKV
@@ -49,7 +48,11 @@ def resize_bilinear(x: torch.Tensor, size) -> torch.Tensor:
 
 
 class ConvNormAct(nn.Sequential):
-    """Conv2d (no bias, padding ceil((k - stride) / 2)) -> BatchNorm2d(eps=1e-6) -> activation."""
+    """Conv2d (no bias, padding ceil((k - stride) / 2)) -> BatchNorm2d(eps=1e-6) -> activation.
+
+    :meth:`reparameterize` (called by ``timm.utils.reparameterize_model``) folds the norm into the conv for
+    inference; the forward itself always runs the modules as they are.
+    """
 
     def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, groups: int = 1,
                  act_layer: Optional[type] = nn.ReLU):
@@ -59,79 +62,62 @@ class ConvNormAct(nn.Sequential):
         self.norm = nn.BatchNorm2d(out_chs, eps=1e-6)
         self.act = act_layer(inplace=True) if act_layer is not None else nn.Identity()
 
-    def folded_weight_bias(self, pre_norm: Optional[nn.BatchNorm2d] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Conv weight and bias with the eval-mode BatchNorm after it (and ``pre_norm`` before a 1x1 conv)
-        folded in: one conv pass computes conv -> norm, so the norm never reads or writes the map."""
-        conv, norm = self.conv, self.norm
-        scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
-        weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-        bias = norm.bias - norm.running_mean * scale
-        if pre_norm is not None:
-            pre_scale = pre_norm.weight * torch.rsqrt(pre_norm.running_var + pre_norm.eps)
-            pre_shift = pre_norm.bias - pre_norm.running_mean * pre_scale
-            bias = bias + (weight.flatten(1) * pre_shift).sum(1)  # elementwise: no autocast rounding
-            weight = weight * pre_scale.reshape(1, -1, 1, 1)
-        return weight, bias
-
-    def can_fold(self, pre_norm: Optional[nn.Module] = None) -> bool:
-        """Eval-mode BatchNorm with running statistics can be folded into the conv (``pre_norm`` only into
-        an unpadded, ungrouped 1x1 conv)."""
-        if self.training or not _is_frozen_bn(self.norm):
-            return False
-        if pre_norm is None:
-            return True
-        c = self.conv
-        return (_is_frozen_bn(pre_norm) and c.kernel_size == (1, 1) and c.groups == 1
-                and c.padding == (0, 0) and c.stride == (1, 1))
-
-    def _folded(self, pre_norm: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`folded_weight_bias`, kept between calls while gradients are off.
-
-        The cache is keyed on the version counters and storages of every tensor folded in, so any change to
-        them (an optimizer step, ``load_state_dict``, ``.to()``, an in-place edit) recomputes it. With
-        gradients on, or while compiling or FX tracing, the fold is recomputed each call so it stays in the graph.
-        """
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or is_fx_symbolic_tracing():
-            return self.folded_weight_bias(pre_norm)
-        sources = [self.conv.weight, self.norm.weight, self.norm.bias, self.norm.running_mean, self.norm.running_var]
-        if pre_norm is not None:
-            sources += [pre_norm.weight, pre_norm.bias, pre_norm.running_mean, pre_norm.running_var]
-        key = (id(pre_norm), torch.get_default_dtype()) + tuple((t._version, t.data_ptr(), t.dtype, t.device)
-                                                               for t in sources)
-        cached = self.__dict__.get("_fold_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, self.folded_weight_bias(pre_norm))
-            self.__dict__["_fold_cache"] = cached
-        return cached[1]
-
-    def __getstate__(self):
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        state = dict(state)
-        state.pop("_fold_cache", None)  # derived from the weights: never pickled or deep-copied
-        return state
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            return self.forward_with_pre_norm(x, None)
-        return self.act(self.norm(self.conv(x)))  # TorchScript: the norm runs as is
-
-    def forward_with_pre_norm(self, x: torch.Tensor, pre_norm: Optional[nn.BatchNorm2d]) -> torch.Tensor:
-        """``pre_norm`` -> conv -> norm -> act, with eval-mode norms folded into the conv.
-
-        Not part of the TorchScript graph: a scripted module cannot take another module as an argument.
-        """
-        if self.can_fold(pre_norm):
-            weight, bias = self._folded(pre_norm)
-            c = self.conv
-            return self.act(F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups))
-        if pre_norm is not None:
-            x = pre_norm(x)
         return self.act(self.norm(self.conv(x)))
 
+    @torch.no_grad()
+    def reparameterize(self, pre_norm: Optional[nn.Module] = None) -> None:
+        """Fold the BatchNorm after the conv (and ``pre_norm``, a BatchNorm before an unpadded, ungrouped,
+        stride-1 1x1 conv) into one conv with bias, in place; the norm becomes an identity.
 
-def _is_frozen_bn(m: nn.Module) -> bool:
-    return (isinstance(m, nn.BatchNorm2d) and not m.training and m.running_mean is not None
-            and m.running_var is not None and m.affine)
+        Uses the running statistics, i.e. what eval mode computes. The fold is done in float64 and stored in
+        the conv's dtype. A no-op once folded (the norm is no longer a BatchNorm).
+        """
+        if not _is_foldable_bn(self.norm):
+            return
+        if pre_norm is not None and not (_is_foldable_bn(pre_norm) and self.can_take_pre_norm()):
+            raise ValueError("pre_norm can only be folded into an unpadded, ungrouped, stride-1 1x1 conv")
+        conv = self.conv
+        weight, bias = _fold_conv_bn(conv.weight, conv.bias, self.norm, pre_norm)
+        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                          conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
+                          device=conv.weight.device, dtype=conv.weight.dtype)
+        fused.weight = nn.Parameter(torch.empty_like(conv.weight).copy_(weight),  # keeps the memory format
+                                    requires_grad=conv.weight.requires_grad)
+        fused.bias.copy_(bias)
+        fused.train(conv.training)
+        self.conv = fused
+        self.norm = nn.Identity()
+
+    def can_take_pre_norm(self) -> bool:
+        """Whether a per-channel affine norm before this conv can be folded into it (an unpadded, ungrouped,
+        stride-1 1x1 conv: every output pixel reads exactly one input pixel, never padding)."""
+        c = self.conv
+        return c.kernel_size == (1, 1) and c.groups == 1 and c.padding == (0, 0) and c.stride == (1, 1)
+
+
+def _is_foldable_bn(m: nn.Module) -> bool:
+    return (isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None
+            and m.affine)
+
+
+def _bn_scale_shift(norm: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as ``x * scale + shift``, in float64."""
+    scale = norm.weight.double() * torch.rsqrt(norm.running_var.double() + norm.eps)
+    return scale, norm.bias.double() - norm.running_mean.double() * scale
+
+
+def _fold_conv_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], norm: nn.BatchNorm2d,
+                  pre_norm: Optional[nn.BatchNorm2d] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[pre_norm ->] conv(weight, bias) -> norm as one conv's weight and bias, in float64."""
+    w = weight.double()
+    b = bias.double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    if pre_norm is not None:  # 1x1 conv: conv(x * s + t) = conv_{w * s}(x) + w @ t
+        pre_scale, pre_shift = _bn_scale_shift(pre_norm)
+        b = b + w.flatten(1) @ pre_shift
+        w = w * pre_scale.reshape(1, -1, 1, 1)
+    scale, shift = _bn_scale_shift(norm)
+    return w * scale.reshape(-1, 1, 1, 1), b * scale + shift
 
 
 class SqueezeExcite(nn.Module):
@@ -342,17 +328,20 @@ class IRBlock(nn.Module):
         self.residual = residual and stride == 1 and in_chs == out_chs
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def _norm_conv(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.norm, nn.BatchNorm2d):
-            return self.conv.forward_with_pre_norm(x, self.norm)  # folded into the 1x1 conv in eval mode
-        return self.conv(self.norm(x))
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold a BatchNorm ``norm`` (and the 1x1 conv's own norm) into the 1x1 conv, in place, for inference.
+
+        Called by ``timm.utils.reparameterize_model`` before it visits the block's children, which then fold
+        the remaining conv-BatchNorm pairs.
+        """
+        if _is_foldable_bn(self.norm) and _is_foldable_bn(self.conv.norm) and self.conv.can_take_pre_norm():
+            self.conv.reparameterize(pre_norm=self.norm)
+            self.norm = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        if not torch.jit.is_scripting():
-            x = self._norm_conv(x)
-        else:
-            x = self.conv(self.norm(x))
+        x = self.conv(self.norm(x))
         if self.mix is not None:
             grid = (x.shape[2], x.shape[3])
             t = map_to_tokens(x)

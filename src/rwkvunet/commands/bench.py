@@ -2,7 +2,8 @@
 
 For each case (model, input size, batch, precision, eager or compiled) it measures
 
-* inference: forward under ``torch.inference_mode`` in eval mode, images/s;
+* inference: forward under ``torch.inference_mode`` in eval mode, of the model as
+  ``timm.utils.reparameterize_model`` leaves it (BatchNorm folded into the convolutions), images/s;
 * training: one step = forward + loss (CE + Dice, as the segmenter trains) + backward + AdamW, images/s;
 * peak memory: CUDA ``max_memory_allocated`` over the case (weights, gradients, optimizer state and
   activations); CPU the rise of the peak resident memory (``ru_maxrss``) that building the case and running
@@ -14,9 +15,9 @@ the ratio column divides each time by that of the reference model (smp's ``Unet(
 segmentation-models-pytorch is installed). CUDA times come from CUDA events after warm-up; all figures are
 medians over the timed steps.
 
-On the CPU, malloc is set up as the models themselves set it on their first CPU forward pass (freed
-activations are kept for reuse, see :mod:`rwkvunet.ops.cpu_memory`) before any case runs, so every model
-is timed under the same settings; ``RWKVUNET_CPU_ALLOCATOR=system`` measures glibc's defaults instead.
+On the CPU, malloc is set up as the ``rwkvunet`` command sets it for every command (freed activations are
+kept for reuse, see :mod:`rwkvunet.ops.cpu_memory`) before any case runs, so every model is timed under the
+same settings; ``RWKVUNET_CPU_ALLOCATOR=system`` measures glibc's defaults instead.
 On a CPU that other programs keep busy, ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads sleep instead of
 spinning between operations) spares the other programs; on a quiet machine it slows every model, the ones
 with many small operations most, so leave it unset for timings. The environment line records both.
@@ -43,6 +44,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from timm.utils import reparameterize_model
 
 from ..errors import UserError
 from ..ops.cpu_memory import cpu_allocator_state, keep_freed_cpu_memory
@@ -251,10 +253,12 @@ class Runner:
         torch.manual_seed(seed)
         model = build_model(case.model, case.num_labels, case.in_channels)
         self.params_m = sum(p.numel() for p in model.parameters()) / 1e6
-        model.to(self.device, memory_format=torch.channels_last)
-        self.model = model
         self.train = case.task == "train"
         model.train(self.train)
+        if not self.train:  # inference speed the way users get it (Segmenter, predict): BatchNorm folded
+            model = reparameterize_model(model, inplace=True)
+        model.to(self.device, memory_format=torch.channels_last)
+        self.model = model
         self.x = torch.randn(case.batch, case.in_channels, case.size, case.size, device=self.device)
         self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.labels = torch.randint(0, case.num_labels, (case.batch, case.size, case.size), device=self.device)
@@ -541,6 +545,8 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_probe:
+        if json.loads(args.memory_probe)["device"] == "cpu":
+            keep_freed_cpu_memory()  # as in the parent process, which this one stands in for
         return _memory_probe(args.memory_probe, args.warmup or 0)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

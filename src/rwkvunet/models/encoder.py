@@ -20,7 +20,6 @@ from timm.models._features import feature_take_indices
 
 from ..hub import HUB_ORG
 from ..layers import IRBlock
-from ..ops.cpu_memory import keep_freed_cpu_memory
 
 __all__ = ["RWKVUNetEncoder", "ENCODER_VARIANTS", "checkpoint_filter_fn"]
 
@@ -72,10 +71,6 @@ def prepare_input(x: torch.Tensor, in_chans: int, dtype: torch.dtype) -> torch.T
                         "e.g. / 255)")
     if x.dtype != dtype:
         x = x.to(dtype)
-    if not torch.jit.is_scripting():
-        # freed activations are kept for reuse rather than page-faulted back in on every pass (ops.cpu_memory)
-        if x.device.type == "cpu" and not torch.compiler.is_compiling():
-            keep_freed_cpu_memory()
     return x
 
 

@@ -9,8 +9,11 @@ happen depends on what else the process allocated before: latency swings by 30% 
 runs. Raising both thresholds once makes the heap keep and reuse those pages, the way a caching allocator
 (PyTorch's on CUDA, jemalloc, tcmalloc) does.
 
-Done once per process, on the first CPU forward pass of an RWKV-UNet model; glibc only (a no-op
-elsewhere). ``RWKVUNET_CPU_ALLOCATOR=system`` leaves malloc as it is. The cost: up to
+A process-wide setting, so it is made by whoever owns the process, never by a forward pass: the
+``rwkvunet`` command, ``training/finetune.py``, ``training/evaluate.py`` and the benchmark call
+:func:`keep_freed_cpu_memory` at start; a program using the library calls ``rwkvunet.keep_freed_cpu_memory()``
+once, before its CPU inference. glibc only (a no-op elsewhere). ``RWKVUNET_CPU_ALLOCATOR=system`` leaves
+malloc as it is. The cost: up to
 ``TRIM_THRESHOLD`` bytes of freed memory stay with the process rather than going back to the OS, which is
 what a second forward pass would ask for again anyway.
 """
@@ -21,6 +24,8 @@ import ctypes.util
 import os
 import sys
 from typing import Optional
+
+from ..errors import UserError
 
 __all__ = ["ENV_VAR", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_cpu_memory", "cpu_allocator_state"]
 
@@ -49,14 +54,16 @@ def _glibc() -> Optional[ctypes.CDLL]:
 
 
 def keep_freed_cpu_memory() -> str:
-    """Raise glibc's mmap and trim thresholds once per process; returns the state:
-    ``"tuned"``, ``"system"`` (left alone by ``RWKVUNET_CPU_ALLOCATOR=system``) or ``"unsupported"``."""
+    """Keep freed CPU memory for reuse: raise glibc's mmap and trim thresholds, once per process (later calls
+    return at once). Returns the state: ``"tuned"``, ``"system"`` (left alone by
+    ``RWKVUNET_CPU_ALLOCATOR=system``) or ``"unsupported"`` (not glibc). Raises :class:`~rwkvunet.errors.UserError`
+    (a ``ValueError``) for any other value of ``RWKVUNET_CPU_ALLOCATOR``."""
     global _state
     if _state is not None:
         return _state
     setting = os.environ.get(ENV_VAR, "tuned").strip().lower()
     if setting not in ("tuned", "system"):
-        raise ValueError(f"{ENV_VAR}={setting!r} is not understood; use 'tuned' (the default) or 'system'")
+        raise UserError(f"{ENV_VAR}={setting!r} is not understood; use 'tuned' (the default) or 'system'")
     if setting == "system":
         _state = "system"
         return _state

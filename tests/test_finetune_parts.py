@@ -30,7 +30,7 @@ def test_bad_options_are_clear_errors(tmp_path):
     cfg.write_text("learning_rate: 1\n")
     with pytest.raises(ValueError, match="unknown option 'learning_rate'"):
         parse_arguments(["--config", str(cfg)])
-    with pytest.raises(ValueError, match="--variant must be t, s or b"):
+    with pytest.raises(ValueError, match="--variant must be one of t, s, b"):
         parse_arguments(["--variant", "x"])
     with pytest.raises(UserError, match="config file"):
         parse_arguments(["--config", str(tmp_path / "missing.yaml")])

@@ -85,7 +85,7 @@ def bench_encoders(repeats: int, sizes):
     import rwkvunet  # noqa: F401
 
     rows = []
-    for variant in ("t", "s", "b"):
+    for variant in rwkvunet.ENCODER_VARIANTS:
         model = timm.create_model(f"rwkvunet_enc_{variant}", features_only=True).eval()
         for size in sizes:
             x = torch.randn(1, 3, size, size)

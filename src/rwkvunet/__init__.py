@@ -1,10 +1,10 @@
 """RWKV-UNet for medical image segmentation.
 
-Importing the package registers the timm encoders ``rwkvunet_enc_{t,s,b}`` and the transformers Auto classes
-for ``model_type="rwkv_unet"``.
+Importing the package registers the timm encoders ``rwkvunet_enc_<variant>`` (``ENCODER_VARIANTS``) and the
+transformers Auto classes for ``model_type="rwkv_unet"``.
 """
 from .hub import HUB_ORG
-from .models import ENCODER_VARIANTS, RWKVUNetEncoder
+from .models import ENCODER_VARIANTS, RWKVUNetEncoder, register_variant, unregister_variant
 from .models.rwkv_unet import (
     RWKVUNetConfig, RWKVUNetForSemanticSegmentation, RWKVUNetImageProcessor, RWKVUNetPreTrainedModel,
 )
@@ -33,5 +33,5 @@ _register_auto_classes()
 __all__ = [
     "HUB_ORG", "ENCODER_VARIANTS", "RWKVUNetEncoder", "RWKVUNetConfig", "RWKVUNetForSemanticSegmentation",
     "RWKVUNetImageProcessor", "RWKVUNetPreTrainedModel", "Segmenter", "bi_wkv", "keep_freed_cpu_memory", "predict",
-    "__version__",
+    "register_variant", "unregister_variant", "__version__",
 ]

@@ -20,9 +20,9 @@ AUTHORS_URL = "https://github.com/juntaoJianggavin/RWKV-UNet"
 WEIGHTS_LICENSE = "unknown"
 
 
-def encoder_repo_id(variant: str) -> str:
+def encoder_repo_id(variant: str, tag: str = "in1k") -> str:
     """Hub repo of an ImageNet-pretrained encoder, e.g. ``rwkv-unet/rwkvunet_enc_b.in1k``."""
-    return f"{HUB_ORG}/rwkvunet_enc_{variant}.in1k"
+    return f"{HUB_ORG}/rwkvunet_enc_{variant}.{tag}"
 
 
 def segmenter_repo_id(variant: str, dataset: str) -> str:

@@ -5,7 +5,7 @@ square grid: every token module takes the grid size ``(H, W)`` it belongs to.
 """
 
 import math
-from typing import List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,8 @@ register_notrace_module(BiWKV)  # opaque to FX, as bi_wkv_leaf is
 
 __all__ = [
     "ConvNormAct", "SqueezeExcite", "q_shift", "SpatialMix", "AttentionMix", "ChannelMix", "IRBlock",
-    "CrossChannelMix", "map_to_tokens", "tokens_to_map", "resize_bilinear",
+    "CrossChannelMix", "map_to_tokens", "tokens_to_map", "resize_bilinear", "SPATIAL_MIXERS", "DECODER_BLOCKS",
+    "DecoderBlock", "upsample2x",
 ]
 
 Grid = Tuple[int, int]
@@ -273,14 +274,21 @@ class ChannelMix(nn.Module):
                                                    grid))
 
 
+#: Spatial mixers of the IR-RWKV blocks (stages III-IV), by name; "none" keeps the block without one.
+SPATIAL_MIXERS: Dict[str, Optional[Callable[[int], nn.Module]]] = {
+    "rwkv": SpatialMix,
+    "attention": AttentionMix,
+    "none": None,
+}
+
+
 def _make_mixer(kind: Optional[str], dim: int) -> Optional[nn.Module]:
-    if kind in (None, "none"):
+    if kind is None:
         return None
-    if kind == "rwkv":
-        return SpatialMix(dim)
-    if kind == "attention":
-        return AttentionMix(dim)
-    raise ValueError(f"unknown spatial mixer {kind!r}; use 'rwkv', 'attention' or 'none'")
+    if kind not in SPATIAL_MIXERS:
+        raise ValueError(f"unknown spatial mixer {kind!r}; use one of {tuple(SPATIAL_MIXERS)}")
+    factory = SPATIAL_MIXERS[kind]
+    return None if factory is None else factory(dim)
 
 
 class IRBlock(nn.Module):
@@ -392,3 +400,44 @@ class CrossChannelMix(nn.Module):
         chunks = tokens_to_map(t, grid).chunk(len(deep_first), dim=1)
         out = [fp(resize_bilinear(c, e.shape[-2:])) for fp, c, e in zip(self.final_projections, chunks, deep_first)]
         return out[::-1]
+
+
+#: Decoder block designs (paper Table 7), by the name :class:`DecoderBlock` takes.
+DECODER_BLOCKS = ("c-d-c", "c-c-d", "conv")
+
+
+class DecoderBlock(nn.Module):
+    """Decoder block followed by x2 bilinear upsampling.
+
+    ``c-d-c``: 1x1 (ReLU) -> k x k depthwise (SiLU) -> 1x1 (ReLU), the released design;
+    ``c-c-d``: 1x1 (ReLU) -> 1x1 (ReLU) -> k x k depthwise (SiLU); ``conv``: one dense k x k conv (ReLU).
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, kind: str = "c-d-c", kernel_size: int = 9):
+        if kind not in DECODER_BLOCKS:
+            raise ValueError(f"unknown decoder block {kind!r}; use one of {DECODER_BLOCKS}")
+        super().__init__()
+        if kind == "c-d-c":
+            self.conv = ConvNormAct(in_chs, in_chs, 1, act_layer=nn.ReLU)
+            self.conv_dw = ConvNormAct(in_chs, in_chs, kernel_size, groups=in_chs, act_layer=nn.SiLU)
+            self.proj = ConvNormAct(in_chs, out_chs, 1, act_layer=nn.ReLU)
+        elif kind == "c-c-d":
+            self.conv = ConvNormAct(in_chs, in_chs, 1, act_layer=nn.ReLU)
+            self.proj = ConvNormAct(in_chs, out_chs, 1, act_layer=nn.ReLU)
+            self.conv_dw = ConvNormAct(out_chs, out_chs, kernel_size, groups=out_chs, act_layer=nn.SiLU)
+        else:
+            self.proj = ConvNormAct(in_chs, out_chs, kernel_size, act_layer=nn.ReLU)
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:
+        if self.kind == "c-d-c":
+            x = self.proj(self.conv_dw(self.conv(x)))
+        elif self.kind == "c-c-d":
+            x = self.conv_dw(self.proj(self.conv(x)))
+        else:
+            x = self.proj(x)
+        return upsample2x(x) if upsample else x
+
+
+def upsample2x(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)

@@ -50,10 +50,15 @@ from ..errors import UserError
 from ..ops.cpu_memory import cpu_allocator_state, keep_freed_cpu_memory
 from .profiling import format_shares, profile_steps, rows_for_file
 
-RWKV_MODELS = ("t", "s", "b")
 SMP_MODEL = "smp_unet_r34"
-MODEL_ALIASES = {"smp": SMP_MODEL, "unet_r34": SMP_MODEL, SMP_MODEL: SMP_MODEL,
-                 **{m: m for m in RWKV_MODELS}, **{f"rwkv_unet_{m}": m for m in RWKV_MODELS}}
+
+
+def model_aliases() -> Dict[str, str]:
+    """``--models`` name -> model: every registered encoder variant (``t`` or ``rwkv_unet_t``) and smp."""
+    from ..models.encoder import ENCODER_VARIANTS
+
+    return {"smp": SMP_MODEL, "unet_r34": SMP_MODEL, SMP_MODEL: SMP_MODEL,
+            **{m: m for m in ENCODER_VARIANTS}, **{f"rwkv_unet_{m}": m for m in ENCODER_VARIANTS}}
 
 # one entry per case group: models are compared within a group
 PRESETS: Dict[str, List[dict]] = {
@@ -494,7 +499,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the GPU figures, 'h100-targets' only the GPU targets")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--models", default="t,s,b,smp",
-                        help="comma list of t, s, b and smp (smp Unet(resnet34), when installed); default %(default)s")
+                        help="comma list of encoder variants (rwkvunet.ENCODER_VARIANTS) and smp (smp "
+                             "Unet(resnet34), when installed); default %(default)s")
     parser.add_argument("--sizes", default="256", help="input heights = widths, comma list; default %(default)s")
     parser.add_argument("--batch-sizes", default=None, help="comma list; default 1 on CPU, 8 on CUDA")
     parser.add_argument("--precisions", default=None, help="fp32, bf16 (autocast), fp16 (autocast); "
@@ -555,13 +561,15 @@ def run(args) -> int:
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     have_smp = smp_available()
+    aliases = model_aliases()
     plan = []  # (group settings, cases)
     for g in _groups(args, device):
         models = []
         for m in _csv(g["models"]):
-            if m.lower() not in MODEL_ALIASES:
-                raise UserError(f"unknown model {m!r}; use t, s, b or smp")
-            name = MODEL_ALIASES[m.lower()]
+            if m.lower() not in aliases:
+                variants = [name for alias, name in aliases.items() if alias == name != SMP_MODEL]
+                raise UserError(f"unknown model {m!r}; use {', '.join(variants)} or smp")
+            name = aliases[m.lower()]
             if name == SMP_MODEL and not have_smp:
                 print("rwkvunet bench: note: segmentation-models-pytorch is not installed, so smp Unet(resnet34) is "
                       "left out (pip install segmentation-models-pytorch)", file=sys.stderr)

@@ -26,7 +26,7 @@ import torch
 from ..errors import EXIT_OK, EXIT_PARTIAL, UserError, print_error, run_main
 from ..hub import HUB_ORG, load_weights_file, quiet_transformers
 from ..inference_io import check_output_folder
-from ..models.encoder import ENCODER_VARIANTS, _unwrap
+from ..models.encoder import ENCODER_VARIANTS, MODEL_PREFIX, _unwrap, released_variants
 
 PROG = "rwkvunet convert"
 
@@ -77,13 +77,18 @@ def encoder_shape(state: Dict[str, torch.Tensor]) -> Tuple[Tuple[int, ...], Tupl
     return tuple(dims), tuple(depths)
 
 
-def infer_variant(state: Dict[str, torch.Tensor]) -> Optional[str]:
-    """'t', 's' or 'b' from the key shapes, or None when they match no variant."""
+def _matching_variant(state: Dict[str, torch.Tensor], names) -> Optional[str]:
     dims, depths = encoder_shape(state)
-    for name, arch in ENCODER_VARIANTS.items():
+    for name in names:
+        arch = ENCODER_VARIANTS[name]
         if tuple(arch["dims"]) == dims and tuple(arch["depths"]) == depths:
             return name
     return None
+
+
+def infer_variant(state: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The released variant (``released_variants()``: the authors' t, s, b) the key shapes match, or None."""
+    return _matching_variant(state, released_variants())
 
 
 def is_segmenter(state: Dict[str, torch.Tensor]) -> bool:
@@ -96,9 +101,18 @@ def check_variant(state: Dict[str, torch.Tensor], variant: str, src) -> None:
         return
     dims, depths = encoder_shape(state)
     if found is None:
+        released = released_variants()
+        other = _matching_variant(state, [v for v in ENCODER_VARIANTS if v not in released])
+        if other is not None:
+            raise ConversionError(f"{src} has the shapes of {MODEL_PREFIX}{other} (stage dims {dims}, depths "
+                                  f"{depths}), a variant the authors released no checkpoints for; convert reads "
+                                  f"the authors' {', '.join(released)} checkpoints only, load this one with "
+                                  f"timm.create_model('{MODEL_PREFIX}{other}', pretrained=True, "
+                                  "pretrained_cfg_overlay=dict(file=...))")
         raise ConversionError(f"{src} does not look like an RWKV-UNet checkpoint of any variant (stage dims "
-                              f"{dims}, depths {depths}; T/S/B have dims "
-                              f"{', '.join(str(tuple(a['dims'])) for a in ENCODER_VARIANTS.values())})")
+                              f"{dims}, depths {depths}; "
+                              + "; ".join(f"{v.upper()} has dims {tuple(ENCODER_VARIANTS[v]['dims'])}"
+                                          for v in released) + ")")
     raise ConversionError(f"{src} looks like an RWKV-UNet-{found.upper()} checkpoint (stage dims {dims}, depths "
                           f"{depths}), not {variant.upper()}; convert it with --variant {found}")
 
@@ -352,7 +366,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="the authors' checkpoint: .pth/.pt/.bin (read with weights_only=True) or "
                                     ".safetensors; a state_dict, possibly inside 'state_dict' or 'model'")
     parser.add_argument("dst", help="output folder (created; an existing one must be empty unless --overwrite)")
-    parser.add_argument("--variant", choices=tuple(ENCODER_VARIANTS), help="model size; inferred from the "
+    parser.add_argument("--variant", choices=released_variants(), help="model size; inferred from the "
                         "checkpoint when omitted, and checked against it when given")
     parser.add_argument("--num-labels", type=int, help="classes including background (default: the checkpoint's)")
     parser.add_argument("--in-channels", type=int, help="input channels of the converted model (1 for CT/MRI: the "

@@ -9,7 +9,7 @@ Paper: RWKV-UNet: Improving UNet with Long-Range Cooperation for Effective Medic
 """
 
 import re
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -18,16 +18,18 @@ from timm.layers import LayerNorm2d, SelectAdaptivePool2d, register_notrace_func
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..hub import HUB_ORG
+from ..hub import encoder_repo_id
 from ..layers import IRBlock
 
-__all__ = ["RWKVUNetEncoder", "ENCODER_VARIANTS", "checkpoint_filter_fn"]
+__all__ = ["RWKVUNetEncoder", "ENCODER_VARIANTS", "PRETRAINED_TAGS", "checkpoint_filter_fn", "register_variant",
+           "unregister_variant", "released_variants"]
 
-ENCODER_VARIANTS: Dict[str, Dict[str, Tuple]] = {
-    "t": dict(depths=(2, 2, 4, 2), dims=(32, 48, 96, 160), expansions=(2, 2.5, 3, 3.5)),
-    "s": dict(depths=(3, 3, 6, 3), dims=(32, 64, 128, 192), expansions=(2, 2.5, 3, 4)),
-    "b": dict(depths=(3, 3, 6, 3), dims=(48, 72, 144, 240), expansions=(2, 2.5, 4, 4)),
-}
+#: ``name -> model_args`` of every registered ``rwkvunet_enc_<name>``; filled only by :func:`register_variant`
+#: (the variants themselves are declared once, at the end of this module). The segmenter config, the command
+#: line, training and the benchmark take their choices from here.
+ENCODER_VARIANTS: Dict[str, Dict[str, Tuple]] = {}
+#: ``name -> tags`` of the ImageNet weights the authors released for a variant (empty: none released).
+PRETRAINED_TAGS: Dict[str, Tuple[str, ...]] = {}
 STEM_CHS = 24
 STEM_MID_CHS = 3  # the stem's expansion is 1 on 3 RGB channels; kept at 3 for any in_chans
 
@@ -307,7 +309,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> Dict[str, torch.
 
 # --- registration ---------------------------------------------------------------------------------------
 def _create_encoder(variant: str, pretrained: bool = False, **kwargs) -> RWKVUNetEncoder:
-    size = variant.rsplit("_", 1)[-1]
+    size = variant[len(MODEL_PREFIX):]
     out_indices = _check_out_indices(kwargs.pop("out_indices", (0, 1, 2, 3, 4)))
     model_args = dict(ENCODER_VARIANTS[size], **kwargs)
     return build_model_with_cfg(
@@ -357,26 +359,73 @@ def _cfg(**kwargs):
     }
 
 
-default_cfgs = generate_default_cfgs({
-    "rwkvunet_enc_t.in1k": _cfg(hf_hub_id=f"{HUB_ORG}/rwkvunet_enc_t.in1k"),
-    "rwkvunet_enc_s.in1k": _cfg(hf_hub_id=f"{HUB_ORG}/rwkvunet_enc_s.in1k"),
-    "rwkvunet_enc_b.in1k": _cfg(hf_hub_id=f"{HUB_ORG}/rwkvunet_enc_b.in1k"),
-})
+MODEL_PREFIX = "rwkvunet_enc_"
+default_cfgs: Dict[str, object] = {}  # timm's register_model reads a variant's pretrained cfgs from here
 
 
-@register_model
-def rwkvunet_enc_t(pretrained: bool = False, **kwargs) -> RWKVUNetEncoder:
-    """RWKV-UNet-T encoder (2.94M parameters used; ImageNet-1k top-1 76.5)."""
-    return _create_encoder("rwkvunet_enc_t", pretrained, **kwargs)
+def register_variant(name: str, *, pretrained: Sequence[str] = (), doc: Optional[str] = None,
+                     **model_args) -> Callable[..., RWKVUNetEncoder]:
+    """Register the timm model ``rwkvunet_enc_<name>`` built from ``model_args`` (``depths``, ``dims``,
+    ``expansions``, and any other :class:`RWKVUNetEncoder` argument).
+
+    ``pretrained`` names the tags of released ImageNet weights (Hub repo ``<org>/rwkvunet_enc_<name>.<tag>``);
+    a variant without them is created from scratch and ``rwkvunet convert`` refuses its checkpoints.
+    """
+    if not name or not re.fullmatch(r"[a-z0-9_]+", name):
+        raise ValueError(f"a variant name is lower-case letters, digits and '_', got {name!r}")
+    if name in ENCODER_VARIANTS:
+        raise ValueError(f"variant {name!r} is already registered; unregister_variant({name!r}) first")
+    shapes = [model_args.get(k) for k in ("depths", "dims", "expansions")]
+    if any(v is None or len(v) != 4 for v in shapes):
+        raise ValueError(f"variant {name!r} needs depths, dims and expansions with one value per stage I-IV "
+                         f"(four each), got {shapes}")
+    model_name = MODEL_PREFIX + name
+    cfgs = {f"{model_name}.{tag}": _cfg(hf_hub_id=encoder_repo_id(name, tag)) for tag in pretrained}
+    default_cfgs.update(generate_default_cfgs(cfgs or {model_name: _cfg()}))
+
+    def entrypoint(pretrained: bool = False, **kwargs) -> RWKVUNetEncoder:
+        return _create_encoder(model_name, pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = model_name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = doc or f"RWKV-UNet encoder variant {name!r}."
+    ENCODER_VARIANTS[name] = dict(model_args)
+    PRETRAINED_TAGS[name] = tuple(pretrained)
+    globals()[model_name] = register_model(entrypoint)
+    return entrypoint
 
 
-@register_model
-def rwkvunet_enc_s(pretrained: bool = False, **kwargs) -> RWKVUNetEncoder:
-    """RWKV-UNet-S encoder (9.42M parameters used; ImageNet-1k top-1 80.5)."""
-    return _create_encoder("rwkvunet_enc_s", pretrained, **kwargs)
+def unregister_variant(name: str) -> None:
+    """Remove a variant added by :func:`register_variant` (from this table and from timm's registry)."""
+    from timm.models import _registry
+
+    if name not in ENCODER_VARIANTS:
+        raise ValueError(f"variant {name!r} is not registered; registered: {', '.join(ENCODER_VARIANTS)}")
+    model_name = MODEL_PREFIX + name
+    del ENCODER_VARIANTS[name], PRETRAINED_TAGS[name]
+    default_cfgs.pop(model_name, None)
+    globals().pop(model_name, None)
+    if model_name in __all__:
+        __all__.remove(model_name)
+    _registry._model_entrypoints.pop(model_name, None)
+    _registry._clear_model_entries(model_name)
 
 
-@register_model
-def rwkvunet_enc_b(pretrained: bool = False, **kwargs) -> RWKVUNetEncoder:
-    """RWKV-UNet-B encoder (16.69M parameters used; ImageNet-1k top-1 81.3)."""
-    return _create_encoder("rwkvunet_enc_b", pretrained, **kwargs)
+def released_variants() -> Tuple[str, ...]:
+    """The variants whose weights the authors released (the ones ``rwkvunet convert`` reads)."""
+    return tuple(name for name, tags in PRETRAINED_TAGS.items() if tags)
+
+
+# --- the variants ---------------------------------------------------------------------------------------
+register_variant(
+    "t", pretrained=("in1k",), doc="RWKV-UNet-T encoder (2.94M parameters used; ImageNet-1k top-1 76.5).",
+    depths=(2, 2, 4, 2), dims=(32, 48, 96, 160), expansions=(2, 2.5, 3, 3.5),
+)
+register_variant(
+    "s", pretrained=("in1k",), doc="RWKV-UNet-S encoder (9.42M parameters used; ImageNet-1k top-1 80.5).",
+    depths=(3, 3, 6, 3), dims=(32, 64, 128, 192), expansions=(2, 2.5, 3, 4),
+)
+register_variant(
+    "b", pretrained=("in1k",), doc="RWKV-UNet-B encoder (16.69M parameters used; ImageNet-1k top-1 81.3).",
+    depths=(3, 3, 6, 3), dims=(48, 72, 144, 240), expansions=(2, 2.5, 4, 4),
+)

@@ -37,7 +37,8 @@ class TrainArguments:
     synthetic_train: int = _opt(96, "training images of the synthetic set", minimum=1)
     synthetic_eval: int = _opt(12, "validation and test images (each) of the synthetic set", minimum=1)
     # model
-    variant: str = _opt("t", "model size: t, s or b")
+    variant: str = _opt("t", "model size: an encoder variant (rwkvunet.ENCODER_VARIANTS: t, s or b, or one "
+                             "registered with rwkvunet.register_variant)")
     encoder_pretrained: Optional[str] = _opt(None, "timm encoder weights to start from: a file "
                                                    "(.safetensors / .pth) or a Hub id (hf-hub:org/name)")
     pretrained: Optional[str] = _opt(None, "a saved segmenter to fine-tune: folder or Hub id")
@@ -213,8 +214,10 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> TrainArguments:
 
 
 def _check(args: TrainArguments) -> None:
-    if args.variant not in ("t", "s", "b"):
-        raise UserError(f"--variant must be t, s or b, got {args.variant!r}")
+    from ..models.encoder import ENCODER_VARIANTS
+
+    if args.variant not in ENCODER_VARIANTS:
+        raise UserError(f"--variant must be one of {', '.join(ENCODER_VARIANTS)}, got {args.variant!r}")
     if args.mixed_precision not in ("no", "fp16", "bf16"):
         raise UserError(f"--mixed-precision must be no, fp16 or bf16, got {args.mixed_precision!r}")
     if args.encoder_pretrained and args.pretrained:

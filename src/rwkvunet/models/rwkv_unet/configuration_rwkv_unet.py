@@ -3,17 +3,17 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-SPATIAL_MIXERS = ("rwkv", "attention", "none")
-DECODER_BLOCKS = ("c-d-c", "c-c-d", "conv")
-VARIANTS = ("t", "s", "b")
+from ...layers import DECODER_BLOCKS, SPATIAL_MIXERS
+from ..encoder import ENCODER_VARIANTS, MODEL_PREFIX
 
 
 class RWKVUNetConfig(PreTrainedConfig):
     r"""Configuration of [`RWKVUNetForSemanticSegmentation`]. Defaults build the paper's RWKV-UNet-B.
 
     Args:
-        variant (`str`, defaults to `"b"`): encoder size, `"t"`, `"s"` or `"b"`.
-        encoder_name (`str`, *optional*): explicit timm encoder name (`rwkvunet_enc_{t,s,b}`); overrides `variant`.
+        variant (`str`, defaults to `"b"`): encoder size, a registered encoder variant (`"t"`, `"s"`, `"b"`).
+        encoder_name (`str`, *optional*): explicit timm encoder name (`rwkvunet_enc_<variant>`); overrides
+            `variant`.
         in_channels (`int`, defaults to 3): channels of `pixel_values` (1 for CT/MRI slices).
         num_labels (`int`): output classes including background; 1 means binary with a sigmoid.
         ce_weight, dice_weight (`float`): loss = ce_weight * cross-entropy + dice_weight * Dice loss.
@@ -56,13 +56,14 @@ class RWKVUNetConfig(PreTrainedConfig):
             **kwargs,
     ):
         if encoder_name is not None:
-            if not encoder_name.startswith("rwkvunet_enc_") or encoder_name[-1] not in VARIANTS:
-                raise ValueError(f"encoder_name must be one of rwkvunet_enc_t/s/b, got {encoder_name!r}")
-            variant = encoder_name[-1]
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+            names = tuple(MODEL_PREFIX + v for v in ENCODER_VARIANTS)
+            if encoder_name not in names:
+                raise ValueError(f"encoder_name must be one of {names}, got {encoder_name!r}")
+            variant = encoder_name[len(MODEL_PREFIX):]
+        if variant not in ENCODER_VARIANTS:
+            raise ValueError(f"variant must be one of {tuple(ENCODER_VARIANTS)}, got {variant!r}")
         if spatial_mixer not in SPATIAL_MIXERS:
-            raise ValueError(f"spatial_mixer must be one of {SPATIAL_MIXERS}, got {spatial_mixer!r}")
+            raise ValueError(f"spatial_mixer must be one of {tuple(SPATIAL_MIXERS)}, got {spatial_mixer!r}")
         if decoder_block not in DECODER_BLOCKS:
             raise ValueError(f"decoder_block must be one of {DECODER_BLOCKS}, got {decoder_block!r}")
         if not 0 <= int(num_skips) <= 3:
@@ -70,7 +71,7 @@ class RWKVUNetConfig(PreTrainedConfig):
         if int(in_channels) < 1:
             raise ValueError(f"in_channels must be positive, got {in_channels}")
         self.variant = variant
-        self.encoder_name = f"rwkvunet_enc_{variant}"
+        self.encoder_name = MODEL_PREFIX + variant
         self.in_channels = int(in_channels)
         self.ce_weight = float(ce_weight)
         self.dice_weight = float(dice_weight)

@@ -16,48 +16,11 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from ...layers import ChannelMix, ConvNormAct, CrossChannelMix, SpatialMix
-from ..encoder import ENCODER_VARIANTS, STEM_CHS, RWKVUNetEncoder
+from ...layers import ChannelMix, CrossChannelMix, DecoderBlock, SpatialMix, upsample2x
+from ..encoder import ENCODER_VARIANTS, MODEL_PREFIX, STEM_CHS, RWKVUNetEncoder
 from .configuration_rwkv_unet import RWKVUNetConfig
 
 SIZE_DIVISOR = 16  # total stride of the encoder
-
-
-class DecoderBlock(nn.Module):
-    """Decoder block followed by x2 bilinear upsampling.
-
-    ``c-d-c``: 1x1 (ReLU) -> k x k depthwise (SiLU) -> 1x1 (ReLU), the released design;
-    ``c-c-d``: 1x1 (ReLU) -> 1x1 (ReLU) -> k x k depthwise (SiLU); ``conv``: one dense k x k conv (ReLU).
-    """
-
-    def __init__(self, in_chs: int, out_chs: int, kind: str = "c-d-c", kernel_size: int = 9):
-        super().__init__()
-        if kind == "c-d-c":
-            self.conv = ConvNormAct(in_chs, in_chs, 1, act_layer=nn.ReLU)
-            self.conv_dw = ConvNormAct(in_chs, in_chs, kernel_size, groups=in_chs, act_layer=nn.SiLU)
-            self.proj = ConvNormAct(in_chs, out_chs, 1, act_layer=nn.ReLU)
-        elif kind == "c-c-d":
-            self.conv = ConvNormAct(in_chs, in_chs, 1, act_layer=nn.ReLU)
-            self.proj = ConvNormAct(in_chs, out_chs, 1, act_layer=nn.ReLU)
-            self.conv_dw = ConvNormAct(out_chs, out_chs, kernel_size, groups=out_chs, act_layer=nn.SiLU)
-        elif kind == "conv":
-            self.proj = ConvNormAct(in_chs, out_chs, kernel_size, act_layer=nn.ReLU)
-        else:
-            raise ValueError(f"unknown decoder block {kind!r}")
-        self.kind = kind
-
-    def forward(self, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:
-        if self.kind == "c-d-c":
-            x = self.proj(self.conv_dw(self.conv(x)))
-        elif self.kind == "c-c-d":
-            x = self.conv_dw(self.proj(self.conv(x)))
-        else:
-            x = self.proj(x)
-        return upsample2x(x) if upsample else x
-
-
-def upsample2x(x: torch.Tensor) -> torch.Tensor:
-    return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
 
 
 class RWKVUNetPreTrainedModel(PreTrainedModel):
@@ -159,7 +122,7 @@ class RWKVUNetForSemanticSegmentation(RWKVUNetPreTrainedModel):
         ``pretrained_cfg_overlay``); the CCM, decoder and head start from scratch."""
         import timm
 
-        name = encoder if encoder.startswith("rwkvunet_enc_") else f"rwkvunet_enc_{encoder}"
+        name = encoder if encoder.startswith(MODEL_PREFIX) else MODEL_PREFIX + encoder
         config = RWKVUNetConfig(encoder_name=name, **config_kwargs)
         model = cls(config)
         pretrained = timm.create_model(

@@ -72,6 +72,17 @@ def test_every_encoder_is_listed():
     assert all(timm.get_pretrained_cfg(m) is not None for m in names)
 
 
+def _assert_backward_reaches_every_parameter(model, outputs, num_params):
+    """timm's backward checks: every parameter gets a gradient, 42 classes out, no NaN."""
+    outputs.mean().backward()
+    for n, x in model.named_parameters():
+        assert x.grad is not None, f"No gradient for {n}"
+    num_grad = sum(x.grad.numel() for x in model.parameters() if x.grad is not None)
+    assert outputs.shape[-1] == 42
+    assert num_params == num_grad, "Some parameters are missing gradients"
+    assert not torch.isnan(outputs).any(), "Output included NaNs"
+
+
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("batch_size", [1])
 def test_model_forward(model_name, batch_size):
@@ -96,13 +107,7 @@ def test_model_backward(model_name, batch_size):
     num_params = sum(x.numel() for x in model.parameters())
     model.train()
     outputs = model(torch.randn((batch_size, *input_size)))
-    outputs.mean().backward()
-    for n, x in model.named_parameters():
-        assert x.grad is not None, f"No gradient for {n}"
-    num_grad = sum(x.grad.numel() for x in model.parameters() if x.grad is not None)
-    assert outputs.shape[-1] == 42
-    assert num_params == num_grad, "Some parameters are missing gradients"
-    assert not torch.isnan(outputs).any(), "Output included NaNs"
+    _assert_backward_reaches_every_parameter(model, outputs, num_params)
 
 
 @pytest.mark.parametrize("model_name", MODELS)
@@ -255,13 +260,7 @@ def test_model_backward_fx(model_name, batch_size):
     num_params = sum(x.numel() for x in model.parameters())
     model = _create_fx_model(model, train=True)
     outputs = torch.cat(tuple(model(torch.randn((batch_size, *input_size))).values()))
-    outputs.mean().backward()
-    for n, x in model.named_parameters():
-        assert x.grad is not None, f"No gradient for {n}"
-    num_grad = sum(x.grad.numel() for x in model.parameters() if x.grad is not None)
-    assert outputs.shape[-1] == 42
-    assert num_params == num_grad, "Some parameters are missing gradients"
-    assert not torch.isnan(outputs).any(), "Output included NaNs"
+    _assert_backward_reaches_every_parameter(model, outputs, num_params)
 
 
 @pytest.mark.parametrize("model_name", MODELS)

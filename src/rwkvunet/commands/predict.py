@@ -205,14 +205,13 @@ def _intensity(args, volume: np.ndarray) -> Tuple[object, str]:
 
 def _segment_image(seg: Segmenter, args, file: Path, base: Path, notes: Counter, say) -> List[Path]:
     image = io.read_image(file)
-    note = match_channels(image, seg.in_channels)[1]  # raises when no conversion is unambiguous
-    if note:
+    with warnings.catch_warnings(record=True) as caught:  # the pixel path's channel note, said here once
+        warnings.simplefilter("always", InputConversionWarning)
+        labels = seg.predict_image(image, tile=args.tile, overlap=args.overlap, native=args.native)
+    for note in {str(w.message) for w in caught if issubclass(w.category, InputConversionWarning)}:
         if not notes[note]:
             say(f"note: {file}: {note}")
         notes[note] += 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", InputConversionWarning)  # said above, once
-        labels = seg.predict_image(image, tile=args.tile, overlap=args.overlap, native=args.native)
     names = _output_names(file, base, args)
     written = [io.save_png(names["labels"], labels),
                io.save_png(names["overlay"], io.overlay(image, labels, args.alpha))]

@@ -109,8 +109,13 @@ def test_timm_contract(variant="t"):
     assert model(x).shape == (2, DIMS[variant][-1])
     model.reset_classifier(0, "")
     assert model(x).shape == (2, DIMS[variant][-1], 4, 3)
-    with pytest.raises(ValueError, match="pooled"):
-        model.reset_classifier(3, "")
+    model.reset_classifier(3, "")  # unpooled classifier: logits at every position, equal to a 1x1 conv
+    with torch.no_grad():
+        logits = model(x)
+        expected = torch.nn.functional.conv2d(model.forward_features(x), model.head.weight[:, :, None, None],
+                                              model.head.bias)
+    assert logits.shape == (2, 3, 4, 3)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_pretrained_cfg():

@@ -164,6 +164,27 @@ def test_model_default_cfgs(model_name, batch_size):
         assert fc + ".weight" in state_dict.keys(), f"{fc} not in model params"
 
 
+@pytest.mark.parametrize("model_name", list_models("rwkvunet_*"))  # meta tensors: free for every variant
+def test_model_factory_kwargs_on_meta(model_name):
+    """timm's factory passes device/dtype: every tensor is created there, unknown kwargs raise, a new head
+    follows the model's device, dtype and mode, and a forward on meta tensors keeps the dtype."""
+    model = create_model(model_name, pretrained=False, device="meta", dtype=torch.float32).eval()
+    misplaced = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != "meta"]
+    assert not misplaced, misplaced[:5]
+    with pytest.raises(TypeError):
+        create_model(model_name, pretrained=False, device="meta", not_a_model_arg=1)
+    x = torch.randn(1, *model.default_cfg["input_size"], device="meta")
+    assert model.forward_features(x).shape[1] == model.num_features
+    model.to(torch.bfloat16)
+    assert model(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    model.to(dtype=torch.float64)
+    model.reset_classifier(0, "")
+    model.reset_classifier(2)  # keeps the current (absent) pooling: a per-position classifier
+    assert model.head.weight.device.type == "meta" and model.head.weight.dtype == torch.float64
+    assert all(not m.training for m in model.modules())
+    assert model(x.to(torch.float64)).shape[:2] == (1, 2)
+
+
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("batch_size", [1])
 def test_model_forward_torchscript(model_name, batch_size):

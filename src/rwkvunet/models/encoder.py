@@ -9,6 +9,7 @@ Paper: RWKV-UNet: Improving UNet with Long-Range Cooperation for Effective Medic
 """
 
 import re
+from contextlib import nullcontext
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -32,12 +33,6 @@ ENCODER_VARIANTS: Dict[str, Dict[str, Tuple]] = {}
 PRETRAINED_TAGS: Dict[str, Tuple[str, ...]] = {}
 STEM_CHS = 24
 STEM_MID_CHS = 3  # the stem's expansion is 1 on 3 RGB channels; kept at 3 for any in_chans
-
-
-def _check_head(num_classes: int, pool: SelectAdaptivePool2d) -> None:
-    if num_classes > 0 and pool.is_identity():
-        raise ValueError("a classifier needs pooled features: use global_pool='avg' (or 'max'), or num_classes=0 "
-                         "with global_pool='' for unpooled feature maps")
 
 
 class EncoderStage(nn.Sequential):
@@ -123,6 +118,8 @@ class RWKVUNetEncoder(nn.Module):
             mixer: str = "rwkv",
             mix_dw_conv: bool = True,
             mix_channel_mix: bool = False,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
         if not isinstance(in_chans, int) or in_chans < 1:
@@ -136,28 +133,31 @@ class RWKVUNetEncoder(nn.Module):
         self.depths, self.dims, self.expansions = tuple(depths), tuple(dims), tuple(expansions)
         self.grad_checkpointing = False
 
-        self.stem = IRBlock(in_chans, STEM_CHS, STEM_MID_CHS, norm=None, residual=False, se=True)
-        self.feature_info = [dict(num_chs=STEM_CHS, reduction=1, module="stem")]
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        in_chs, start = STEM_CHS, 0
-        for i, (depth, dim, exp) in enumerate(zip(depths, dims, expansions)):
-            mixes = i >= 2
-            stage = _make_stage(
-                in_chs, dim, depth, exp,
-                norm="ln" if mixes else "bn",
-                mixer=mixer if mixes else None,
-                drop_path_rates=dpr[start:start + depth],
-                **(dict(dw_conv=mix_dw_conv, channel_mix=mix_channel_mix) if mixes else {}),
-            )
-            self.add_module(f"stage{i + 1}", stage)
-            self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 1), module=f"stage{i + 1}"))
-            in_chs, start = dim, start + depth
-        self.num_features = self.head_hidden_size = dims[-1]
-        self.norm = LayerNorm2d(self.num_features, eps=1e-6)
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        _check_head(num_classes, self.global_pool)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        # timm factory kwargs: parameters are created on `device` (e.g. "meta" for a free structural check)
+        with torch.device(device) if device is not None else nullcontext():
+            self.stem = IRBlock(in_chans, STEM_CHS, STEM_MID_CHS, norm=None, residual=False, se=True)
+            self.feature_info = [dict(num_chs=STEM_CHS, reduction=1, module="stem")]
+            dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+            in_chs, start = STEM_CHS, 0
+            for i, (depth, dim, exp) in enumerate(zip(depths, dims, expansions)):
+                mixes = i >= 2
+                stage = _make_stage(
+                    in_chs, dim, depth, exp,
+                    norm="ln" if mixes else "bn",
+                    mixer=mixer if mixes else None,
+                    drop_path_rates=dpr[start:start + depth],
+                    **(dict(dw_conv=mix_dw_conv, channel_mix=mix_channel_mix) if mixes else {}),
+                )
+                self.add_module(f"stage{i + 1}", stage)
+                self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 1), module=f"stage{i + 1}"))
+                in_chs, start = dim, start + depth
+            self.num_features = self.head_hidden_size = dims[-1]
+            self.norm = LayerNorm2d(self.num_features, eps=1e-6)
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+            self.head_drop = nn.Dropout(drop_rate)
+            self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if dtype is not None:
+            self.to(dtype=dtype)
 
     # --- timm model contract -------------------------------------------------------------------------
     @property
@@ -190,9 +190,12 @@ class RWKVUNetEncoder(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         if global_pool is not None:
             self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        _check_head(num_classes, self.global_pool)
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        ref = self.stem.conv.conv.weight  # a new head follows the model's device and dtype
+        self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+                     if num_classes > 0 else nn.Identity())
+        self.global_pool.train(self.training)  # new modules follow the model's train/eval mode
+        self.head.train(self.training)
 
     def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         return prepare_input(x, self.in_chans, self.stem.conv.conv.weight.dtype)
@@ -252,7 +255,11 @@ class RWKVUNetEncoder(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(self.global_pool(x))
-        return x if pre_logits else self.head(x)
+        if pre_logits:
+            return x
+        if self.global_pool.is_identity():  # unpooled: the classifier runs at every position, as a 1x1 conv would
+            return self.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

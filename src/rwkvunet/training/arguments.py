@@ -1,4 +1,4 @@
-"""Options of ``training/finetune.py``: defaults, then a YAML config, then the command line.
+"""Options of fine-tuning (``rwkvunet finetune``, ``training/finetune.py``): defaults, then a YAML config, then the command line.
 
 Every field of :class:`TrainArguments` is an option ``--field-name`` and a config key ``field_name``
 (dashes and underscores are both accepted in configs). The defaults are the no-argument run: RWKV-UNet-T
@@ -146,39 +146,71 @@ def _argument_type(kind, metadata: dict):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "finetune.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="finetune.py",
+        prog=prog,
         description="Fine-tune RWKV-UNet with Accelerate. Options override the --config YAML, which overrides "
                     "the defaults (the defaults train RWKV-UNet-T on a built-in synthetic set).",
-        argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--config", help="YAML file of options (keys as the option names)")
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+    """``--config`` and one option per field of :class:`TrainArguments` but those in ``skip`` (``rwkvunet``
+    adds its own ``--debug``). Options not given are absent from the namespace, so the config can set them."""
+    names = ", ".join(shipped_configs())
+    parser.add_argument("--config", default=argparse.SUPPRESS,
+                        help=f"YAML file of options (keys as the option names), or a shipped config: {names}")
     hints = get_type_hints(TrainArguments)
     for f in dataclasses.fields(TrainArguments):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help")
         if help_text != argparse.SUPPRESS and f.default is not None:
             help_text = f"{help_text} (default: {f.default})"
         kind = _base_type(hints[f.name])
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
         elif "nargs" in f.metadata:
-            parser.add_argument(flag, nargs=f.metadata["nargs"], const=f.metadata["const"], help=help_text)
+            parser.add_argument(flag, nargs=f.metadata["nargs"], const=f.metadata["const"],
+                                default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(flag, type=_argument_type(kind, f.metadata), help=help_text,
-                                metavar=kind.__name__.upper())
-    return parser
+            parser.add_argument(flag, type=_argument_type(kind, f.metadata), default=argparse.SUPPRESS,
+                                help=help_text, metavar=kind.__name__.upper())
+
+
+def shipped_configs() -> dict:
+    """Name -> YAML file of the configs shipped with the package (the paper's settings per data set)."""
+    from importlib.resources import files
+
+    folder = files("rwkvunet.training") / "configs"
+    return {Path(p.name).stem: p for p in sorted(folder.iterdir(), key=lambda p: p.name)
+            if p.name.endswith(".yaml")}
+
+
+def find_config(name):
+    """``--config``: an existing file, else the shipped config of that name (``kvasir_seg`` or
+    ``kvasir_seg.yaml``); anything else is an error naming both."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if str(path) in (stem, path.name) and stem in shipped:
+        return shipped[stem]
+    raise UserError(f"config file {name} not found; pass --config with an existing YAML file or the name of a "
+                    f"shipped config: {', '.join(shipped)}")
 
 
 def load_config(path) -> dict:
-    """Read a YAML config into option names; unknown keys are an error naming them."""
+    """Read a YAML config (a file or a shipped config's name) into option names; unknown keys are an error naming
+    them."""
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} not found; pass --config with an existing YAML file "
-                        "(see training/configs/)")
+    path = find_config(path)
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of option: value, got {type(data).__name__}")
@@ -192,9 +224,15 @@ def load_config(path) -> dict:
     return out
 
 
-def parse_arguments(argv: Optional[Sequence[str]] = None) -> TrainArguments:
+def parse_arguments(argv: Optional[Sequence[str]] = None, prog: str = "finetune.py") -> TrainArguments:
     """Defaults < ``--config`` YAML < command line."""
-    given = vars(build_parser().parse_args(argv))
+    return arguments_from(vars(build_parser(prog).parse_args(argv)))
+
+
+def arguments_from(given: dict) -> TrainArguments:
+    """The settings from parsed options (those not given absent) over the ``config`` they name, over the
+    defaults, checked."""
+    given = dict(given)
     values: dict[str, Any] = {}
     config = given.pop("config", None)
     if config:

@@ -1,15 +1,16 @@
 """Evaluate a trained RWKV-UNet segmenter with the paper's metrics.
 
-    python training/evaluate.py runs/acdc_b --dataset /data/ACDC --split test --tta --output-dir runs/acdc_b/eval
-    accelerate launch --num_processes 2 training/evaluate.py rwkv-unet/rwkvunet-b-synapse --dataset /data/Synapse
+    rwkvunet evaluate runs/acdc_b --dataset /data/ACDC --split test --tta --output-dir runs/acdc_b/eval
+    accelerate launch --num_processes 2 -m rwkvunet.evaluate rwkv-unet/rwkvunet-b-synapse --dataset /data/Synapse
+    python training/evaluate.py runs/acdc_b --dataset /data/ACDC                                  # from a clone
 
 MODEL is a ``save_pretrained`` folder or a Hub id. Synapse and ACDC are scored per 3-D volume (Dice and HD95
 per class), binary sets per image (Dice and IoU). Writes ``metrics.json``, ``per_class.csv`` and
 ``per_case.csv`` to ``--output-dir`` and prints the table.
 
 A model whose classes do not fit the masks (binary masks for a multi-class model, labels above its classes, a
-label map for a binary model) is refused before any prediction. Mistakes are one line ``evaluate.py: error:
-...`` and exit status 2 (``--debug`` shows the traceback).
+label map for a binary model) is refused before any prediction. Mistakes are one line ``<prog>: error: ...``
+and exit status 2 (``--debug`` shows the traceback).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from rwkvunet.errors import UserError, run_main
 from rwkvunet.ops.cpu_memory import keep_freed_cpu_memory
 
 
-PROG = "evaluate.py"
+#: The program name in messages when run as ``python -m rwkvunet.evaluate`` (``accelerate launch -m ...``).
+PROG = "rwkvunet.evaluate"
 
 
 def positive_int(text: str) -> int:
@@ -36,8 +38,16 @@ def positive_int(text: str) -> int:
     return value
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also RWKVUNET_DEBUG=1)")
+    return parser.parse_args(argv)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options but ``--debug`` (``rwkvunet`` adds its own)."""
     parser.add_argument("model", help="save_pretrained folder or Hub id of the segmenter")
     parser.add_argument("--dataset", required=True,
                         help="Hub id, save_to_disk folder, image/mask folder, Synapse or ACDC root")
@@ -53,9 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mask-column", default="mask")
     parser.add_argument("--cache-dir", default=None, help="datasets cache folder")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the full traceback of an error (also RWKVUNET_DEBUG=1)")
-    return parser.parse_args(argv)
 
 
 def load_model(name: str):
@@ -107,13 +114,13 @@ def load_data(args, num_labels: int):
         raise
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    return run_main(PROG, lambda: _own_process_and_run(args), debug=args.debug)
+def main(argv=None, prog: str = PROG) -> int:
+    args = parse_args(argv, prog=prog)
+    return run_main(prog, lambda: _own_process_and_run(args), debug=args.debug)
 
 
 def _own_process_and_run(args) -> int:
-    keep_freed_cpu_memory()  # the script owns the process: freed CPU activations are kept for reuse
+    keep_freed_cpu_memory()  # the entry point owns the process: freed CPU activations are kept for reuse
     return run(args)
 
 

@@ -1,56 +1,53 @@
-#!/usr/bin/env python
 """Fine-tune RWKV-UNet with Accelerate.
 
-    accelerate launch training/finetune.py                                   # RWKV-UNet-T, synthetic set, CPU minutes
-    accelerate launch training/finetune.py --config training/configs/acdc_b.yaml --dataset /data/ACDC
-    accelerate launch training/finetune.py --dataset kvasir/ --variant s --epochs 300 --resume
+    rwkvunet finetune                                                         # RWKV-UNet-T, synthetic set, CPU minutes
+    accelerate launch -m rwkvunet.finetune --config acdc_b --dataset /data/ACDC
+    accelerate launch training/finetune.py --dataset kvasir/ --variant s --epochs 300 --resume     # from a clone
 
-Options override the ``--config`` YAML, which overrides the defaults (``--help`` lists them all). The run
-writes to ``--output-dir``: the model as a ``save_pretrained`` folder with its image processor and a model
-card, ``metrics.json``, per-class and per-case CSV of the test split, loss/Dice curves and an overlay grid,
-and ``checkpoints/`` from which ``--resume`` continues exactly where a killed run stopped.
+Options override the ``--config`` YAML (a file, or the name of a shipped config such as ``kvasir_seg``), which
+overrides the defaults (``--help`` lists them all). The run writes to ``--output-dir``: the model as a
+``save_pretrained`` folder with its image processor and a model card, ``metrics.json``, per-class and per-case
+CSV of the test split, loss/Dice curves and an overlay grid, and ``checkpoints/`` from which ``--resume``
+continues exactly where a killed run stopped.
 
 One folder holds one run: ``--output-dir`` must be new or empty, or hold this run for ``--resume`` (which
 continues only the run recorded in its ``run.json``, with the settings it started with). An earlier run's
 folder is refused unless ``--overwrite-output-dir``, which removes that run's outputs and nothing else.
-Mistakes are one line ``finetune.py: error: ...`` and exit status 2 (``--debug`` shows the traceback).
+Mistakes are one line ``<prog>: error: ...`` and exit status 2 (``--debug`` shows the traceback).
 """
 from __future__ import annotations
 
 import os
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
 
-# On shared or busy CPUs, OpenMP threads that spin while waiting for each other slow training several fold.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
 
-import json  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import rwkvunet  # noqa: F401,E402  (registers the model with transformers)
-from rwkvunet.data.transforms import (EvalTransform, SegmentationDataset, TrainTransform, collate_fn,  # noqa: E402
+import rwkvunet  # noqa: F401  (registers the model with transformers)
+from rwkvunet.data.transforms import (EvalTransform, SegmentationDataset, TrainTransform, collate_fn,
                                       to_image_tensor)
-from rwkvunet.errors import UserError, run_main  # noqa: E402
-from rwkvunet.ops.cpu_memory import keep_freed_cpu_memory  # noqa: E402
-from rwkvunet.evaluation import evaluate, predict_probabilities, probabilities_to_labels  # noqa: E402
-from rwkvunet.training import CheckpointManager, EpochSampler, SeededSamples, TrainState, cosine_schedule  # noqa: E402
-from rwkvunet.training.arguments import parse_arguments  # noqa: E402
-from rwkvunet.training.inputs import (build_image_processor, build_model, check_dataset_path,  # noqa: E402
+from rwkvunet.errors import UserError, run_main
+from rwkvunet.ops.cpu_memory import keep_freed_cpu_memory
+from rwkvunet.evaluation import evaluate, predict_probabilities, probabilities_to_labels
+from rwkvunet.training import CheckpointManager, EpochSampler, SeededSamples, TrainState, cosine_schedule
+from rwkvunet.training.arguments import TrainArguments, parse_arguments
+from rwkvunet.training.inputs import (build_image_processor, build_model, check_dataset_path,
                                       check_splits, class_names, count_parameters, infer_in_channels,
                                       load_data, resolve_num_labels)
-from rwkvunet.training.model_card import write_model_card  # noqa: E402
-from rwkvunet.training.plots import plot_curves, plot_overlays  # noqa: E402
-from rwkvunet.training.processes import main_process_first  # noqa: E402
-from rwkvunet.training.run_folder import checkpoint_metadata, finish_record, plan_run, prepare_folder  # noqa: E402
+from rwkvunet.training.model_card import write_model_card
+from rwkvunet.training.plots import plot_curves, plot_overlays
+from rwkvunet.training.processes import main_process_first
+from rwkvunet.training.run_folder import checkpoint_metadata, finish_record, plan_run, prepare_folder
 
 logger = logging.getLogger("finetune")
 
@@ -130,22 +127,26 @@ def save_pretrained_atomic(model, folder: Path, processor=None) -> None:
     os.replace(tmp, folder)
 
 
-PROG = "finetune.py"
+#: The program name in messages when run as ``python -m rwkvunet.finetune`` (``accelerate launch -m ...``).
+PROG = "rwkvunet.finetune"
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = PROG) -> int:
     """Run :func:`train` with the errors convention: one line and exit status 2 for a mistake the user can fix."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    return run_main(PROG, lambda: _own_process_and_train(argv), debug="--debug" in argv)
+    return run_main(prog, lambda: _own_process_and_train(parse_arguments(argv, prog=prog)),
+                    debug="--debug" in argv)
 
 
-def _own_process_and_train(argv) -> int:
-    keep_freed_cpu_memory()  # the script owns the process: freed CPU activations are kept for reuse
-    return train(argv)
+def _own_process_and_train(args: TrainArguments) -> int:
+    keep_freed_cpu_memory()  # the entry point owns the process: freed CPU activations are kept for reuse
+    return train(args)
 
 
-def train(argv=None) -> int:
-    args = parse_arguments(argv)
+def train(args: TrainArguments | Sequence[str] | None = None) -> int:
+    """Train, test and write the run folder; ``args`` are the settings or the command line that gives them."""
+    if not isinstance(args, TrainArguments):
+        args = parse_arguments(args)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     output_dir = Path(args.output_dir or Path("runs") / args.run_name)

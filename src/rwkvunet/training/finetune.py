@@ -27,24 +27,23 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 import rwkvunet  # noqa: F401  (registers the model with transformers)
-from rwkvunet.data.transforms import (EvalTransform, SegmentationDataset, TrainTransform, collate_fn,
-                                      to_image_tensor)
+from rwkvunet.data.transforms import SegmentationDataset, TrainTransform, collate_fn
 from rwkvunet.errors import UserError, run_main
 from rwkvunet.ops.cpu_memory import keep_freed_cpu_memory
-from rwkvunet.evaluation import evaluate, predict_probabilities, probabilities_to_labels
+from rwkvunet.evaluation import evaluate, foreground_class_names
 from rwkvunet.training import CheckpointManager, EpochSampler, SeededSamples, TrainState, cosine_schedule
 from rwkvunet.training.arguments import TrainArguments, parse_arguments
 from rwkvunet.training.inputs import (build_image_processor, build_model, check_dataset_path,
                                       check_splits, class_names, count_parameters, infer_in_channels,
                                       load_data, resolve_num_labels)
 from rwkvunet.training.model_card import write_model_card
+from rwkvunet.training.overlays import overlay_rows
 from rwkvunet.training.plots import plot_curves, plot_overlays
 from rwkvunet.training.processes import main_process_first
 from rwkvunet.training.run_folder import checkpoint_metadata, finish_record, plan_run, prepare_folder
@@ -70,35 +69,6 @@ def make_train_loader(split, args, num_labels: int, in_channels: int):
 def run_evaluation(model, split, args, accelerator):
     return evaluate(model, split, img_size=args.img_size, batch_size=args.eval_batch_size or args.batch_size,
                     tta=args.tta, accelerator=accelerator, progress=accelerator.is_main_process)
-
-
-@torch.no_grad()
-def overlay_samples(model, split, args, in_channels: int, limit: int) -> list:
-    """(case_id, image, ground truth, prediction) for the first validation cases; volumes show the slice with
-    the most foreground."""
-    from rwkvunet.data.loading import is_volume_split
-    from rwkvunet.data.transforms import to_mask_tensor
-
-    transform = EvalTransform(args.img_size, num_channels=in_channels)
-    rows = split.with_format("numpy") if is_volume_split(split) else split
-    out = []
-    model.eval()
-    device = next(model.parameters()).device
-    for index in range(min(limit, len(split))):
-        row = rows[index]
-        image, mask = row["image"], row["mask"]
-        if is_volume_split(split):
-            mask = np.asarray(mask)
-            z = int((mask.reshape(mask.shape[0], -1) > 0).sum(1).argmax())
-            image, mask = np.asarray(image)[z], mask[z]
-        gt = to_mask_tensor(mask).numpy()
-        if gt.max() > 1 and model.config.num_labels == 1:
-            gt = (gt >= 128).astype(np.int64)
-        x = transform(image)["pixel_values"][None].to(device)
-        pred = probabilities_to_labels(predict_probabilities(model, x))[0].float()
-        pred = torch.nn.functional.interpolate(pred[None, None], size=gt.shape, mode="nearest")[0, 0]
-        out.append((str(row.get("case_id", index)), to_image_tensor(image).numpy(), gt, pred.long().cpu().numpy()))
-    return out
 
 
 def check_trackers(report_to):
@@ -299,7 +269,8 @@ def train(args: TrainArguments | Sequence[str] | None = None) -> int:
     if accelerator.is_main_process and args.overlay_samples > 0:
         source = data["validation"] if "validation" in data else data.get("test")
         if source is not None:
-            overlays = overlay_samples(unwrapped, source, args, in_channels, args.overlay_samples)
+            overlays = overlay_rows(unwrapped, source, img_size=args.img_size, in_channels=in_channels,
+                                    limit=args.overlay_samples, tta=args.tta)
     if accelerator.is_main_process:
         write_outputs(output_dir, args, unwrapped, processor, state, test, overlays, num_labels, train_seconds,
                       num_epochs)
@@ -341,7 +312,8 @@ def write_outputs(output_dir: Path, args, model, processor, state, test, overlay
     (output_dir / "training_config.yaml").write_text(yaml.safe_dump(args.to_dict(), sort_keys=False))
     plot_curves(state.train_loss, state.validation, output_dir / "curves.png")
     if overlays:
-        plot_overlays(overlays, max(num_labels, 2), output_dir / "overlays.png")
+        names = foreground_class_names(model.config.id2label, num_labels, max(num_labels, 2))
+        plot_overlays(overlays, names, output_dir / "overlays.png")
     write_model_card(output_dir, args=args.to_dict(), test=test_dict,
                      validation_best=state.best_dice if state.best_step >= 0 else None, steps=state.step,
                      epochs=state.epoch, num_parameters=count_parameters(model), train_seconds=train_seconds,

@@ -37,6 +37,8 @@ class TrainArguments:
     synthetic_train: int = _opt(96, "training images of the synthetic set", minimum=1)
     synthetic_eval: int = _opt(12, "validation and test images (each) of the synthetic set", minimum=1)
     # model
+    model: str = _opt("rwkvunet", "segmenter: rwkvunet, or the reference smp-unet-r34 (smp's Unet('resnet34') "
+                                  "from scratch, trained and scored by the same loop; needs rwkvunet[baselines])")
     variant: str = _opt("t", "model size: an encoder variant (rwkvunet.ENCODER_VARIANTS: t, s or b, or one "
                              "registered with rwkvunet.register_variant)")
     encoder_pretrained: Optional[str] = _opt(None, "timm encoder weights to start from: a file "
@@ -88,7 +90,8 @@ class TrainArguments:
     @property
     def run_name(self) -> str:
         data = "synthetic" if self.dataset == "synthetic" else Path(str(self.dataset).rstrip("/")).name
-        return f"rwkvunet-{self.variant}-{data}".replace("/", "-")
+        model = f"rwkvunet-{self.variant}" if self.model == "rwkvunet" else self.model
+        return f"{model}-{data}".replace("/", "-")
 
     def to_dict(self) -> dict:
         """The settings of the run (not how this invocation behaves: debugging, overwriting, test hooks)."""
@@ -214,8 +217,14 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> TrainArguments:
 
 
 def _check(args: TrainArguments) -> None:
+    from ..models.baselines import BASELINES
     from ..models.encoder import ENCODER_VARIANTS
 
+    if args.model not in ("rwkvunet", *BASELINES):
+        raise UserError(f"--model must be one of rwkvunet, {', '.join(BASELINES)}, got {args.model!r}")
+    if args.model != "rwkvunet" and (args.encoder_pretrained or args.pretrained):
+        raise UserError(f"--model {args.model} is a reference trained from scratch; --encoder-pretrained and "
+                        "--pretrained start RWKV-UNet runs (drop them, or drop --model)")
     if args.variant not in ENCODER_VARIANTS:
         raise UserError(f"--variant must be one of {', '.join(ENCODER_VARIANTS)}, got {args.variant!r}")
     if args.mixed_precision not in ("no", "fp16", "bf16"):

@@ -159,6 +159,11 @@ def build_model(args, num_labels: int, in_channels: int, names: list[str]):
             logger.warning("%s has %d labels; its head was replaced for %d", args.pretrained, config.num_labels,
                            num_labels)
         return model
+    if args.model != "rwkvunet":
+        from ..models.baselines import build_baseline
+
+        common.pop("drop_path_rate")
+        return build_baseline(args.model, **common)
     if args.encoder_pretrained:
         return RWKVUNetForSemanticSegmentation.from_encoder_pretrained(
             f"rwkvunet_enc_{args.variant}", pretrained_cfg_overlay=_encoder_overlay(args.encoder_pretrained),

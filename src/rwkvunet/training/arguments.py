@@ -47,6 +47,10 @@ class TrainArguments:
     ce_weight: float = _opt(0.5, "weight of the cross-entropy in the loss", minimum=0)
     dice_weight: float = _opt(0.5, "weight of the Dice loss", minimum=0)
     drop_path_rate: float = _opt(0.05, "stochastic depth of the encoder", minimum=0, below=1)
+    rwkv_init: str = _opt("vrwkv", "start of the RWKV decay, bonus and token-shift mixes from scratch: vrwkv "
+                                   "(Vision-RWKV's per-channel ranges) or uniform (0 and 0.5)")
+    zero_init_residual: bool = _opt(False, "start the encoder's residual branches at zero (blocks start as identities)")
+    deep_supervision: bool = _opt(False, "add a loss on each decoder stage (training only; the logits are unchanged)")
     # schedule
     epochs: int = _opt(20, "training epochs", minimum=1)
     max_steps: Optional[int] = _opt(None, "optimizer steps; overrides --epochs", minimum=1)
@@ -227,6 +231,10 @@ def _check(args: TrainArguments) -> None:
                         "--pretrained start RWKV-UNet runs (drop them, or drop --model)")
     if args.variant not in ENCODER_VARIANTS:
         raise UserError(f"--variant must be one of {', '.join(ENCODER_VARIANTS)}, got {args.variant!r}")
+    from ..models.rwkv_unet.configuration_rwkv_unet import RWKV_INITS
+
+    if args.rwkv_init not in RWKV_INITS:
+        raise UserError(f"--rwkv-init must be one of {', '.join(RWKV_INITS)}, got {args.rwkv_init!r}")
     if args.mixed_precision not in ("no", "fp16", "bf16"):
         raise UserError(f"--mixed-precision must be no, fp16 or bf16, got {args.mixed_precision!r}")
     if args.encoder_pretrained and args.pretrained:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -65,10 +64,11 @@ def test_baseline_runs_end_to_end(finetune, tmp_path):
     from rwkvunet.data.synthetic import make_synthetic_dataset
 
     make_synthetic_dataset(seed=0, size=32, num_train=8, num_validation=3, num_test=3).save_to_disk(tmp_path / "ds")
-    result = subprocess.run([sys.executable, str(REPO / "training" / "evaluate.py"), str(out), "--dataset",
-                             str(tmp_path / "ds"), "--split", "test", "--no-progress", "--output-dir",
-                             str(tmp_path / "eval")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    spec = importlib.util.spec_from_file_location("evaluate_script_baseline", REPO / "training" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    assert evaluate.run(evaluate.parse_args([str(out), "--dataset", str(tmp_path / "ds"), "--split", "test",
+                                             "--no-progress", "--output-dir", str(tmp_path / "eval")])) == 0
     scored = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert scored["mean_dice"] == pytest.approx(metrics["test"]["mean_dice"], abs=1e-6)
 

@@ -121,3 +121,17 @@ def test_deep_supervision_leaves_the_logits_unchanged():
             assert b.loss > a.loss
     b.loss.backward()
     assert all(h.weight.grad is not None and h.weight.grad.abs().sum() > 0 for h in supervised.aux_heads)
+
+
+def test_head_init():
+    """small: std initializer_range; xavier: uniform in +-sqrt(6 / (fan_in + fan_out)), the aux heads too."""
+    small = _model(head_init="small").segmentation_head.weight.detach()
+    assert small.std() < 0.03
+    model = _model(head_init="xavier", deep_supervision=True)
+    for head in [model.segmentation_head, *model.aux_heads]:
+        w = head.weight.detach()
+        bound = math.sqrt(6 / (w.shape[1] + w.shape[0]))
+        assert w.abs().max() <= bound and w.std() > 0.5 * bound / math.sqrt(3)
+        assert bool((head.bias == 0).all())
+    with pytest.raises(ValueError, match="head_init"):
+        RWKVUNetConfig(variant="t", head_init="zeros")

@@ -50,6 +50,8 @@ class TrainArguments:
     rwkv_init: str = _opt("vrwkv", "start of the RWKV decay, bonus and token-shift mixes from scratch: vrwkv "
                                    "(Vision-RWKV's per-channel ranges) or uniform (0 and 0.5)")
     zero_init_residual: bool = _opt(False, "start the encoder's residual branches at zero (blocks start as identities)")
+    head_init: str = _opt("small", "start of the classification head from scratch: small (near-zero logits) or "
+                                   "xavier (logits of unit scale)")
     deep_supervision: bool = _opt(False, "add a loss on each decoder stage (training only; the logits are unchanged)")
     # schedule
     epochs: int = _opt(20, "training epochs", minimum=1)
@@ -235,6 +237,10 @@ def _check(args: TrainArguments) -> None:
 
     if args.rwkv_init not in RWKV_INITS:
         raise UserError(f"--rwkv-init must be one of {', '.join(RWKV_INITS)}, got {args.rwkv_init!r}")
+    from ..models.rwkv_unet.configuration_rwkv_unet import HEAD_INITS
+
+    if args.head_init not in HEAD_INITS:
+        raise UserError(f"--head-init must be one of {', '.join(HEAD_INITS)}, got {args.head_init!r}")
     if args.mixed_precision not in ("no", "fp16", "bf16"):
         raise UserError(f"--mixed-precision must be no, fp16 or bf16, got {args.mixed_precision!r}")
     if args.encoder_pretrained and args.pretrained:

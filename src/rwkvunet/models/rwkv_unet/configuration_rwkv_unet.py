@@ -9,6 +9,8 @@ from ..encoder import ENCODER_VARIANTS, MODEL_PREFIX
 
 #: Starts of the RWKV decay, bonus and token-shift mixes (``RWKVUNetConfig.rwkv_init``).
 RWKV_INITS = ("vrwkv", "uniform")
+#: Starts of the classification head (``RWKVUNetConfig.head_init``).
+HEAD_INITS = ("small", "xavier")
 
 
 class RWKVUNetConfig(PreTrainedConfig):
@@ -43,6 +45,9 @@ class RWKVUNetConfig(PreTrainedConfig):
             whose loss (upsampled to the labels) is added with `deep_supervision_weight`; training only, the
             logits are unchanged. Off for the released checkpoints.
         deep_supervision_weight (`float`, defaults to 0.4): weight of the mean auxiliary loss.
+        head_init (`str`, defaults to `"small"`): start of the 1x1 classification head(s) of a model built from
+            scratch: `"small"` (normal, std `initializer_range`: near-zero logits) or `"xavier"` (Xavier uniform:
+            logits of about unit scale, as a plain CNN head).
     """
 
     model_type = "rwkv_unet"
@@ -70,6 +75,7 @@ class RWKVUNetConfig(PreTrainedConfig):
             zero_init_residual: bool = False,
             deep_supervision: bool = False,
             deep_supervision_weight: float = 0.4,
+            head_init: str = "small",
             **kwargs,
     ):
         if encoder_name is not None:
@@ -87,6 +93,8 @@ class RWKVUNetConfig(PreTrainedConfig):
             raise ValueError(f"num_skips must be between 0 and 3, got {num_skips}")
         if rwkv_init not in RWKV_INITS:
             raise ValueError(f"rwkv_init must be one of {RWKV_INITS}, got {rwkv_init!r}")
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
         if int(in_channels) < 1:
             raise ValueError(f"in_channels must be positive, got {in_channels}")
         self.variant = variant
@@ -110,7 +118,8 @@ class RWKVUNetConfig(PreTrainedConfig):
         self.zero_init_residual = bool(zero_init_residual)
         self.deep_supervision = bool(deep_supervision)
         self.deep_supervision_weight = float(deep_supervision_weight)
+        self.head_init = head_init
         super().__init__(**kwargs)
 
 
-__all__ = ["RWKV_INITS", "RWKVUNetConfig"]
+__all__ = ["HEAD_INITS", "RWKV_INITS", "RWKVUNetConfig"]

@@ -41,8 +41,11 @@ class RWKVUNetPreTrainedModel(PreTrainedModel):
             init.zeros_(module.weight)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
-        elif module is getattr(self, "segmentation_head", None):
-            init.trunc_normal_(module.weight, std=self.config.initializer_range)  # small logits at the start
+        elif module is getattr(self, "segmentation_head", None) or module in (getattr(self, "aux_heads", None) or ()):
+            if self.config.head_init == "xavier":  # logits of about unit scale, as a plain CNN head
+                init.xavier_uniform_(module.weight)
+            else:  # small logits at the start
+                init.trunc_normal_(module.weight, std=self.config.initializer_range)
             init.zeros_(module.bias)
         elif isinstance(module, nn.Conv2d):
             fan_out = module.out_channels * module.kernel_size[0] * module.kernel_size[1] // module.groups

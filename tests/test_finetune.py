@@ -219,7 +219,7 @@ def test_resume_continues_only_its_own_run(finetune, tmp_path, capsys):
     shutil.rmtree(foreign)
     # other settings would make it another run
     _refused(finetune, common + ["--output-dir", str(run), "--resume", "--lr", "0.002"], capsys,
-             "other settings", "--lr 0.001 -> 0.002")
+             "other settings", "--lr 0.003 -> 0.002")
     assert _contents(run) == before
     assert finetune.main(common + ["--output-dir", str(run), "--resume"]) == 0
     record = json.loads((run / "run.json").read_text())

@@ -9,7 +9,7 @@ Mistakes are one line ``evaluate.py: error: ...`` and exit status 2 (``--debug``
 import sys
 
 from rwkvunet.training import evaluate as _evaluate
-from rwkvunet.training.evaluate import eval_pixels, load_model, parse_args  # noqa: F401
+from rwkvunet.training.evaluate import eval_pixels, load_model, parse_args, run  # noqa: F401
 
 PROG = "evaluate.py"
 

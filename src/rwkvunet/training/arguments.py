@@ -37,6 +37,8 @@ class TrainArguments:
     synthetic_train: int = _opt(96, "training images of the synthetic set", minimum=1)
     synthetic_eval: int = _opt(12, "validation and test images (each) of the synthetic set", minimum=1)
     # model
+    model: str = _opt("rwkvunet", "segmenter: rwkvunet, or the reference smp-unet-r34 (smp's Unet('resnet34') "
+                                  "from scratch, trained and scored by the same loop; needs rwkvunet[baselines])")
     variant: str = _opt("t", "model size: an encoder variant (rwkvunet.ENCODER_VARIANTS: t, s or b, or one "
                              "registered with rwkvunet.register_variant)")
     encoder_pretrained: Optional[str] = _opt(None, "timm encoder weights to start from: a file "
@@ -45,6 +47,12 @@ class TrainArguments:
     ce_weight: float = _opt(0.5, "weight of the cross-entropy in the loss", minimum=0)
     dice_weight: float = _opt(0.5, "weight of the Dice loss", minimum=0)
     drop_path_rate: float = _opt(0.05, "stochastic depth of the encoder", minimum=0, below=1)
+    rwkv_init: str = _opt("vrwkv", "start of the RWKV decay, bonus and token-shift mixes from scratch: vrwkv "
+                                   "(Vision-RWKV's per-channel ranges) or uniform (0 and 0.5)")
+    zero_init_residual: bool = _opt(False, "start the encoder's residual branches at zero (blocks start as identities)")
+    head_init: str = _opt("xavier", "start of the classification head from scratch: xavier (logits of unit "
+                                    "scale) or small (near-zero logits)")
+    deep_supervision: bool = _opt(False, "add a loss on each decoder stage (training only; the logits are unchanged)")
     # schedule
     epochs: int = _opt(20, "training epochs", minimum=1)
     max_steps: Optional[int] = _opt(None, "optimizer steps; overrides --epochs", minimum=1)
@@ -52,9 +60,10 @@ class TrainArguments:
     batch_size: int = _opt(8, "batch size per process", minimum=1)
     eval_batch_size: Optional[int] = _opt(None, "images or slices per forward pass in evaluation (default: "
                                                 "--batch-size)", minimum=1)
-    lr: float = _opt(1e-3, "peak learning rate (AdamW)", minimum=0)
+    lr: float = _opt(3e-3, "peak learning rate (AdamW); 3e-3 trains from scratch fastest (the paper's configs "
+                           "fine-tune pretrained encoders at 1e-4 to 1e-3)", minimum=0)
     min_lr: float = _opt(0.0, "learning rate at the end of the cosine schedule", minimum=0)
-    warmup_steps: int = _opt(0, "linear warm-up steps", minimum=0)
+    warmup_steps: int = _opt(20, "linear warm-up steps", minimum=0)
     weight_decay: float = _opt(1e-4, "AdamW weight decay", minimum=0)
     max_grad_norm: Optional[float] = _opt(1.0, "gradient clipping norm (0 or none: off)", minimum=0)
     gradient_accumulation_steps: int = _opt(1, "batches per optimizer step", minimum=1)
@@ -88,7 +97,8 @@ class TrainArguments:
     @property
     def run_name(self) -> str:
         data = "synthetic" if self.dataset == "synthetic" else Path(str(self.dataset).rstrip("/")).name
-        return f"rwkvunet-{self.variant}-{data}".replace("/", "-")
+        model = f"rwkvunet-{self.variant}" if self.model == "rwkvunet" else self.model
+        return f"{model}-{data}".replace("/", "-")
 
     def to_dict(self) -> dict:
         """The settings of the run (not how this invocation behaves: debugging, overwriting, test hooks)."""
@@ -252,10 +262,24 @@ def arguments_from(given: dict) -> TrainArguments:
 
 
 def _check(args: TrainArguments) -> None:
+    from ..models.baselines import BASELINES
     from ..models.encoder import ENCODER_VARIANTS
 
+    if args.model not in ("rwkvunet", *BASELINES):
+        raise UserError(f"--model must be one of rwkvunet, {', '.join(BASELINES)}, got {args.model!r}")
+    if args.model != "rwkvunet" and (args.encoder_pretrained or args.pretrained):
+        raise UserError(f"--model {args.model} is a reference trained from scratch; --encoder-pretrained and "
+                        "--pretrained start RWKV-UNet runs (drop them, or drop --model)")
     if args.variant not in ENCODER_VARIANTS:
         raise UserError(f"--variant must be one of {', '.join(ENCODER_VARIANTS)}, got {args.variant!r}")
+    from ..models.rwkv_unet.configuration_rwkv_unet import RWKV_INITS
+
+    if args.rwkv_init not in RWKV_INITS:
+        raise UserError(f"--rwkv-init must be one of {', '.join(RWKV_INITS)}, got {args.rwkv_init!r}")
+    from ..models.rwkv_unet.configuration_rwkv_unet import HEAD_INITS
+
+    if args.head_init not in HEAD_INITS:
+        raise UserError(f"--head-init must be one of {', '.join(HEAD_INITS)}, got {args.head_init!r}")
     if args.mixed_precision not in ("no", "fp16", "bf16"):
         raise UserError(f"--mixed-precision must be no, fp16 or bf16, got {args.mixed_precision!r}")
     if args.encoder_pretrained and args.pretrained:

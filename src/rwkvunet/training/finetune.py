@@ -43,6 +43,7 @@ from rwkvunet.training.inputs import (build_image_processor, build_model, check_
                                       check_splits, class_names, count_parameters, infer_in_channels,
                                       load_data, resolve_num_labels)
 from rwkvunet.training.model_card import write_model_card
+from rwkvunet.training.optim import build_optimizer
 from rwkvunet.training.overlays import overlay_rows
 from rwkvunet.training.plots import plot_curves, plot_overlays
 from rwkvunet.training.processes import main_process_first
@@ -161,7 +162,7 @@ def train(args: TrainArguments | Sequence[str] | None = None) -> int:
                 count_parameters(model) / 1e6)
 
     train_loader, sampler, samples = make_train_loader(data["train"], args, num_labels, in_channels)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = build_optimizer(model, args.lr, args.weight_decay)  # no decay on norms, biases, RWKV mixes
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     total_steps = args.max_steps or args.epochs * steps_per_epoch

@@ -67,7 +67,9 @@ def test_bench_mistakes_are_one_line_errors(argv, expected, capsys, monkeypatch)
 
 
 def test_every_command_takes_debug():
-    for command in ("convert", "predict", "data", "bench"):
+    from rwkvunet.cli import COMMANDS
+
+    for command in COMMANDS:
         out = subprocess.run([sys.executable, "-m", "rwkvunet.cli", command, "--help"], capture_output=True,
                              text=True, check=True).stdout
         assert "--debug" in out, command

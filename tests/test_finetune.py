@@ -219,7 +219,7 @@ def test_resume_continues_only_its_own_run(finetune, tmp_path, capsys):
     shutil.rmtree(foreign)
     # other settings would make it another run
     _refused(finetune, common + ["--output-dir", str(run), "--resume", "--lr", "0.002"], capsys,
-             "other settings", "--lr 0.001 -> 0.002")
+             "other settings", "--lr 0.003 -> 0.002")
     assert _contents(run) == before
     assert finetune.main(common + ["--output-dir", str(run), "--resume"]) == 0
     record = json.loads((run / "run.json").read_text())
@@ -268,14 +268,16 @@ class _Clock:
 
 
 def test_train_seconds_adds_up_the_pieces_of_a_resumed_run(finetune, tmp_path, monkeypatch):
+    from rwkvunet.training import finetune as loop  # the module whose clock the training loop reads
+
     common = TINY + ["--max-steps", "4", "--save-every-steps", "1", "--eval-every", "0", "--overlay-samples", "0"]
     run = tmp_path / "run"
-    monkeypatch.setattr(finetune, "time", _Clock(100.0))  # the first piece: 100 s between readings
+    monkeypatch.setattr(loop, "time", _Clock(100.0))  # the first piece: 100 s between readings
     _crashed_run(finetune, run, common)
     state = torch.load(run / "checkpoints" / "checkpoint-00000003" / "custom_checkpoint_1.pkl", weights_only=False)
     first = state["train_seconds"]
     assert first >= 300  # steps 1, 2 and 3 were each checkpointed 100 s apart
-    monkeypatch.setattr(finetune, "time", _Clock(1.0))  # the resumed piece: 1 s between readings
+    monkeypatch.setattr(loop, "time", _Clock(1.0))  # the resumed piece: 1 s between readings
     assert finetune.main(common + ["--output-dir", str(run), "--resume"]) == 0
     total = json.loads((run / "metrics.json").read_text())["train_seconds"]
     assert first < total < first + 10

@@ -10,10 +10,9 @@ import yaml
 
 from rwkvunet.errors import UserError
 from rwkvunet.training import CheckpointManager, EpochSampler, SeededSamples, cosine_schedule, parse_arguments
-from rwkvunet.training.arguments import TrainArguments
+from rwkvunet.training.arguments import TrainArguments, shipped_configs
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "training" / "configs").glob("*.yaml"))
+CONFIGS = [Path(str(p)) for p in shipped_configs().values()]
 
 
 def test_command_line_overrides_config_overrides_defaults(tmp_path):

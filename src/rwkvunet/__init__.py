@@ -26,6 +26,9 @@ def _register_auto_classes() -> None:
     from .models.rwkv_unet.pipeline import register_pipeline
 
     register_pipeline()
+    from .models.baselines import register_baselines
+
+    register_baselines()
 
 
 _register_auto_classes()

@@ -17,6 +17,8 @@ COMMANDS = {
     "predict": ("rwkvunet.commands.predict", "segment images, folders and NIfTI volumes with a trained model"),
     "data": ("rwkvunet.commands.data", "turn a medical data set layout into a datasets.DatasetDict on disk"),
     "bench": ("rwkvunet.commands.bench", "measure training and inference speed and memory"),
+    "finetune": ("rwkvunet.commands.finetune", "fine-tune RWKV-UNet with Accelerate (needs rwkvunet[train])"),
+    "evaluate": ("rwkvunet.commands.evaluate", "score a trained segmenter with the paper's metrics"),
 }
 
 

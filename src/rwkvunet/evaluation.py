@@ -168,8 +168,8 @@ def _resize_labels(labels: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
 
 
-def _predict_images(model, images: Sequence, transform, device, tta: bool, batch_size: int) -> list[np.ndarray]:
-    """Label maps of 2-D images (any sizes), each at its own size."""
+def predict_labels(model, images: Sequence, transform, device, tta: bool, batch_size: int) -> list[np.ndarray]:
+    """Label maps of 2-D images (any sizes), each at its own size: what :func:`evaluate` scores."""
     out = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
@@ -249,23 +249,19 @@ def evaluate(model, dataset_split, *, img_size=224, batch_size: int = 8, tta: bo
             if num_classes is None:
                 num_classes = _num_classes(model, num_labels, image[0], transform, device)
             gt = check_labels(np.asarray(row["mask"]), num_classes, f"case {case_id!r}")
-            slices = _predict_images(model, list(image), transform, device, tta, batch_size)
+            slices = predict_labels(model, list(image), transform, device, tta, batch_size)
             score([(index, case_id, gt)], [np.stack(slices)])
         else:
             if num_classes is None:
                 num_classes = _num_classes(model, num_labels, row["image"], transform, device)
-            try:
-                gt = to_mask_tensor(row["mask"]).numpy()
-                gt = prepare_mask(gt, num_classes if num_classes > 2 else 2, f"mask of case {case_id!r}")
-            except DataError as err:
-                raise DataError(f"case {case_id!r}: {err}") from err
+            gt = ground_truth_labels(row["mask"], num_classes, case_id)
             pending.append((index, case_id, gt, row["image"]))
             if len(pending) == batch_size:
                 score([p[:3] for p in pending],
-                      _predict_images(model, [p[3] for p in pending], transform, device, tta, batch_size))
+                      predict_labels(model, [p[3] for p in pending], transform, device, tta, batch_size))
                 pending = []
     if pending:
-        score([p[:3] for p in pending], _predict_images(model, [p[3] for p in pending], transform, device, tta,
+        score([p[:3] for p in pending], predict_labels(model, [p[3] for p in pending], transform, device, tta,
                                                         batch_size))
     bar.close()
     if was_training:
@@ -285,8 +281,17 @@ def evaluate(model, dataset_split, *, img_size=224, batch_size: int = 8, tta: bo
     num_classes = num_classes or 2
     binary = num_classes <= 2
     if class_names is None:
-        class_names = _class_names(id2label, num_labels, num_classes)
+        class_names = foreground_class_names(id2label, num_labels, num_classes)
     return EvaluationResult(class_names=list(class_names), cases=cases, binary=binary)
+
+
+def ground_truth_labels(mask, num_classes: int, case_id: str) -> np.ndarray:
+    """The label map :func:`evaluate` scores a 2-D case's mask as (0-255 binary masks thresholded)."""
+    try:
+        gt = to_mask_tensor(mask).numpy()
+        return prepare_mask(gt, num_classes if num_classes > 2 else 2, f"mask of case {case_id!r}")
+    except DataError as err:
+        raise DataError(f"case {case_id!r}: {err}") from err
 
 
 def split_labels(dataset_split) -> list[int]:
@@ -325,7 +330,7 @@ def check_model_fits_labels(num_labels: int, labels: Sequence[int], where: str) 
                         f"(num_labels {num_labels}); score a model trained for {top + 1} classes")
 
 
-def _class_names(id2label, num_labels, num_classes) -> list[str]:
+def foreground_class_names(id2label, num_labels, num_classes) -> list[str]:
     """Foreground class names from ``id2label`` (label 0 of a one-label sigmoid model is the foreground)."""
     id2label = {int(k): str(v) for k, v in (id2label or {}).items()}
     if num_labels == 1:

@@ -248,10 +248,11 @@ def _read_config(source: str, hub_kwargs: dict) -> dict:
 
 
 def _check_model_type(source: str, config: dict) -> None:
+    from .models.baselines import BASELINE_MODEL_TYPES
     from .models.rwkv_unet.configuration_rwkv_unet import RWKVUNetConfig
 
     found = config.get("model_type")
-    if found != RWKVUNetConfig.model_type:
+    if found != RWKVUNetConfig.model_type and found not in BASELINE_MODEL_TYPES:
         raise UserError(f"{source} holds a {found or 'untyped'!r} model, not RWKV-UNet (model_type "
                         f"{RWKVUNetConfig.model_type!r}); give an RWKV-UNet model folder or Hub id (rwkvunet "
                         "convert turns the authors' checkpoints into one)")

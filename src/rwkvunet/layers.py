@@ -18,7 +18,7 @@ from .ops.bi_wkv_layer import BiWKV
 register_notrace_module(BiWKV)  # opaque to FX, as bi_wkv_leaf is
 
 __all__ = [
-    "ConvNormAct", "SqueezeExcite", "q_shift", "SpatialMix", "AttentionMix", "ChannelMix", "IRBlock",
+    "ConvNormAct", "SqueezeExcite", "q_shift", "SpatialMix", "AttentionMix", "ChannelMix", "IRBlock", "vrwkv_init_values",
     "CrossChannelMix", "map_to_tokens", "tokens_to_map", "resize_bilinear", "SPATIAL_MIXERS", "DECODER_BLOCKS",
     "DecoderBlock", "upsample2x",
 ]
@@ -171,8 +171,39 @@ def bi_wkv_leaf(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return bi_wkv(w, u, k, v)
 
 
+def vrwkv_init_values(dim: int, layer_id: int, num_layers: int, spatial: bool = True) -> Dict[str, torch.Tensor]:
+    """Vision-RWKV's "fancy" start of a mixer's decay, bonus and token-shift mixes, by parameter name, for the
+    layer ``layer_id`` of ``num_layers`` (``spatial=False``: a channel mix, which has only the k and r mixes).
+
+    The decay grows over the channels from -5 to 3 (with a steeper curve in deeper layers), so channels range
+    from almost global to local attention; the bonus is log(0.3) with a -0.5/0/0.5 zigzag; the token-shift
+    mixes grow over the channels as (i / C) ** (1 - layer_id / num_layers), so some channels take the shifted
+    neighbours and others the token itself (mix_v is raised by 0.3 * depth, the spatial mix_r uses half the
+    exponent). The uniform start (decay and bonus 0, mixes 0.5) makes every channel the same global average.
+    """
+    ratio_0_to_1 = layer_id / max(num_layers - 1, 1)
+    ratio_1_to_almost0 = 1.0 - layer_id / num_layers
+    position = torch.arange(dim, dtype=torch.float32)
+    share = (position / dim).view(1, 1, dim)
+    if not spatial:
+        return {"spatial_mix_k": share ** ratio_1_to_almost0, "spatial_mix_r": share ** ratio_1_to_almost0}
+    return {
+        "spatial_decay": -5 + 8 * (position / max(dim - 1, 1)) ** (0.7 + 1.3 * ratio_0_to_1),
+        "spatial_first": math.log(0.3) + ((position + 1) % 3 - 1) * 0.5,
+        "spatial_mix_k": share ** ratio_1_to_almost0,
+        "spatial_mix_v": share ** ratio_1_to_almost0 + 0.3 * ratio_0_to_1,
+        "spatial_mix_r": share ** (0.5 * ratio_1_to_almost0),
+    }
+
+
 class SpatialMix(nn.Module):
-    """Vision-RWKV spatial mixing: token shift, then Bi-WKV gated by the receptance."""
+    """Vision-RWKV spatial mixing: token shift, then Bi-WKV gated by the receptance.
+
+    ``layer_id`` / ``num_layers`` (set by the encoder) place the layer for :func:`vrwkv_init_values`.
+    """
+
+    layer_id: int = 0
+    num_layers: int = 1
 
     def __init__(self, dim: int):
         super().__init__()
@@ -189,7 +220,13 @@ class SpatialMix(nn.Module):
         self.output = nn.Linear(dim, dim, bias=False)
         self.bi_wkv = BiWKV()  # kernels.kernelize can swap its forward for the Hub kernel's layer
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, mode: str = "uniform") -> None:
+        """``uniform``: decay and bonus 0, mixes 0.5; ``vrwkv``: :func:`vrwkv_init_values`."""
+        if mode == "vrwkv":
+            with torch.no_grad():
+                for name, value in vrwkv_init_values(self.dim, self.layer_id, self.num_layers).items():
+                    getattr(self, name).copy_(value)
+            return
         nn.init.zeros_(self.spatial_decay)
         nn.init.zeros_(self.spatial_first)
         for p in (self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r):
@@ -245,6 +282,9 @@ def token_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 class ChannelMix(nn.Module):
     """RWKV channel mixing (squared-ReLU MLP gated by the receptance), hidden size ``hidden_ratio * dim``."""
 
+    layer_id: int = 0
+    num_layers: int = 1
+
     def __init__(self, dim: int, hidden_ratio: int = 2):
         super().__init__()
         hidden = hidden_ratio * dim
@@ -255,7 +295,14 @@ class ChannelMix(nn.Module):
         self.receptance = nn.Linear(dim, dim, bias=False)
         self.value = nn.Linear(hidden, dim, bias=False)
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, mode: str = "uniform") -> None:
+        """``uniform``: mixes 0.5; ``vrwkv``: :func:`vrwkv_init_values`."""
+        if mode == "vrwkv":
+            with torch.no_grad():
+                dim = self.spatial_mix_k.shape[-1]
+                for name, value in vrwkv_init_values(dim, self.layer_id, self.num_layers, spatial=False).items():
+                    getattr(self, name).copy_(value)
+            return
         for p in (self.spatial_mix_k, self.spatial_mix_r):
             nn.init.constant_(p, 0.5)
 

@@ -151,6 +151,11 @@ class RWKVUNetEncoder(nn.Module):
                 self.add_module(f"stage{i + 1}", stage)
                 self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 1), module=f"stage{i + 1}"))
                 in_chs, start = dim, start + depth
+            mixing = [b for b in self.modules() if isinstance(b, IRBlock) and b.mix is not None]
+            for layer_id, block in enumerate(mixing):  # the depth of each mixing block, for vrwkv_init_values
+                for token_mixer in (block.mix, block.channel_mix):
+                    if token_mixer is not None:
+                        token_mixer.layer_id, token_mixer.num_layers = layer_id, len(mixing)
             self.num_features = self.head_hidden_size = dims[-1]
             self.norm = LayerNorm2d(self.num_features, eps=1e-6)
             self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))

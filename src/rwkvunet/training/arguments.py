@@ -1,4 +1,4 @@
-"""Options of ``training/finetune.py``: defaults, then a YAML config, then the command line.
+"""Options of fine-tuning (``rwkvunet finetune``, ``training/finetune.py``): defaults, then a YAML config, then the command line.
 
 Every field of :class:`TrainArguments` is an option ``--field-name`` and a config key ``field_name``
 (dashes and underscores are both accepted in configs). The defaults are the no-argument run: RWKV-UNet-T
@@ -37,6 +37,8 @@ class TrainArguments:
     synthetic_train: int = _opt(96, "training images of the synthetic set", minimum=1)
     synthetic_eval: int = _opt(12, "validation and test images (each) of the synthetic set", minimum=1)
     # model
+    model: str = _opt("rwkvunet", "segmenter: rwkvunet, or the reference smp-unet-r34 (smp's Unet('resnet34') "
+                                  "from scratch, trained and scored by the same loop; needs rwkvunet[baselines])")
     variant: str = _opt("t", "model size: an encoder variant (rwkvunet.ENCODER_VARIANTS: t, s or b, or one "
                              "registered with rwkvunet.register_variant)")
     encoder_pretrained: Optional[str] = _opt(None, "timm encoder weights to start from: a file "
@@ -45,6 +47,12 @@ class TrainArguments:
     ce_weight: float = _opt(0.5, "weight of the cross-entropy in the loss", minimum=0)
     dice_weight: float = _opt(0.5, "weight of the Dice loss", minimum=0)
     drop_path_rate: float = _opt(0.05, "stochastic depth of the encoder", minimum=0, below=1)
+    rwkv_init: str = _opt("vrwkv", "start of the RWKV decay, bonus and token-shift mixes from scratch: vrwkv "
+                                   "(Vision-RWKV's per-channel ranges) or uniform (0 and 0.5)")
+    zero_init_residual: bool = _opt(False, "start the encoder's residual branches at zero (blocks start as identities)")
+    head_init: str = _opt("xavier", "start of the classification head from scratch: xavier (logits of unit "
+                                    "scale) or small (near-zero logits)")
+    deep_supervision: bool = _opt(False, "add a loss on each decoder stage (training only; the logits are unchanged)")
     # schedule
     epochs: int = _opt(20, "training epochs", minimum=1)
     max_steps: Optional[int] = _opt(None, "optimizer steps; overrides --epochs", minimum=1)
@@ -52,9 +60,10 @@ class TrainArguments:
     batch_size: int = _opt(8, "batch size per process", minimum=1)
     eval_batch_size: Optional[int] = _opt(None, "images or slices per forward pass in evaluation (default: "
                                                 "--batch-size)", minimum=1)
-    lr: float = _opt(1e-3, "peak learning rate (AdamW)", minimum=0)
+    lr: float = _opt(3e-3, "peak learning rate (AdamW); 3e-3 trains from scratch fastest (the paper's configs "
+                           "fine-tune pretrained encoders at 1e-4 to 1e-3)", minimum=0)
     min_lr: float = _opt(0.0, "learning rate at the end of the cosine schedule", minimum=0)
-    warmup_steps: int = _opt(0, "linear warm-up steps", minimum=0)
+    warmup_steps: int = _opt(20, "linear warm-up steps", minimum=0)
     weight_decay: float = _opt(1e-4, "AdamW weight decay", minimum=0)
     max_grad_norm: Optional[float] = _opt(1.0, "gradient clipping norm (0 or none: off)", minimum=0)
     gradient_accumulation_steps: int = _opt(1, "batches per optimizer step", minimum=1)
@@ -88,7 +97,8 @@ class TrainArguments:
     @property
     def run_name(self) -> str:
         data = "synthetic" if self.dataset == "synthetic" else Path(str(self.dataset).rstrip("/")).name
-        return f"rwkvunet-{self.variant}-{data}".replace("/", "-")
+        model = f"rwkvunet-{self.variant}" if self.model == "rwkvunet" else self.model
+        return f"{model}-{data}".replace("/", "-")
 
     def to_dict(self) -> dict:
         """The settings of the run (not how this invocation behaves: debugging, overwriting, test hooks)."""
@@ -146,39 +156,71 @@ def _argument_type(kind, metadata: dict):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "finetune.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="finetune.py",
+        prog=prog,
         description="Fine-tune RWKV-UNet with Accelerate. Options override the --config YAML, which overrides "
                     "the defaults (the defaults train RWKV-UNet-T on a built-in synthetic set).",
-        argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--config", help="YAML file of options (keys as the option names)")
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+    """``--config`` and one option per field of :class:`TrainArguments` but those in ``skip`` (``rwkvunet``
+    adds its own ``--debug``). Options not given are absent from the namespace, so the config can set them."""
+    names = ", ".join(shipped_configs())
+    parser.add_argument("--config", default=argparse.SUPPRESS,
+                        help=f"YAML file of options (keys as the option names), or a shipped config: {names}")
     hints = get_type_hints(TrainArguments)
     for f in dataclasses.fields(TrainArguments):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help")
         if help_text != argparse.SUPPRESS and f.default is not None:
             help_text = f"{help_text} (default: {f.default})"
         kind = _base_type(hints[f.name])
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
         elif "nargs" in f.metadata:
-            parser.add_argument(flag, nargs=f.metadata["nargs"], const=f.metadata["const"], help=help_text)
+            parser.add_argument(flag, nargs=f.metadata["nargs"], const=f.metadata["const"],
+                                default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(flag, type=_argument_type(kind, f.metadata), help=help_text,
-                                metavar=kind.__name__.upper())
-    return parser
+            parser.add_argument(flag, type=_argument_type(kind, f.metadata), default=argparse.SUPPRESS,
+                                help=help_text, metavar=kind.__name__.upper())
+
+
+def shipped_configs() -> dict:
+    """Name -> YAML file of the configs shipped with the package (the paper's settings per data set)."""
+    from importlib.resources import files
+
+    folder = files("rwkvunet.training") / "configs"
+    return {Path(p.name).stem: p for p in sorted(folder.iterdir(), key=lambda p: p.name)
+            if p.name.endswith(".yaml")}
+
+
+def find_config(name):
+    """``--config``: an existing file, else the shipped config of that name (``kvasir_seg`` or
+    ``kvasir_seg.yaml``); anything else is an error naming both."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if str(path) in (stem, path.name) and stem in shipped:
+        return shipped[stem]
+    raise UserError(f"config file {name} not found; pass --config with an existing YAML file or the name of a "
+                    f"shipped config: {', '.join(shipped)}")
 
 
 def load_config(path) -> dict:
-    """Read a YAML config into option names; unknown keys are an error naming them."""
+    """Read a YAML config (a file or a shipped config's name) into option names; unknown keys are an error naming
+    them."""
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} not found; pass --config with an existing YAML file "
-                        "(see training/configs/)")
+    path = find_config(path)
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of option: value, got {type(data).__name__}")
@@ -192,9 +234,15 @@ def load_config(path) -> dict:
     return out
 
 
-def parse_arguments(argv: Optional[Sequence[str]] = None) -> TrainArguments:
+def parse_arguments(argv: Optional[Sequence[str]] = None, prog: str = "finetune.py") -> TrainArguments:
     """Defaults < ``--config`` YAML < command line."""
-    given = vars(build_parser().parse_args(argv))
+    return arguments_from(vars(build_parser(prog).parse_args(argv)))
+
+
+def arguments_from(given: dict) -> TrainArguments:
+    """The settings from parsed options (those not given absent) over the ``config`` they name, over the
+    defaults, checked."""
+    given = dict(given)
     values: dict[str, Any] = {}
     config = given.pop("config", None)
     if config:
@@ -214,10 +262,24 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> TrainArguments:
 
 
 def _check(args: TrainArguments) -> None:
+    from ..models.baselines import BASELINES
     from ..models.encoder import ENCODER_VARIANTS
 
+    if args.model not in ("rwkvunet", *BASELINES):
+        raise UserError(f"--model must be one of rwkvunet, {', '.join(BASELINES)}, got {args.model!r}")
+    if args.model != "rwkvunet" and (args.encoder_pretrained or args.pretrained):
+        raise UserError(f"--model {args.model} is a reference trained from scratch; --encoder-pretrained and "
+                        "--pretrained start RWKV-UNet runs (drop them, or drop --model)")
     if args.variant not in ENCODER_VARIANTS:
         raise UserError(f"--variant must be one of {', '.join(ENCODER_VARIANTS)}, got {args.variant!r}")
+    from ..models.rwkv_unet.configuration_rwkv_unet import RWKV_INITS
+
+    if args.rwkv_init not in RWKV_INITS:
+        raise UserError(f"--rwkv-init must be one of {', '.join(RWKV_INITS)}, got {args.rwkv_init!r}")
+    from ..models.rwkv_unet.configuration_rwkv_unet import HEAD_INITS
+
+    if args.head_init not in HEAD_INITS:
+        raise UserError(f"--head-init must be one of {', '.join(HEAD_INITS)}, got {args.head_init!r}")
     if args.mixed_precision not in ("no", "fp16", "bf16"):
         raise UserError(f"--mixed-precision must be no, fp16 or bf16, got {args.mixed_precision!r}")
     if args.encoder_pretrained and args.pretrained:

@@ -144,7 +144,8 @@ def build_model(args, num_labels: int, in_channels: int, names: list[str]):
     labels = dict(id2label={k: n for k, n in enumerate(names)}, label2id={n: k for k, n in enumerate(names)})
     common = dict(num_labels=num_labels, in_channels=in_channels, ce_weight=args.ce_weight,
                   dice_weight=args.dice_weight, drop_path_rate=args.drop_path_rate, image_size=args.img_size,
-                  **labels)
+                  rwkv_init=args.rwkv_init, zero_init_residual=args.zero_init_residual,
+                  deep_supervision=args.deep_supervision, head_init=args.head_init, **labels)
     if args.pretrained:
         from ..hub import load_segmentation_model
 
@@ -159,6 +160,12 @@ def build_model(args, num_labels: int, in_channels: int, names: list[str]):
             logger.warning("%s has %d labels; its head was replaced for %d", args.pretrained, config.num_labels,
                            num_labels)
         return model
+    if args.model != "rwkvunet":
+        from ..models.baselines import build_baseline
+
+        for name in ("drop_path_rate", "rwkv_init", "zero_init_residual", "deep_supervision", "head_init"):
+            common.pop(name)
+        return build_baseline(args.model, **common)
     if args.encoder_pretrained:
         return RWKVUNetForSemanticSegmentation.from_encoder_pretrained(
             f"rwkvunet_enc_{args.variant}", pretrained_cfg_overlay=_encoder_overlay(args.encoder_pretrained),

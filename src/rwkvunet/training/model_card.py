@@ -20,6 +20,8 @@ def write_model_card(folder, *, args: dict, test: Optional[dict], validation_bes
                      repo_id: Optional[str] = None) -> Path:
     """Write ``folder/README.md`` with Hub metadata, the measured test scores and the training options."""
     variant = str(args.get("variant", "t")).upper()
+    model = args.get("model", "rwkvunet")
+    title = f"RWKV-UNet-{variant} fine-tuned" if model == "rwkvunet" else f"Reference {model}"
     dataset = str(args.get("dataset"))
     meta = {
         "library_name": "transformers",
@@ -32,7 +34,7 @@ def write_model_card(folder, *, args: dict, test: Optional[dict], validation_bes
     if dataset != "synthetic" and not Path(dataset).exists():
         meta["datasets"] = [dataset]
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-             f"# RWKV-UNet-{variant} fine-tuned on {dataset}", "",
+             f"# {title} trained on {dataset}", "",
              f"RWKV-UNet ([paper]({PAPER})) segmenter with {num_parameters / 1e6:.2f} M parameters, trained for "
              f"{steps} steps ({epochs} epochs, {train_seconds / 60:.1f} min).", "",
              "```python", "import rwkvunet  # registers the model with transformers",

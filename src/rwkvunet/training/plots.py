@@ -1,8 +1,10 @@
 """PNG figures of a run: loss and Dice curves, and overlays of image, ground truth and prediction."""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -61,27 +63,81 @@ def _overlay(image: np.ndarray, labels: np.ndarray, colours: np.ndarray, alpha: 
     return rgb
 
 
-def plot_overlays(samples: Sequence[tuple], num_classes: int, path, titles=("image", "ground truth",
-                                                                           "prediction")) -> Path:
-    """Grid with one row per ``(case_id, image (H, W) or (C, H, W), gt (H, W), pred (H, W))``."""
+@dataclass
+class OverlayRow:
+    """One row of the overlay grid: a case's image with its ground truth and prediction (label maps of the same
+    size), and the Dice of each foreground class as the evaluation scores them."""
+
+    case_id: str
+    image: np.ndarray  # (H, W) or (C, H, W)
+    truth: np.ndarray  # (H, W) labels
+    prediction: np.ndarray  # (H, W) labels
+    dice: Sequence[float] = ()  # per foreground class
+    note: str = ""  # what the row shows of the case, e.g. "slice 37" of a volume
+
+    @property
+    def mean_dice(self) -> Optional[float]:
+        """The case's Dice: the mean over foreground classes (``mean_dice`` of the evaluation's per-case CSV)."""
+        return float(np.mean(self.dice)) if len(self.dice) else None
+
+
+def dice_text(row: OverlayRow, class_names: Sequence[str]) -> str:
+    """``Dice 0.812`` under a row's prediction; with several classes a second line gives the Dice of each class
+    present in the ground truth or the prediction."""
+    if row.mean_dice is None:
+        return ""
+    head = f"{row.note}: " if row.note else ""
+    text = f"{head}Dice {row.mean_dice:.3f}"
+    if len(row.dice) > 1:
+        shown = [f"{name} {d:.2f}" for k, (name, d) in enumerate(zip(class_names, row.dice), start=1)
+                 if (row.truth == k).any() or (row.prediction == k).any()]
+        text += "\n" + ", ".join(shown or ["no class present"])
+    return text
+
+
+def overlay_figure(rows: Sequence[OverlayRow], class_names: Sequence[str]):
+    """The grid (image, ground truth, prediction per row) with the case's Dice under each prediction and a legend
+    of the foreground classes' names and colours."""
+    from matplotlib.patches import Patch
+
     plt = _pyplot()
-    colours = label_colours(num_classes)
-    rows = max(len(samples), 1)
-    fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows), squeeze=False)
-    for r, (case_id, image, gt, pred) in enumerate(samples):
-        image = np.asarray(image, dtype=np.float32)
+    colours = label_colours(len(class_names) + 1)
+    count = max(len(rows), 1)
+    legend_rows = math.ceil(len(class_names) / 4)
+    height = 2.7 * count + 0.3 * legend_rows + 0.45
+    fig, axes = plt.subplots(count, 3, figsize=(7.5, height), squeeze=False)
+    for r, row in enumerate(rows):
+        image = np.asarray(row.image, dtype=np.float32)
         grey = image[0] if image.ndim == 3 and image.shape[0] == 1 else image
-        panels = [_overlay(grey, np.zeros_like(gt), colours), _overlay(grey, gt, colours),
-                  _overlay(grey, pred, colours)]
+        panels = [_overlay(grey, np.zeros_like(row.truth), colours), _overlay(grey, row.truth, colours),
+                  _overlay(grey, row.prediction, colours)]
         for c, panel in enumerate(panels):
             axes[r, c].imshow(panel, interpolation="nearest")
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
             if r == 0:
-                axes[r, c].set_title(titles[c])
-        name = str(case_id)
+                axes[r, c].set_title(("image", "ground truth", "prediction")[c])
+        name = str(row.case_id)
         axes[r, 0].set_ylabel(name if len(name) <= 18 else name[:8] + "..." + name[-7:], fontsize=8)
-    fig.tight_layout()
+        axes[r, 2].set_xlabel(dice_text(row, class_names), fontsize=8)
+    handles = [Patch(facecolor=colours[k], edgecolor="none", label=name)
+               for k, name in enumerate(class_names, start=1)]
+    footnote = 0.25 / height
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, footnote), ncol=min(len(handles), 4),
+               fontsize=8, frameon=False, handlelength=1.2, columnspacing=1.2)
+    if any(len(row.dice) > 1 for row in rows):
+        note = "Dice: the case's mean over classes, as the evaluation scores it (a class in neither mask counts 0)"
+    else:
+        note = "Dice: of each case, as the evaluation scores it"
+    fig.text(0.5, 0.06 / height, note, ha="center", va="bottom", fontsize=7, color="0.35")
+    fig.tight_layout(rect=(0, footnote + (0.3 * legend_rows + 0.05) / height, 1, 1))
+    return fig
+
+
+def plot_overlays(rows: Sequence[OverlayRow], class_names: Sequence[str], path) -> Path:
+    """Write :func:`overlay_figure` as a PNG."""
+    plt = _pyplot()
+    fig = overlay_figure(rows, class_names)
     path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)

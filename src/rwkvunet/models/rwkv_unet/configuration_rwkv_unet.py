@@ -7,6 +7,12 @@ from ...layers import DECODER_BLOCKS, SPATIAL_MIXERS
 from ..encoder import ENCODER_VARIANTS, MODEL_PREFIX
 
 
+#: Starts of the RWKV decay, bonus and token-shift mixes (``RWKVUNetConfig.rwkv_init``).
+RWKV_INITS = ("vrwkv", "uniform")
+#: Starts of the classification head (``RWKVUNetConfig.head_init``).
+HEAD_INITS = ("xavier", "small")
+
+
 class RWKVUNetConfig(PreTrainedConfig):
     r"""Configuration of [`RWKVUNetForSemanticSegmentation`]. Defaults build the paper's RWKV-UNet-B.
 
@@ -30,6 +36,18 @@ class RWKVUNetConfig(PreTrainedConfig):
         num_skips (`int`, defaults to 3): skip connections kept, shallowest first (0-3, Table 9).
         use_ccm (`bool`, defaults to True): fuse the skips with the Cross-Channel Mix (Table 9).
         image_size (`int`, defaults to 224): training resolution (informational; any size runs).
+        rwkv_init (`str`, defaults to `"vrwkv"`): start of the decay, bonus and token-shift mixes of a model
+            built from scratch: `"vrwkv"` (Vision-RWKV's per-channel, per-depth ranges) or `"uniform"` (decay
+            and bonus 0, mixes 0.5). Loaded weights replace it; it never changes what a checkpoint computes.
+        zero_init_residual (`bool`, defaults to False): start every residual branch of the encoder at zero (its
+            last 1x1 conv and the LayerNorm after the spatial mix), so each block starts as the identity.
+        deep_supervision (`bool`, defaults to False): add a 1x1 head on each of the first three decoder stages
+            whose loss (upsampled to the labels) is added with `deep_supervision_weight`; training only, the
+            logits are unchanged. Off for the released checkpoints.
+        deep_supervision_weight (`float`, defaults to 0.4): weight of the mean auxiliary loss.
+        head_init (`str`, defaults to `"xavier"`): start of the 1x1 classification head(s) of a model built
+            from scratch: `"xavier"` (Xavier uniform: logits of about unit scale, as a plain CNN head; trains
+            markedly faster from scratch) or `"small"` (normal, std `initializer_range`: near-zero logits).
     """
 
     model_type = "rwkv_unet"
@@ -53,6 +71,11 @@ class RWKVUNetConfig(PreTrainedConfig):
             use_ccm: bool = True,
             image_size: int = 224,
             initializer_range: float = 0.02,
+            rwkv_init: str = "vrwkv",
+            zero_init_residual: bool = False,
+            deep_supervision: bool = False,
+            deep_supervision_weight: float = 0.4,
+            head_init: str = "xavier",
             **kwargs,
     ):
         if encoder_name is not None:
@@ -68,6 +91,10 @@ class RWKVUNetConfig(PreTrainedConfig):
             raise ValueError(f"decoder_block must be one of {DECODER_BLOCKS}, got {decoder_block!r}")
         if not 0 <= int(num_skips) <= 3:
             raise ValueError(f"num_skips must be between 0 and 3, got {num_skips}")
+        if rwkv_init not in RWKV_INITS:
+            raise ValueError(f"rwkv_init must be one of {RWKV_INITS}, got {rwkv_init!r}")
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
         if int(in_channels) < 1:
             raise ValueError(f"in_channels must be positive, got {in_channels}")
         self.variant = variant
@@ -87,7 +114,12 @@ class RWKVUNetConfig(PreTrainedConfig):
         self.use_ccm = bool(use_ccm)
         self.image_size = int(image_size)
         self.initializer_range = float(initializer_range)
+        self.rwkv_init = rwkv_init
+        self.zero_init_residual = bool(zero_init_residual)
+        self.deep_supervision = bool(deep_supervision)
+        self.deep_supervision_weight = float(deep_supervision_weight)
+        self.head_init = head_init
         super().__init__(**kwargs)
 
 
-__all__ = ["RWKVUNetConfig"]
+__all__ = ["HEAD_INITS", "RWKV_INITS", "RWKVUNetConfig"]

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from ...layers import ChannelMix, CrossChannelMix, DecoderBlock, SpatialMix, upsample2x
+from ...layers import ChannelMix, CrossChannelMix, DecoderBlock, IRBlock, SpatialMix, upsample2x, vrwkv_init_values
 from ..encoder import ENCODER_VARIANTS, MODEL_PREFIX, STEM_CHS, RWKVUNetEncoder
 from .configuration_rwkv_unet import RWKVUNetConfig
 
@@ -37,8 +37,15 @@ class RWKVUNetPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Re-creatable initialisation of every parameter and buffer (models are built on the meta device)."""
-        if module is getattr(self, "segmentation_head", None):
-            init.trunc_normal_(module.weight, std=self.config.initializer_range)  # small logits at the start
+        if getattr(module, "_zero_init", False):  # a residual branch's last layer (config.zero_init_residual)
+            init.zeros_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif module is getattr(self, "segmentation_head", None) or module in (getattr(self, "aux_heads", None) or ()):
+            if self.config.head_init == "xavier":  # logits of about unit scale, as a plain CNN head
+                init.xavier_uniform_(module.weight)
+            else:  # small logits at the start
+                init.trunc_normal_(module.weight, std=self.config.initializer_range)
             init.zeros_(module.bias)
         elif isinstance(module, nn.Conv2d):
             fan_out = module.out_channels * module.kernel_size[0] * module.kernel_size[1] // module.groups
@@ -58,14 +65,20 @@ class RWKVUNetPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.running_mean)
                 init.ones_(module.running_var)
                 init.zeros_(module.num_batches_tracked)
-        elif isinstance(module, SpatialMix):
-            init.zeros_(module.spatial_decay)
-            init.zeros_(module.spatial_first)
-            for p in (module.spatial_mix_k, module.spatial_mix_v, module.spatial_mix_r):
-                init.constant_(p, 0.5)
-        elif isinstance(module, ChannelMix):
-            for p in (module.spatial_mix_k, module.spatial_mix_r):
-                init.constant_(p, 0.5)
+        elif isinstance(module, (SpatialMix, ChannelMix)):
+            spatial = isinstance(module, SpatialMix)
+            if self.config.rwkv_init == "vrwkv":
+                values = vrwkv_init_values(module.spatial_mix_k.shape[-1], module.layer_id, module.num_layers,
+                                           spatial=spatial)
+                for name, value in values.items():
+                    init.copy_(getattr(module, name), value)
+                return
+            if spatial:
+                init.zeros_(module.spatial_decay)
+                init.zeros_(module.spatial_first)
+            for name in ("spatial_mix_k", "spatial_mix_v", "spatial_mix_r") if spatial else ("spatial_mix_k",
+                                                                                          "spatial_mix_r"):
+                init.constant_(getattr(module, name), 0.5)
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint,
                                     every_n_layers: int = 1):
@@ -112,6 +125,18 @@ class RWKVUNetForSemanticSegmentation(RWKVUNetPreTrainedModel):
             in_chs = out_chs
         self.decoder = nn.ModuleList(decoder)
         self.segmentation_head = nn.Conv2d(STEM_CHS, config.num_labels, 1, bias=True)
+        # deep supervision: a head on each decoder stage but the last (only when the config asks for it, so the
+        # released checkpoints hold none)
+        self.aux_heads = nn.ModuleList([nn.Conv2d(c, config.num_labels, 1, bias=True) for c in outs[:-1]]) if (
+            config.deep_supervision) else None
+        if config.zero_init_residual:
+            for block in self.encoder.modules():
+                if isinstance(block, IRBlock) and block.residual:
+                    block.proj._zero_init = True
+                    if block.mix_norm is not None:
+                        block.mix_norm._zero_init = True
+                    if block.channel_mix_norm is not None:
+                        block.channel_mix_norm._zero_init = True
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -205,11 +230,15 @@ class RWKVUNetForSemanticSegmentation(RWKVUNetPreTrainedModel):
             skips = self.ccm(skips)
         d = e4
         last = len(self.decoder) - 1
+        supervise = self.aux_heads is not None and labels is not None and self.training
+        stages = []  # decoder stage outputs for deep supervision (kept only when it is on)
         for j, block in enumerate(self.decoder):
             level = 3 - j  # index into skips [e1', e2', e3'] joined before block j (none before block 0)
             if j > 0 and level < len(skips):
                 d = torch.cat([d, skips[level]], dim=1)
             d = self._decode(block, d, upsample=j < last)
+            if supervise and j < last:
+                stages.append(d)
         # the 1x1 head and the last block's bilinear x2 upsampling commute: upsampling the few class maps
         # instead of the block's channels saves a full-resolution pass
         logits = upsample2x(self.segmentation_head(d))
@@ -221,6 +250,11 @@ class RWKVUNetForSemanticSegmentation(RWKVUNetPreTrainedModel):
         if labels is not None:
             labels = self._check_labels(labels, pixel_values)
             loss = segmentation_loss(logits, labels, self.config)
+            if supervise:
+                aux = [F.interpolate(head(stage), size=x.shape[-2:], mode="bilinear", align_corners=False)
+                       [..., :height, :width] for head, stage in zip(self.aux_heads, stages)]
+                aux_loss = sum(segmentation_loss(a, labels, self.config) for a in aux) / len(aux)
+                loss = loss + self.config.deep_supervision_weight * aux_loss
 
         hidden_states = (e1, e2, e3, e4) if output_hidden_states else None
         if not return_dict:

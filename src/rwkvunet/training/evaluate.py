@@ -1,0 +1,166 @@
+"""Evaluate a trained RWKV-UNet segmenter with the paper's metrics.
+
+    rwkvunet evaluate runs/acdc_b --dataset /data/ACDC --split test --tta --output-dir runs/acdc_b/eval
+    accelerate launch --num_processes 2 -m rwkvunet.evaluate rwkv-unet/rwkvunet-b-synapse --dataset /data/Synapse
+    python training/evaluate.py runs/acdc_b --dataset /data/ACDC                                  # from a clone
+
+MODEL is a ``save_pretrained`` folder or a Hub id. Synapse and ACDC are scored per 3-D volume (Dice and HD95
+per class), binary sets per image (Dice and IoU). Writes ``metrics.json``, ``per_class.csv`` and
+``per_case.csv`` to ``--output-dir`` and prints the table.
+
+A model whose classes do not fit the masks (binary masks for a multi-class model, labels above its classes, a
+label map for a binary model) is refused before any prediction. Mistakes are one line ``<prog>: error: ...``
+and exit status 2 (``--debug`` shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rwkvunet.errors import UserError, run_main
+from rwkvunet.ops.cpu_memory import keep_freed_cpu_memory
+
+
+#: The program name in messages when run as ``python -m rwkvunet.evaluate`` (``accelerate launch -m ...``).
+PROG = "rwkvunet.evaluate"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (a usage error, exit status 2, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also RWKVUNET_DEBUG=1)")
+    return parser.parse_args(argv)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options but ``--debug`` (``rwkvunet`` adds its own)."""
+    parser.add_argument("model", help="save_pretrained folder or Hub id of the segmenter")
+    parser.add_argument("--dataset", required=True,
+                        help="Hub id, save_to_disk folder, image/mask folder, Synapse or ACDC root")
+    parser.add_argument("--split", default="test", help="split to score (default: test)")
+    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    parser.add_argument("--output-dir", default=None, help="where to write metrics (default: MODEL/eval-SPLIT "
+                                                           "for a local folder, ./eval-SPLIT otherwise)")
+    parser.add_argument("--img-size", type=positive_int, default=None,
+                        help="input size (default: the image processor's)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images or slices per forward pass")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of 8:1:1 splits (binary sets)")
+    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--mask-column", default="mask")
+    parser.add_argument("--cache-dir", default=None, help="datasets cache folder")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def load_model(name: str):
+    """The segmenter and the pixel settings it was trained with (its ``preprocessor_config.json``, read by the
+    same code as ``Segmenter`` and ``rwkvunet predict``); a missing, empty or truncated model is a one-line
+    error."""
+    from rwkvunet.hub import load_segmentation_model
+    from rwkvunet.inference import load_preprocessing
+
+    model = load_segmentation_model(name)
+    return model, load_preprocessing(name, int(model.config.in_channels))
+
+
+def eval_pixels(pixels, img_size, config):
+    """The model's pixel settings at ``--img-size``, else at its processor's size, else at its training size."""
+    import dataclasses
+
+    size = img_size or pixels.size or getattr(config, "image_size", None) or 224
+    return dataclasses.replace(pixels, size=(size, size) if isinstance(size, int) else tuple(size))
+
+
+def output_folder(args) -> Path:
+    out = Path(args.output_dir) if args.output_dir else (
+        Path(args.model) if Path(args.model).is_dir() else Path(".")) / f"eval-{args.split}"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out} is a file; give a folder (it is created if missing)")
+    return out
+
+
+def load_data(args, num_labels: int):
+    """The data set read for the model's classes. Masks it cannot read that way are read once more as a binary
+    set or a label map, so that the message names the labels found and the model's classes."""
+    from rwkvunet.data import DataError, load_segmentation_dataset
+    from rwkvunet.evaluation import check_model_fits_labels, split_labels
+
+    def load(labels):
+        return load_segmentation_dataset(args.dataset, image_column=args.image_column,
+                                         mask_column=args.mask_column, split_seed=args.split_seed,
+                                         num_labels=labels, cache_dir=args.cache_dir)
+    try:
+        return load(num_labels)
+    except DataError as err:
+        try:  # read the masks as a binary set (multi-class model) or as a label map (binary model)
+            other = load(None if num_labels > 2 else 256)
+        except DataError:
+            raise err from None
+        labels = sorted({v for split in other.values() for v in split_labels(split)})
+        check_model_fits_labels(num_labels, labels, args.dataset)
+        raise
+
+
+def main(argv=None, prog: str = PROG) -> int:
+    args = parse_args(argv, prog=prog)
+    return run_main(prog, lambda: _own_process_and_run(args), debug=args.debug)
+
+
+def _own_process_and_run(args) -> int:
+    keep_freed_cpu_memory()  # the entry point owns the process: freed CPU activations are kept for reuse
+    return run(args)
+
+
+def run(args) -> int:
+    from accelerate import Accelerator
+    from timm.utils import reparameterize_model
+
+    from rwkvunet.data import detect_layout
+    from rwkvunet.data.transforms import EvalTransform
+    from rwkvunet.evaluation import check_model_fits_labels, evaluate, split_labels
+    from rwkvunet.training.processes import main_process_first
+
+    # every check that can refuse comes before the processes wait for each other
+    detect_layout(args.dataset)
+    out = output_folder(args)
+    model, pixels = load_model(args.model)
+    accelerator = Accelerator()
+    model.to(accelerator.device)
+    num_labels = model.config.num_labels
+    data = main_process_first(accelerator, lambda: load_data(args, num_labels))
+    if args.split not in data or len(data[args.split]) == 0:
+        found = ", ".join(f"{k} ({len(v)} cases)" for k, v in data.items()) or "none"
+        raise UserError(f"{args.dataset} has no cases in split {args.split!r} (its splits: {found}); pass "
+                        "--split with one of them")
+    check_model_fits_labels(num_labels, split_labels(data[args.split]), f"{args.dataset} ({args.split})")
+    pixels = eval_pixels(pixels, args.img_size, model.config)
+    transform = EvalTransform(pixels=pixels)
+    # inference only: BatchNorm folded into the convolutions (timm's reparameterize_model), in place
+    model = reparameterize_model(model.eval(), inplace=True)
+    result = evaluate(model, data[args.split], img_size=pixels.size, batch_size=args.batch_size, tta=args.tta,
+                      accelerator=accelerator, progress=not args.no_progress, transform=transform)
+    if accelerator.is_main_process:
+        result.write_json(out / "metrics.json")
+        result.write_csv(out)
+        print(result.format_table())
+        print(json.dumps({"mean_dice": result.mean_dice, "mean_hd95": result.mean_hd95,
+                          "mean_iou": result.mean_iou}))
+        print(f"wrote {out}/metrics.json, per_class.csv, per_case.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

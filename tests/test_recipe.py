@@ -1,0 +1,137 @@
+"""The from-scratch training recipe: Vision-RWKV initialisation, residual zero-init, parameter groups without
+weight decay, deep supervision; none of them changes what a saved model computes."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rwkvunet import RWKVUNetConfig, RWKVUNetForSemanticSegmentation
+from rwkvunet.layers import ChannelMix, IRBlock, SpatialMix
+from rwkvunet.training.optim import build_optimizer, parameter_groups
+
+
+def _model(**kwargs):
+    torch.manual_seed(0)
+    return RWKVUNetForSemanticSegmentation(RWKVUNetConfig(variant="t", num_labels=1, **kwargs))
+
+
+def test_vrwkv_init_ranges():
+    """Decay spans -5..3 over the channels, steeper with depth; bonus log(0.3) +- 0.5; mixes (i/C)^(1-l/L)."""
+    model = _model()
+    mixers = [m for m in model.encoder.modules() if isinstance(m, SpatialMix)]
+    assert [(m.layer_id, m.num_layers) for m in mixers] == [(i, 4) for i in range(4)]  # T: 2 + 2 mixing blocks
+    for m in mixers:
+        decay, first = m.spatial_decay.detach(), m.spatial_first.detach()
+        C = decay.numel()
+        assert decay[0] == pytest.approx(-5) and decay[-1] == pytest.approx(3)
+        assert bool((decay[1:] > decay[:-1]).all())  # monotone over the channels
+        assert set(torch.round(first - math.log(0.3), decimals=4).tolist()) == {-0.5, 0.0, 0.5}
+        exponent = 1 - m.layer_id / m.num_layers
+        k = m.spatial_mix_k.detach().flatten()
+        torch.testing.assert_close(k, (torch.arange(C) / C) ** exponent)
+        torch.testing.assert_close(m.spatial_mix_r.detach().flatten(), (torch.arange(C) / C) ** (0.5 * exponent))
+        torch.testing.assert_close(m.spatial_mix_v.detach().flatten(),
+                                   (torch.arange(C) / C) ** exponent + 0.3 * m.layer_id / (m.num_layers - 1))
+    # deeper layers: the decay curve bends further towards -5 (more channels look far)
+    assert mixers[-1].spatial_decay[len(mixers[-1].spatial_decay) // 2] < mixers[0].spatial_decay[
+        len(mixers[0].spatial_decay) // 2]
+    ccm = model.ccm.channel
+    C = ccm.spatial_mix_k.shape[-1]
+    torch.testing.assert_close(ccm.spatial_mix_k.detach().flatten(), torch.arange(C) / C)
+
+
+def test_uniform_init_is_the_former_start():
+    model = _model(rwkv_init="uniform")
+    for m in model.modules():
+        if isinstance(m, SpatialMix):
+            assert bool((m.spatial_decay == 0).all() and (m.spatial_first == 0).all())
+            assert bool((m.spatial_mix_v == 0.5).all())
+        if isinstance(m, ChannelMix):
+            assert bool((m.spatial_mix_k == 0.5).all())
+    with pytest.raises(ValueError, match="rwkv_init"):
+        RWKVUNetConfig(variant="t", rwkv_init="fancy")
+
+
+def test_layer_reset_parameters_matches_the_model_init():
+    model = _model()
+    mixer = [m for m in model.encoder.modules() if isinstance(m, SpatialMix)][2]
+    expected = {n: p.detach().clone() for n, p in mixer.named_parameters() if n.startswith("spatial_")}
+    mixer.reset_parameters("uniform")
+    assert bool((mixer.spatial_decay == 0).all())
+    mixer.reset_parameters("vrwkv")
+    for name, value in expected.items():
+        torch.testing.assert_close(getattr(mixer, name).detach(), value)
+
+
+def test_zero_init_residual_starts_blocks_as_identities():
+    model = _model(zero_init_residual=True).eval()
+    blocks = [b for b in model.encoder.modules() if isinstance(b, IRBlock) and b.residual]
+    assert blocks
+    x = torch.randn(1, blocks[0].proj.out_channels, 8, 8)
+    for block in blocks:
+        assert bool((block.proj.weight == 0).all())
+        if block.mix_norm is not None:
+            assert bool((block.mix_norm.weight == 0).all())
+        x = torch.randn(1, block.proj.out_channels, 8, 8).contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(block(x), x)
+    # the blocks without a shortcut keep their ordinary start
+    first = model.encoder.stage1[0]
+    assert not first.residual and first.proj.weight.abs().sum() > 0
+
+
+def test_parameter_groups_hold_exactly_the_intended_parameters():
+    model = _model(deep_supervision=True)
+    decay, no_decay = parameter_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert decayed | kept == set(names.values()) and not decayed & kept
+    # independent reference: conv kernels and linear weights decay; everything 1-D and the mixes do not
+    for name, param in model.named_parameters():
+        is_kernel = isinstance(model.get_submodule(name.rsplit(".", 1)[0]), (torch.nn.Conv2d, torch.nn.Linear)) \
+            and name.endswith(".weight")
+        assert (name in decayed) == is_kernel, name
+    assert any(n.endswith("spatial_mix_k") for n in kept) and any(n.endswith("spatial_decay") for n in kept)
+    assert any(n.endswith("key_norm.weight") for n in kept) and any(".bn." in n or "norm" in n for n in kept)
+    optimizer = build_optimizer(model, 1e-3, 0.05)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
+
+
+def test_deep_supervision_leaves_the_logits_unchanged():
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 48, 40)
+    labels = (torch.rand(2, 48, 40) > 0.5).long()
+    plain, supervised = _model(), _model(deep_supervision=True)
+    missing = supervised.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("aux_heads.") for k in missing)
+    assert not any(k.startswith("aux_heads.") for k in plain.state_dict())  # off: no extra weights
+    for mode in ("eval", "train"):
+        getattr(plain, mode)(), getattr(supervised, mode)()
+        torch.manual_seed(2)
+        a = plain(pixel_values=x, labels=labels)
+        torch.manual_seed(2)
+        b = supervised(pixel_values=x, labels=labels)
+        torch.testing.assert_close(a.logits, b.logits)
+        if mode == "eval":  # the auxiliary losses count only in training
+            torch.testing.assert_close(a.loss, b.loss)
+        else:
+            assert b.loss > a.loss
+    b.loss.backward()
+    assert all(h.weight.grad is not None and h.weight.grad.abs().sum() > 0 for h in supervised.aux_heads)
+
+
+def test_head_init():
+    """small: std initializer_range; xavier: uniform in +-sqrt(6 / (fan_in + fan_out)), the aux heads too."""
+    small = _model(head_init="small").segmentation_head.weight.detach()
+    assert small.std() < 0.03
+    model = _model(head_init="xavier", deep_supervision=True)
+    for head in [model.segmentation_head, *model.aux_heads]:
+        w = head.weight.detach()
+        bound = math.sqrt(6 / (w.shape[1] + w.shape[0]))
+        assert w.abs().max() <= bound and w.std() > 0.5 * bound / math.sqrt(3)
+        assert bool((head.bias == 0).all())
+    with pytest.raises(ValueError, match="head_init"):
+        RWKVUNetConfig(variant="t", head_init="zeros")

@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""From-scratch comparison of RWKV-UNet and the smp U-Net reference at equal budget, with one command.
+
+    python training/scratch_study.py --source /data --sets dsb2018_96 busi_224:busi --work-dir study
+
+For each data set folder under ``--source`` (``NAME`` or ``NAME:LAYOUT``) and each split seed, the 8:1:1 split is
+built once with ``rwkvunet data`` into ``WORK_DIR/data/``; then ``training/finetune.py`` trains every model of
+``--models`` on it from scratch with the same options (epochs, batch, image size, everything else the defaults),
+one run at a time, into ``WORK_DIR/runs/SET/MODEL/seedK``. Finished runs (a ``metrics.json``) are kept, so an
+interrupted study continues where it stopped. The test scores are collected into ``WORK_DIR/runs.csv`` (one row
+per run), ``WORK_DIR/summary.csv`` and ``WORK_DIR/summary.md`` (mean and standard deviation over the seeds of the
+test Dice, IoU and training time). Options after ``--`` go to every finetune run.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FINETUNE = REPO / "training" / "finetune.py"
+
+#: ``--models`` names: the finetune options that select each model.
+MODELS = {
+    "rwkvunet-t": ["--model", "rwkvunet", "--variant", "t"],
+    "rwkvunet-s": ["--model", "rwkvunet", "--variant", "s"],
+    "rwkvunet-b": ["--model", "rwkvunet", "--variant", "b"],
+    "smp-unet-r34": ["--model", "smp-unet-r34"],
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="scratch_study.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--source", required=True, help="folder holding the data set folders")
+    parser.add_argument("--sets", nargs="+", default=["dsb2018_96", "busi_224:busi"],
+                        help="data set folders under --source, each NAME or NAME:LAYOUT (rwkvunet data --layout)")
+    parser.add_argument("--models", nargs="+", default=["rwkvunet-t", "smp-unet-r34"], choices=sorted(MODELS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="split seeds (the run seed too)")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--img-size", type=int, default=64, help="training and evaluation size, all sets")
+    parser.add_argument("--num-threads", type=int, default=None, help="CPU threads of each run")
+    parser.add_argument("--work-dir", required=True, help="where the data splits, runs and tables go")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and collect what exists")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="-- then options for every finetune run")
+    args = parser.parse_args(argv)
+    args.extra = [a for a in args.extra if a != "--"]
+    return args
+
+
+def run(command, dry_run: bool, log: Path | None = None) -> None:
+    print("+", " ".join(map(str, command)), flush=True)
+    if dry_run:
+        return
+    if log is None:
+        subprocess.run(list(map(str, command)), check=True)
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        result = subprocess.run(list(map(str, command)), stdout=f, stderr=subprocess.STDOUT)
+    if result.returncode:
+        raise SystemExit(f"scratch_study.py: error: {command[1]} failed (exit {result.returncode}); see {log}")
+
+
+def prepare_split(source: Path, spec: str, seed: int, work: Path, dry_run: bool) -> Path:
+    name, _, layout = spec.partition(":")
+    dst = work / "data" / f"{name}_seed{seed}"
+    if not (dst / "rwkvunet_data.json").is_file():
+        command = [sys.executable, "-m", "rwkvunet.cli", "data", source / name, dst, "--split-seed", seed]
+        run(command + (["--layout", layout] if layout else []), dry_run)
+    return dst
+
+
+def train(model: str, data: Path, out: Path, seed: int, args) -> None:
+    if (out / "metrics.json").is_file():
+        print(f"= {out} done", flush=True)
+        return
+    command = [sys.executable, FINETUNE, *MODELS[model], "--dataset", data, "--split-seed", seed, "--seed", seed,
+               "--epochs", args.epochs, "--batch-size", args.batch_size, "--img-size", args.img_size,
+               "--output-dir", out, "--overwrite-output-dir", *args.extra]
+    if args.num_threads:
+        command += ["--num-threads", args.num_threads]
+    start = time.time()
+    run(command, args.dry_run, log=out.with_suffix(".log"))
+    if not args.dry_run:
+        print(f"= {out}: {time.time() - start:.0f} s", flush=True)
+
+
+def collect(work: Path, sets, models, seeds) -> list[dict]:
+    rows = []
+    for spec in sets:
+        name = spec.partition(":")[0]
+        for model in models:
+            for seed in seeds:
+                path = work / "runs" / name / model / f"seed{seed}" / "metrics.json"
+                if not path.is_file():
+                    continue
+                metrics = json.loads(path.read_text())
+                test = metrics["test"]
+                rows.append(dict(dataset=name, model=model, seed=seed, epochs=metrics["epochs"],
+                                 dice=test["mean_dice"], iou=test.get("mean_iou"),
+                                 train_seconds=metrics["train_seconds"]))
+    return rows
+
+
+def _mean_std(values) -> tuple[float, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    out = []
+    for key in dict.fromkeys((r["dataset"], r["model"]) for r in rows):
+        group = [r for r in rows if (r["dataset"], r["model"]) == key]
+        summary = dict(dataset=key[0], model=key[1], seeds=len(group), epochs=group[0]["epochs"])
+        for metric in ("dice", "iou", "train_seconds"):
+            summary[f"{metric}_mean"], summary[f"{metric}_std"] = _mean_std(r[metric] for r in group)
+        out.append(summary)
+    return out
+
+
+def write_tables(work: Path, rows: list[dict], summary: list[dict]) -> str:
+    for name, table in (("runs.csv", rows), ("summary.csv", summary)):
+        if table:
+            with (work / name).open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(table[0]))
+                writer.writeheader()
+                writer.writerows(table)
+    lines = ["| data set | model | seeds | epochs | test Dice | test IoU | train time (min) |",
+             "|---|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s['dataset']} | {s['model']} | {s['seeds']} | {s['epochs']} | "
+                     f"{s['dice_mean']:.4f} ± {s['dice_std']:.4f} | {s['iou_mean']:.4f} ± {s['iou_std']:.4f} | "
+                     f"{s['train_seconds_mean'] / 60:.1f} ± {s['train_seconds_std'] / 60:.1f} |")
+    lines += ["", "| data set | model | seed | Dice | IoU | time (s) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['model']} | {r['seed']} | {r['dice']:.4f} | "
+                     f"{r['iou'] if r['iou'] is None else format(r['iou'], '.4f')} | {r['train_seconds']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    (work / "summary.md").write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    work, source = Path(args.work_dir), Path(args.source)
+    work.mkdir(parents=True, exist_ok=True)
+    for spec in args.sets:
+        if not (source / spec.partition(":")[0]).is_dir():
+            raise SystemExit(f"scratch_study.py: error: {source / spec.partition(':')[0]} not found; give --source "
+                             "the folder that holds the --sets folders")
+    # seeds outermost: every model has a result on a seed before the next seed starts
+    for seed in args.seeds:
+        for spec in args.sets:
+            data = prepare_split(source, spec, seed, work, args.dry_run)
+            for model in args.models:
+                train(model, data, work / "runs" / spec.partition(":")[0] / model / f"seed{seed}", seed, args)
+    rows = collect(work, args.sets, args.models, args.seeds)
+    print(write_tables(work, rows, summarize(rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,6 +17,7 @@ COMMANDS = {
     "predict": ("rwkvunet.commands.predict", "segment images, folders and NIfTI volumes with a trained model"),
     "data": ("rwkvunet.commands.data", "turn a medical data set layout into a datasets.DatasetDict on disk"),
     "bench": ("rwkvunet.commands.bench", "measure training and inference speed and memory"),
+    "export": ("rwkvunet.commands.export", "export a trained segmenter to ONNX, checked against PyTorch"),
 }
 
 

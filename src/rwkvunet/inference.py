@@ -20,8 +20,8 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.utils import reparameterize_model
-
+from .backends import OnnxRuntimeSegmenter, check_backend, inference_model, is_onnx_file
+from .errors import UserError
 from .inference_io import InputError
 from .pixels import (CT_AIR_THRESHOLD, CT_WINDOW, PixelConfig, PixelError, choose_intensity, convert_channels,  # noqa: F401
                      ct_window, minmax_scale, prepare_volume, resize_image)
@@ -120,6 +120,16 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _onnxruntime_device(device, dtype) -> torch.device:
+    """ONNX Runtime runs here on the CPU in float32: the device to use, or a UserError for anything else."""
+    if device is not None and torch.device(device).type != "cpu":
+        raise UserError(f"the onnxruntime backend runs on the CPU; use device 'cpu' (not {device}) or the eager "
+                        "backend")
+    if dtype is not None and _resolve_dtype(dtype, torch.device("cpu")) != torch.float32:
+        raise UserError(f"the onnxruntime backend runs in float32; use dtype fp32 (not {dtype}) or the eager backend")
+    return torch.device("cpu")
+
+
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype is None:
         if device.type != "cuda":
@@ -142,7 +152,7 @@ class Segmenter:
             (``RWKVUNetForSemanticSegmentation``); it is put in eval mode on ``device`` and kept unchanged as
             :attr:`model` (its ``state_dict`` saves and loads as usual). Predictions run a copy of it made here
             with ``timm.utils.reparameterize_model`` (BatchNorm folded into the convolutions, same outputs to
-            float rounding), :attr:`inference_model`; later changes to :attr:`model`'s weights are not seen by
+            float rounding), :attr:`inference_model` (the backend's module, see ``backend``); later changes to :attr:`model`'s weights are not seen by
             it, so build a new ``Segmenter`` after editing them.
         preprocessing: the pixel settings it was trained with, a :class:`rwkvunet.pixels.PixelConfig`
             (default: no resize, integers by bit depth, floats as stored, no normalisation); its channel
@@ -152,15 +162,22 @@ class Segmenter:
             CUDA (float16 on GPUs without bfloat16), float32 elsewhere. Probabilities are always float32.
         tta: average the probabilities over left-right and up-down flips.
         batch_size: slices or tiles per forward pass.
+        backend: where predictions run (:data:`rwkvunet.backends.BACKENDS`): ``"eager"`` (default), ``"compile"``
+            (``torch.compile``) or ``"onnxruntime"`` (the model exported to ONNX, checked against PyTorch, and
+            run by ONNX Runtime on the CPU in float32; ``model`` may also be an
+            :class:`rwkvunet.backends.OnnxRuntimeSegmenter`).
     """
 
     def __init__(self, model: torch.nn.Module, preprocessing: Optional[Preprocessing] = None,
                  device: Union[str, torch.device, None] = None, dtype=None, tta: bool = False,
-                 batch_size: int = 8):
+                 batch_size: int = 8, backend: str = "eager"):
+        self.backend = check_backend(backend)
+        if backend == "onnxruntime":
+            device = _onnxruntime_device(device, dtype)
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = _resolve_dtype(dtype, self.device)
         self.model = model.to(self.device).eval()
-        self.inference_model = reparameterize_model(self.model)  # a fused copy: self.model stays loadable
+        self.inference_model = inference_model(self.model, backend)  # self.model stays loadable
         channels = _in_channels(model.config) if hasattr(model, "config") else None
         preprocessing = preprocessing or PixelConfig(num_channels=channels or 1)
         if channels is not None and preprocessing.num_channels != channels:
@@ -171,15 +188,27 @@ class Segmenter:
 
     @classmethod
     def from_pretrained(cls, model_id_or_folder: Union[str, os.PathLike], device=None, dtype=None,
-                        tta: bool = False, batch_size: int = 8, **hub_kwargs) -> "Segmenter":
-        """Load a model folder (``save_pretrained``) or Hub id, with its image processor settings if any; a
-        path, config or weights file the user can fix raises :class:`rwkvunet.errors.UserError`."""
+                        tta: bool = False, batch_size: int = 8, backend: Optional[str] = None,
+                        **hub_kwargs) -> "Segmenter":
+        """Load a model folder (``save_pretrained``) or Hub id, with its image processor settings if any, or an
+        ``.onnx`` file written by ``rwkvunet export`` (run by ONNX Runtime); a path, config or weights file the
+        user can fix raises :class:`rwkvunet.errors.UserError`. ``backend`` defaults to ``"eager"``, and to
+        ``"onnxruntime"`` for an ``.onnx`` file."""
         from .hub import load_segmentation_model
 
         source = os.path.expanduser(str(model_id_or_folder))
+        if is_onnx_file(source):
+            if backend not in (None, "onnxruntime"):
+                raise UserError(f"{source} is an exported ONNX model: it runs with the onnxruntime backend, not "
+                                f"{backend}")
+            model = OnnxRuntimeSegmenter.from_file(source)
+            return cls(model, model.pixels, device=device, dtype=dtype, tta=tta, batch_size=batch_size,
+                       backend="onnxruntime")
+        backend = backend or "eager"
         model = load_segmentation_model(source, **hub_kwargs)
         preprocessing = load_preprocessing(source, _in_channels(model.config), **hub_kwargs)
-        return cls(model, preprocessing, device=device, dtype=dtype, tta=tta, batch_size=batch_size)
+        return cls(model, preprocessing, device=device, dtype=dtype, tta=tta, batch_size=batch_size,
+                   backend=backend)
 
     # --- model facts ---------------------------------------------------------------------------------------
     @property

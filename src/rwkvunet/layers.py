@@ -147,6 +147,13 @@ def q_shift(x: torch.Tensor, grid: Grid, shift: int = 1) -> torch.Tensor:
     x = x.reshape(B, H, W, C)
     c1, c2, c3, c4 = int(C * 0.25), int(C * 0.5), int(C * 0.75), int(C * 1.0)
     s = shift
+    if torch.compiler.is_exporting():
+        # exported graphs: padded slices joined once; in-place slice writes would export as scatters between
+        # transposes, which ONNX Runtime runs at a fraction of the speed (same values)
+        right, left, down, up, rest = x.split([c1, c2 - c1, c3 - c2, c4 - c3, C - c4], dim=-1)
+        parts = [F.pad(right[:, :, : W - s], (0, 0, s, 0)), F.pad(left[:, :, s:], (0, 0, 0, s)),
+                 F.pad(down[:, : H - s], (0, 0, 0, 0, s, 0)), F.pad(up[:, s:], (0, 0, 0, 0, 0, s)), rest]
+        return torch.cat(parts, dim=-1).reshape(B, T, C)
     # one output written once: each quarter is copied to its shifted place and only its uncovered border
     # row or column is zeroed
     out = torch.empty_like(x)
@@ -237,8 +244,11 @@ class SpatialMix(nn.Module):
         xx = q_shift(x, grid)
         # the three token-shift mixes in one pass; then one matmul each (faster on the CPU than a batched
         # matmul over stacked weights, which also copies the weights on every call)
-        mix = torch.cat([self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r]).to(x.dtype)
-        xk, xv, xr = torch.lerp(xx.unsqueeze(0), x.unsqueeze(0), mix.unsqueeze(1)).unbind(0)  # (3, B, T, C)
+        if torch.compiler.is_exporting():
+            xk, xv, xr = mix_tokens(xx, x, self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r)
+        else:
+            mix = torch.cat([self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r]).to(x.dtype)
+            xk, xv, xr = torch.lerp(xx.unsqueeze(0), x.unsqueeze(0), mix.unsqueeze(1)).unbind(0)  # (3, B, T, C)
         k, v, r = self.key(xk), self.value(xv), self.receptance(xr)
         y = self.bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v)
         return self.output(torch.sigmoid(r) * self.key_norm(y))
@@ -264,6 +274,14 @@ class AttentionMix(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
+def mix_tokens(shifted: torch.Tensor, x: torch.Tensor, *weights: torch.Tensor) -> List[torch.Tensor]:
+    """``torch.lerp(shifted, x, w)`` for each token-shift mixing weight ``w``, as ``shifted + w * (x - shifted)``
+    with the difference taken once: the form exported graphs use (ONNX decomposes lerp into two branches and a
+    select per element). Equal to lerp up to the rounding of its last operation."""
+    diff = x - shifted
+    return [torch.addcmul(shifted, diff, w.to(x.dtype)) for w in weights]
+
+
 @register_notrace_function  # chooses its form by the input's device and layout
 def token_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], grid: Grid) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` on (B, T, C) tokens of an (H, W) grid.
@@ -271,8 +289,8 @@ def token_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     On the CPU it runs as a 1x1 convolution over the channels-last map view of the tokens (no copy), which
     oneDNN computes markedly faster than a matmul with so few input channels; elsewhere it is the matmul.
     """
-    if x.device.type != "cpu" or not x.is_contiguous():
-        return F.linear(x, weight, bias)
+    if x.device.type != "cpu" or not x.is_contiguous() or torch.compiler.is_exporting():
+        return F.linear(x, weight, bias)  # exported graphs keep tokens in rows: a plain matmul, no transposes
     B, T, C = x.shape
     maps = x.view(B, grid[0], grid[1], C).permute(0, 3, 1, 2)
     y = F.conv2d(maps, weight[:, :, None, None], bias)
@@ -308,9 +326,11 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
         xx = q_shift(x, grid)
-        # two plain lerps: on the CPU a lerp with a stacked, broadcast weight runs at half their speed
-        xk = torch.lerp(xx, x, self.spatial_mix_k.to(x.dtype))
-        xr = torch.lerp(xx, x, self.spatial_mix_r.to(x.dtype))
+        if torch.compiler.is_exporting():
+            xk, xr = mix_tokens(xx, x, self.spatial_mix_k, self.spatial_mix_r)
+        else:  # two plain lerps: on the CPU a lerp with a stacked, broadcast weight runs at half their speed
+            xk = torch.lerp(xx, x, self.spatial_mix_k.to(x.dtype))
+            xr = torch.lerp(xx, x, self.spatial_mix_r.to(x.dtype))
         k = torch.relu_(token_linear(xk, self.key.weight, self.key.bias, grid))  # in place: the matmul's output is not kept for backward
         r = token_linear(xr, self.receptance.weight, self.receptance.bias, grid)
         if torch.is_grad_enabled():

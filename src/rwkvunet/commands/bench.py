@@ -1,15 +1,18 @@
 """``rwkvunet bench``: training and inference speed and peak memory, with every comparison made in one run.
 
-For each case (model, input size, batch, precision, eager or compiled) it measures
+For each case (model, input size, batch, precision, backend) it measures
 
 * inference: forward under ``torch.inference_mode`` in eval mode, of the model as
-  ``timm.utils.reparameterize_model`` leaves it (BatchNorm folded into the convolutions), images/s;
+  ``timm.utils.reparameterize_model`` leaves it (BatchNorm folded into the convolutions), images/s; with the
+  ``onnxruntime`` backend, the model exported to ONNX (:mod:`rwkvunet.onnx_export`, checked against eager) and
+  run by ONNX Runtime on the CPU with the same number of threads;
 * training: one step = forward + loss (CE + Dice, as the segmenter trains) + backward + AdamW, images/s;
 * peak memory: CUDA ``max_memory_allocated`` over the case (weights, gradients, optimizer state and
-  activations); CPU the rise of the peak resident memory (``ru_maxrss``) that building the case and running
-  its warm-up steps causes in a fresh process.
+  activations); CPU the rise of the peak resident memory that building the case and running its warm-up
+  steps causes in a fresh process (``peak MiB``), and that process's whole peak resident set (``process MiB``:
+  what the machine must hold, the interpreter and libraries included).
 
-Every model of a group (same device, size, batch, precision, compile mode and task) is timed in the same run,
+Every model of a group (same device, size, batch, precision, backend and task) is timed in the same run,
 and on the CPU the models take turns, one short round each, so that a shared, busy machine slows them alike;
 the ratio column divides each time by that of the reference model (smp's ``Unet("resnet34")`` when
 segmentation-models-pytorch is installed). CUDA times come from CUDA events after warm-up; all figures are
@@ -24,8 +27,9 @@ with many small operations most, so leave it unset for timings. The environment 
 
     rwkvunet bench                                    # CPU: T/S/B and smp Unet(resnet34), one 3x256x256 image
     rwkvunet bench --device cuda --preset h100        # the GPU figures: B at 224 (batch 24) and 512 (batch 8)
-    rwkvunet bench --models t,b --sizes 224 --batch-sizes 8 --precisions fp32,bf16 --compile eager,compile \\
+    rwkvunet bench --models t,b --sizes 224 --batch-sizes 8 --precisions fp32,bf16 --backend eager,compile \\
         --tasks train,infer --json bench.json
+    rwkvunet bench --device cpu --models t,s,b,smp --tasks infer --backend eager,onnxruntime   # the ORT targets
 """
 from __future__ import annotations
 
@@ -38,9 +42,10 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +56,7 @@ from ..ops.cpu_memory import cpu_allocator_state, keep_freed_cpu_memory
 from .profiling import format_shares, profile_steps, rows_for_file
 
 SMP_MODEL = "smp_unet_r34"
+ONNXRUNTIME = "onnxruntime"
 
 
 def model_aliases() -> Dict[str, str]:
@@ -64,31 +70,31 @@ def model_aliases() -> Dict[str, str]:
 PRESETS: Dict[str, List[dict]] = {
     # the CPU target: one 3x256x256 image, inference latency of T (and S, B) against smp Unet(resnet34)
     "cpu": [
-        dict(models="t,s,b,smp", sizes="256", batch_sizes="1", precisions="fp32", compile="eager",
+        dict(models="t,s,b,smp", sizes="256", batch_sizes="1", precisions="fp32", backend="eager",
              tasks="infer", repeats=7, steps=3, warmup=3),
-        dict(models="t,smp", sizes="256", batch_sizes="1", precisions="fp32", compile="eager",
+        dict(models="t,smp", sizes="256", batch_sizes="1", precisions="fp32", backend="eager",
              tasks="train", repeats=3, steps=2, warmup=2),
     ],
     # only the GPU targets (B at 224 batch 24 bf16 beside smp, B at 512 batch 8 bf16): a few minutes
     "h100-targets": [
-        dict(models="b,smp", sizes="224", batch_sizes="24", precisions="bf16", compile="eager",
+        dict(models="b,smp", sizes="224", batch_sizes="24", precisions="bf16", backend="eager",
              tasks="train,infer", repeats=1, steps=30, warmup=10),
-        dict(models="b", sizes="512", batch_sizes="8", precisions="bf16", compile="eager",
+        dict(models="b", sizes="512", batch_sizes="8", precisions="bf16", backend="eager",
              tasks="train,infer", repeats=1, steps=20, warmup=5),
     ],
     # the GPU figures of the authors' table (shared anchors): B at 224 batch 24 and 512 batch 8, bf16 autocast
     "h100": [
-        dict(models="b,smp", sizes="224", batch_sizes="24", precisions="bf16", compile="eager",
+        dict(models="b,smp", sizes="224", batch_sizes="24", precisions="bf16", backend="eager",
              tasks="train,infer", repeats=1, steps=30, warmup=10),
-        dict(models="b", sizes="512", batch_sizes="8", precisions="bf16", compile="eager",
+        dict(models="b", sizes="512", batch_sizes="8", precisions="bf16", backend="eager",
              tasks="train,infer", repeats=1, steps=20, warmup=5),
-        dict(models="t,s,b", sizes="256", batch_sizes="8", precisions="bf16", compile="eager",
+        dict(models="t,s,b", sizes="256", batch_sizes="8", precisions="bf16", backend="eager",
              tasks="train,infer", repeats=1, steps=20, warmup=5),
-        dict(models="b", sizes="224", batch_sizes="24", precisions="fp32", compile="eager",
+        dict(models="b", sizes="224", batch_sizes="24", precisions="fp32", backend="eager",
              tasks="train,infer", repeats=1, steps=20, warmup=5),
-        dict(models="b", sizes="224", batch_sizes="24", precisions="bf16", compile="compile",
+        dict(models="b", sizes="224", batch_sizes="24", precisions="bf16", backend="compile",
              tasks="train,infer", repeats=1, steps=30, warmup=5),
-        dict(models="b", sizes="512", batch_sizes="8", precisions="bf16", compile="compile",
+        dict(models="b", sizes="512", batch_sizes="8", precisions="bf16", backend="compile",
              tasks="train", repeats=1, steps=20, warmup=5),
     ],
 }
@@ -100,14 +106,15 @@ class Case:
     size: int
     batch: int
     precision: str
-    compile: str
+    backend: str
     task: str
     device: str
     num_labels: int
     in_channels: int
+    onnx_file: Optional[str] = None  # onnxruntime: where the exported graph is (written by the first build)
 
     def label(self) -> str:
-        return f"{self.model}_{self.size}px_b{self.batch}_{self.precision}_{self.compile.replace(':', '-')}_{self.task}"
+        return f"{self.model}_{self.size}px_b{self.batch}_{self.precision}_{self.backend.replace(':', '-')}_{self.task}"
 
 
 @dataclass
@@ -116,7 +123,7 @@ class Result:
     size: int
     batch: int
     precision: str
-    compile: str
+    backend: str
     task: str
     device: str
     params_m: float
@@ -126,6 +133,7 @@ class Result:
     ms_max: float
     steps: int
     peak_mib: Optional[float]
+    process_peak_mib: Optional[float] = None
     ratio_to_reference: Optional[float] = None
     reference: Optional[str] = None
     error: Optional[str] = None
@@ -218,18 +226,20 @@ class CpuPeakMemory:
         return max(0, hwm - self.base)
 
 
-def cpu_peak_in_subprocess(case: Case, warmup: int) -> Optional[float]:
-    """Peak resident memory (bytes) that building the case and running ``warmup + 1`` steps adds, measured in a
-    fresh process: in this one, memory freed by earlier cases stays mapped and would hide the rise."""
+def cpu_peak_in_subprocess(case: Case, warmup: int) -> Tuple[Optional[float], Optional[float]]:
+    """``(rise, whole)``: the peak resident memory (bytes) that building the case and running ``warmup + 1``
+    steps adds, and the process's whole peak resident set, measured in a fresh process: in this one, memory
+    freed by earlier cases stays mapped and would hide the rise."""
     import subprocess
 
     cmd = [sys.executable, "-m", "rwkvunet.commands.bench", "--memory-probe", json.dumps(asdict(case)),
            "--warmup", str(warmup), "--threads", str(torch.get_num_threads())]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=True)
-        return float(out.stdout.strip().splitlines()[-1])
+        rise, whole = out.stdout.strip().splitlines()[-1].split()
+        return float(rise), float(whole)
     except Exception:
-        return None
+        return None, None
 
 
 def _memory_probe(case_json: str, warmup: int) -> int:
@@ -241,10 +251,12 @@ def _memory_probe(case_json: str, warmup: int) -> int:
     for _ in range(warmup + 1):
         r.step()
     if before is not None:
-        print(CpuPeakMemory._status("VmHWM") - before)
+        whole = CpuPeakMemory._status("VmHWM")
+        print(whole - before, whole)
     else:
         scale = 1 if sys.platform == "darwin" else 1024
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - ru_before) * scale)
+        whole = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        print(whole - ru_before * scale, whole)
     return 0
 
 
@@ -256,9 +268,16 @@ class Runner:
         self.case = case
         self.device = torch.device(case.device)
         torch.manual_seed(seed)
+        self.train = case.task == "train"
+        self.samples: List[float] = []
+        self.peak_bytes = 0.0
+        self.process_peak_bytes: Optional[float] = None  # CPU: the probe process's whole peak resident set
+        self.optimizer = None
+        if case.backend == ONNXRUNTIME:
+            self._build_onnxruntime(case)
+            return
         model = build_model(case.model, case.num_labels, case.in_channels)
         self.params_m = sum(p.numel() for p in model.parameters()) / 1e6
-        self.train = case.task == "train"
         model.train(self.train)
         if not self.train:  # inference speed the way users get it (Segmenter, predict): BatchNorm folded
             model = reparameterize_model(model, inplace=True)
@@ -268,17 +287,32 @@ class Runner:
         self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.labels = torch.randint(0, case.num_labels, (case.batch, case.size, case.size), device=self.device)
         self.fn = forward_fn(case.model, model, _loss_config(case.num_labels))
-        if case.compile != "eager":
-            mode = None if case.compile == "compile" else case.compile.split(":", 1)[1]
+        if case.backend != "eager":
+            mode = None if case.backend == "compile" else case.backend.split(":", 1)[1]
             self.fn = torch.compile(self.fn, mode=mode)
-        self.optimizer = None
         if self.train:
             kwargs = dict(lr=1e-4, weight_decay=0.01)
             if self.device.type == "cuda":
                 kwargs["fused"] = True
             self.optimizer = torch.optim.AdamW(model.parameters(), **kwargs)
-        self.samples: List[float] = []
-        self.peak_bytes = 0.0
+
+    def _build_onnxruntime(self, case: Case) -> None:
+        """The model exported to ONNX (checked against eager) and run by ONNX Runtime with torch's thread count.
+        The first build exports to ``case.onnx_file``; later ones (the memory probe) load that file."""
+        from ..backends import onnxruntime_session
+        from ..onnx_export import INPUT_NAME, export_onnx
+
+        self.params_m = float("nan")
+        if not os.path.exists(case.onnx_file):
+            model = build_model(case.model, case.num_labels, case.in_channels).eval()
+            self.params_m = sum(p.numel() for p in model.parameters()) / 1e6
+            export_onnx(model, case.onnx_file, in_channels=case.in_channels)
+            del model
+        self.model = self.labels = None
+        self.session = onnxruntime_session(case.onnx_file)
+        self.x = torch.randn(case.batch, case.in_channels, case.size, case.size)
+        feed = {INPUT_NAME: self.x.numpy()}
+        self.fn = lambda x, labels=None: self.session.run(None, feed)
 
     def autocast(self):
         if self.case.precision == "bf16":
@@ -318,7 +352,7 @@ class Runner:
         return times
 
     def release(self) -> None:
-        self.model = self.optimizer = self.fn = self.x = self.labels = None
+        self.model = self.optimizer = self.fn = self.x = self.labels = self.session = None
 
 
 def _memory_start(device: torch.device, cpu_mem: Optional[CpuPeakMemory]) -> None:
@@ -418,22 +452,23 @@ def run_group(cases: List[Case], repeats: int, steps: int, warmup: int, progress
 
     if device.type == "cpu" and cpu_memory == "subprocess":
         for i, r in runners.items():
-            r.peak_bytes = cpu_peak_in_subprocess(cases[i], warmup)
-            if r.peak_bytes is None:
-                r.peak_bytes = float("nan")
+            rise, whole = cpu_peak_in_subprocess(cases[i], warmup)
+            r.peak_bytes = float("nan") if rise is None else rise
+            r.process_peak_bytes = whole
 
     for i, case in enumerate(cases):
         r = runners.get(i)
         if r is None:
-            results.append(Result(case.model, case.size, case.batch, case.precision, case.compile, case.task,
+            results.append(Result(case.model, case.size, case.batch, case.precision, case.backend, case.task,
                                   case.device, float("nan"), float("nan"), float("nan"), float("nan"),
                                   float("nan"), 0, None, error=errors.get(i, "not run")))
             continue
         med = statistics.median(r.samples)
         results.append(Result(
-            case.model, case.size, case.batch, case.precision, case.compile, case.task, case.device,
+            case.model, case.size, case.batch, case.precision, case.backend, case.task, case.device,
             round(r.params_m, 2), med, case.batch / (med / 1e3), min(r.samples), max(r.samples), len(r.samples),
             r.peak_bytes / 2 ** 20 if r.peak_bytes == r.peak_bytes else None,
+            process_peak_mib=None if r.process_peak_bytes is None else r.process_peak_bytes / 2 ** 20,
             samples_ms=[round(s, 3) for s in r.samples], profile_shares=shares.get(i)))
         r.release()
     ref = next((res for res in results if res.model == SMP_MODEL and res.error is None), None)
@@ -448,18 +483,19 @@ def run_group(cases: List[Case], repeats: int, steps: int, warmup: int, progress
 
 # --- table ----------------------------------------------------------------------------------------------
 def format_table(results: List[Result]) -> str:
-    head = ("model", "params M", "device", "size", "batch", "prec", "compile", "task", "ms/step", "min-max ms",
-            "img/s", "peak MiB", "time / ref")
+    head = ("model", "params M", "device", "size", "batch", "prec", "backend", "task", "ms/step", "min-max ms",
+            "img/s", "peak MiB", "process MiB", "time / ref")
     rows = [head]
     for r in results:
         if r.error:
-            rows.append((r.model, "", r.device, str(r.size), str(r.batch), r.precision, r.compile, r.task,
-                         "failed: " + r.error[:60], "", "", "", ""))
+            rows.append((r.model, "", r.device, str(r.size), str(r.batch), r.precision, r.backend, r.task,
+                         "failed: " + r.error[:60], "", "", "", "", ""))
             continue
         rows.append((
-            r.model, f"{r.params_m:.2f}", r.device, str(r.size), str(r.batch), r.precision, r.compile, r.task,
+            r.model, f"{r.params_m:.2f}", r.device, str(r.size), str(r.batch), r.precision, r.backend, r.task,
             f"{r.ms_per_step:.1f}", f"{r.ms_min:.0f}-{r.ms_max:.0f}", f"{r.images_per_s:.1f}",
             "" if r.peak_mib is None else f"{r.peak_mib:.0f}",
+            "" if r.process_peak_mib is None else f"{r.process_peak_mib:.0f}",
             "" if r.ratio_to_reference is None else f"{r.ratio_to_reference:.2f} x {r.reference}",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -495,7 +531,7 @@ def _csv(value: str) -> List[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a prepared set of groups (overrides the "
-                        "model/size/batch/precision/compile/task options): 'cpu' is the CPU target, 'h100' "
+                        "model/size/batch/precision/backend/task options): 'cpu' is the CPU target, 'h100' "
                         "the GPU figures, 'h100-targets' only the GPU targets")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--models", default="t,s,b,smp",
@@ -505,8 +541,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", default=None, help="comma list; default 1 on CPU, 8 on CUDA")
     parser.add_argument("--precisions", default=None, help="fp32, bf16 (autocast), fp16 (autocast); "
                         "default fp32 on CPU, fp32,bf16 on CUDA")
-    parser.add_argument("--compile", default="eager", help="eager, compile (torch.compile) or compile:MODE "
-                        "(e.g. compile:max-autotune), comma list; default %(default)s")
+    parser.add_argument("--backend", "--compile", dest="backend", default="eager",
+                        help="eager, compile (torch.compile), compile:MODE (e.g. compile:max-autotune) or "
+                             "onnxruntime (inference on the CPU in fp32: the model exported to ONNX, checked "
+                             "against eager, run by ONNX Runtime with --threads threads), comma list; every model, "
+                             "smp's too, runs through each; default %(default)s")
     parser.add_argument("--tasks", default="infer,train", help="infer, train, comma list; default %(default)s")
     parser.add_argument("--num-labels", type=int, default=9, help="output classes (default %(default)s)")
     parser.add_argument("--in-channels", type=int, default=3, help="input channels (default %(default)s)")
@@ -539,7 +578,7 @@ def _groups(args, device: str) -> List[dict]:
         models=args.models, sizes=args.sizes,
         batch_sizes=args.batch_sizes or ("1" if cpu else "8"),
         precisions=args.precisions or ("fp32" if cpu else "fp32,bf16"),
-        compile=args.compile, tasks=args.tasks,
+        backend=args.backend, tasks=args.tasks,
         repeats=args.repeats or (5 if cpu else 1), steps=args.steps or (5 if cpu else 30),
         warmup=args.warmup if args.warmup is not None else (2 if cpu else 10),
     )]
@@ -563,6 +602,7 @@ def run(args) -> int:
     have_smp = smp_available()
     aliases = model_aliases()
     plan = []  # (group settings, cases)
+    skipped = set()
     for g in _groups(args, device):
         models = []
         for m in _csv(g["models"]):
@@ -578,21 +618,40 @@ def run(args) -> int:
         for prec in _csv(g["precisions"]):
             if prec not in ("fp32", "bf16", "fp16"):
                 raise UserError(f"unknown precision {prec!r}; use fp32, bf16 or fp16")
-        for comp in _csv(g["compile"]):
-            if comp != "eager" and comp != "compile" and not comp.startswith("compile:"):
-                raise UserError(f"unknown compile setting {comp!r}; use eager, compile or compile:MODE")
+        for comp in _csv(g["backend"]):
+            if comp not in ("eager", "compile", ONNXRUNTIME) and not comp.startswith("compile:"):
+                raise UserError(f"unknown backend {comp!r}; use eager, compile, compile:MODE or onnxruntime")
         for task in _csv(g["tasks"]):
             if task not in ("infer", "train"):
                 raise UserError(f"unknown task {task!r}; use infer or train")
         for size in _csv(g["sizes"]):
             for batch in _csv(g["batch_sizes"]):
                 for prec in _csv(g["precisions"]):
-                    for comp in _csv(g["compile"]):
+                    for comp in _csv(g["backend"]):
                         for task in _csv(g["tasks"]):
+                            if comp == ONNXRUNTIME and (task != "infer" or prec != "fp32" or device != "cpu"):
+                                skipped.add(f"{task} {prec} on {device}")
+                                continue
                             cases = [Case(m, _positive(size, "--sizes"), _positive(batch, "--batch-sizes"), prec,
                                           comp, task, device, args.num_labels, args.in_channels) for m in models]
                             if cases:
                                 plan.append((g, cases))
+    if skipped:
+        print(f"rwkvunet bench: note: onnxruntime runs fp32 inference on the CPU; left out: {', '.join(sorted(skipped))}",
+              file=sys.stderr)
+    if not plan:
+        raise UserError("nothing to measure: no model, or only combinations that cannot run (onnxruntime needs "
+                        "--tasks infer --precisions fp32 --device cpu)")
+    onnx_dir = None
+    if any(c.backend == ONNXRUNTIME for _, cases in plan for c in cases):
+        from ..onnx_export import require_onnx
+
+        require_onnx()
+        onnx_dir = tempfile.TemporaryDirectory(prefix="rwkvunet-bench-")
+        for _, cases in plan:
+            for c in cases:
+                if c.backend == ONNXRUNTIME:
+                    c.onnx_file = os.path.join(onnx_dir.name, c.label() + ".onnx")
     if device == "cpu":
         # set before any case runs, so that every model (smp's too) is timed with the same malloc settings,
         # whichever runs first; RWKVUNET_CPU_ALLOCATOR=system measures glibc's defaults instead
@@ -613,6 +672,8 @@ def run(args) -> int:
                                file=sys.stdout)
             if args.json:  # written after every group, so an interrupted run keeps what it measured
                 _write_json(args.json, env, results)
+    if onnx_dir is not None:
+        onnx_dir.cleanup()
     print("\n" + format_table(results), flush=True)
     if args.json:
         _write_json(args.json, env, results)

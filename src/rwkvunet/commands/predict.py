@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .. import inference_io as io
+from ..backends import BACKENDS, is_onnx_file
 from ..errors import EXIT_NOTHING_DONE, EXIT_OK, EXIT_PARTIAL, UserError, print_error
 from ..inference import (CT_AIR_THRESHOLD, CT_WINDOW, InputConversionWarning, Segmenter, choose_intensity,
                          match_channels, prepare_volume)
@@ -30,7 +31,8 @@ from ..pixels import clean_volume
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="model folder (save_pretrained) or Hub id")
+    parser.add_argument("model", metavar="MODEL", help="model folder (save_pretrained), Hub id, or .onnx file "
+                        "written by rwkvunet export")
     parser.add_argument("inputs", metavar="INPUT", nargs="+",
                         help="images (PNG, JPEG, TIFF, BMP), NIfTI volumes (.nii, .nii.gz) or folders of them")
     parser.add_argument("--out", "-o", required=True, type=Path,
@@ -60,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                      help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
     run.add_argument("--batch-size", type=int, default=8, help="slices or tiles per forward pass (default 8)")
+    run.add_argument("--backend", choices=BACKENDS, default=None,
+                     help="where the model runs: eager PyTorch (default), compile (torch.compile) or onnxruntime "
+                          "(CPU, float32; a model folder is exported first, an .onnx file runs as it is)")
     out = parser.add_argument_group("outputs")
     out.add_argument("--color", action="store_true", help="also write <name>_labels_color.png for viewing")
     out.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
@@ -247,10 +252,13 @@ def _segment_volume(seg: Segmenter, args, file: Path, base: Path, notes: Counter
 
 
 def _load(args) -> Segmenter:
+    if args.backend == "onnxruntime" and not is_onnx_file(args.model):
+        print(f"exporting {args.model} to ONNX and checking it against PyTorch (a minute or more; "
+              "rwkvunet export writes a file to reuse)", file=sys.stderr)
     try:
         return Segmenter.from_pretrained(args.model, device=args.device,
                                          dtype=None if args.dtype == "auto" else args.dtype,
-                                         tta=args.tta, batch_size=args.batch_size)
+                                         tta=args.tta, batch_size=args.batch_size, backend=args.backend)
     except UserError:
         raise
     except (OSError, ValueError) as err:  # e.g. a preprocessor_config.json that does not fit the model
@@ -289,7 +297,8 @@ def run(args) -> int:
     mode = (f"tiles of {args.tile} px overlapping by {args.overlap}" if args.tile else
             "native resolution" if args.native or pre.size is None else f"resized to {pre.size[0]}x{pre.size[1]}")
     print(f"model: {args.model} ({seg.in_channels} input channel(s), {seg.num_classes} classes); "
-          f"{seg.device.type} {str(seg.dtype).replace('torch.', '')}; {mode}; TTA {'on' if seg.tta else 'off'}; "
+          f"{seg.device.type} {str(seg.dtype).replace('torch.', '')} ({seg.backend}); {mode}; "
+          f"TTA {'on' if seg.tta else 'off'}; "
           f"preprocessing from {pre.source}", file=sys.stderr)
     notes: Counter = Counter()
     failed: Dict[Path, str] = {}

@@ -17,6 +17,7 @@ COMMANDS = {
     "predict": ("rwkvunet.commands.predict", "segment images, folders and NIfTI volumes with a trained model"),
     "data": ("rwkvunet.commands.data", "turn a medical data set layout into a datasets.DatasetDict on disk"),
     "bench": ("rwkvunet.commands.bench", "measure training and inference speed and memory"),
+    "demo": ("rwkvunet.commands.demo", "a web page to segment your own images and scans; a Hugging Face Space"),
 }
 
 

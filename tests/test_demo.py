@@ -181,7 +181,8 @@ def _bad_files(folder):
     frames[0].save(folder / "stack.tif", save_all=True, append_images=frames[1:])  # 3-D as a multi-page TIFF
     _save_nifti(folder / "series.nii.gz", np.zeros((8, 8, 4, 3), np.float32))  # 4-D
     _save_nifti(folder / "flat.nii", np.zeros((8, 8), np.float32))  # 2-D
-    return {"broken.png": "cannot read the image", "notes.txt": "unsupported file type",
+    Image.new("1", (15000, 15000)).save(folder / "bomb.png")  # beyond Pillow's decompression-bomb guard
+    return {"bomb.png": "Pillow refuses images this large","broken.png": "cannot read the image", "notes.txt": "unsupported file type",
             "cut.nii.gz": "cannot read the NIfTI volume", "stack.tif": "has 3 frames",
             "series.nii.gz": "expected a 3-D volume", "flat.nii": "expected a 3-D volume"}
 

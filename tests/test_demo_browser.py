@@ -2,11 +2,13 @@
 free port, an image and a NIfTI volume segmented, the slice slider moved, the labels NIfTI downloaded, a corrupt
 upload answered on the page; and the Space folder's app.py serving the same page.
 
-Screenshots go to the test's tmp folder; with RWKVUNET_UPDATE_SCREENSHOT=1 the model is trained for a few
-hundred steps first and the README's screenshot, tests/screenshots/demo.png, is rewritten.
+Screenshots go to the test's tmp folder. With RWKVUNET_UPDATE_SCREENSHOT=1 the README's screenshot,
+tests/screenshots/demo.png, is rewritten, showing a model trained for a few hundred steps here first, or the
+model folder RWKVUNET_SCREENSHOT_MODEL names (e.g. the README quick start's runs/rwkvunet-t-synthetic).
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import shutil
@@ -27,8 +29,9 @@ from rwkvunet.demo.examples import example_volume
 from rwkvunet.inference_io import overlay
 
 nib = pytest.importorskip("nibabel")
-pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
+if importlib.util.find_spec("gradio") is None:  # the servers import it, this process need not
+    pytest.skip("the demo needs gradio (rwkvunet[demo])", allow_module_level=True)
 
 UPDATE = os.environ.get("RWKVUNET_UPDATE_SCREENSHOT", "") == "1"
 README_SCREENSHOT = REPO / "tests" / "screenshots" / "demo.png"
@@ -89,7 +92,10 @@ class Server:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo_browser")
-    model = make_model_folder(folder / "model", train_steps=300 if UPDATE else 0)
+    if UPDATE and os.environ.get("RWKVUNET_SCREENSHOT_MODEL"):
+        model = Path(shutil.copytree(os.environ["RWKVUNET_SCREENSHOT_MODEL"], folder / "model"))
+    else:
+        model = make_model_folder(folder / "model", train_steps=300 if UPDATE else 0)
     # the two servers start together: the command, and the Space's app.py
     assert subprocess.run([sys.executable, "-m", "rwkvunet.cli", "demo", str(model), "--write-space",
                            str(folder / "space")], env=_env(), capture_output=True).returncode == 0

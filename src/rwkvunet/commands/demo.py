@@ -7,6 +7,8 @@ writes a Hugging Face Space running the same page instead, and ``--push SPACE_ID
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib.util
 import socket
 import sys
 import tempfile
@@ -65,10 +67,10 @@ def free_port(host: str, port: int) -> int:
         try:
             sock.bind((host, port))
         except OSError as err:
-            if port == 0:
-                raise UserError(f"cannot listen on {host}: {err.strerror}; check --host") from err
-            raise UserError(f"port {port} on {host} is in use ({err.strerror}); give another --port, or "
-                            "--port 0 for any free one") from err
+            if err.errno == errno.EADDRINUSE:
+                raise UserError(f"port {port} on {host} is in use; give another --port, or --port 0 for any free "
+                                "one") from err
+            raise UserError(f"cannot listen on {host} port {port}: {err.strerror}; check --host and --port") from err
         return sock.getsockname()[1]
 
 
@@ -94,15 +96,15 @@ def run(args) -> int:
     _check_args(args)
     if args.write_space is not None or args.push:
         return _space(args)
-    from ..demo.app import build_app, require_gradio
+    from ..demo.app import INSTALL_HINT, build_app
+    from ..demo.callbacks import DemoModel
 
+    if importlib.util.find_spec("gradio") is None:  # found before the model loads, imported after
+        raise UserError(INSTALL_HINT)
     port = free_port(args.host, args.port)
-    try:
-        require_gradio()
-    except ImportError as err:
-        raise UserError(str(err)) from err
-    page = build_app(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
-                     batch_size=args.batch_size)
+    model = DemoModel.from_pretrained(args.model, device=args.device,
+                                      dtype=None if args.dtype == "auto" else args.dtype, batch_size=args.batch_size)
+    page = build_app(model)
     try:
         _, url, _ = page.launch(server_name=args.host, server_port=port, prevent_thread_lock=True, quiet=True,
                                 ssr_mode=False, show_error=True)

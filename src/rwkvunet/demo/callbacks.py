@@ -60,9 +60,9 @@ class Options:
 
     def check(self) -> None:
         """Raise :class:`UserError` for settings ``rwkvunet predict`` would refuse."""
-        if self.size not in dict((v, k) for k, v in SIZE_MODES):
+        if self.size not in {value for _, value in SIZE_MODES}:
             raise UserError(f"unknown size mode {self.size!r}")
-        if self.intensity not in dict((v, k) for k, v in INTENSITY_MODES):
+        if self.intensity not in {value for _, value in INTENSITY_MODES}:
             raise UserError(f"unknown intensity choice {self.intensity!r}")
         if self.size == "tiles" and (int(self.tile) < 16 or not 0 <= int(self.overlap) < int(self.tile)):
             raise UserError(f"tiles need a size of at least 16 pixels and an overlap between 0 and the size "

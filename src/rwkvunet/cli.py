@@ -20,6 +20,7 @@ COMMANDS = {
     "finetune": ("rwkvunet.commands.finetune", "fine-tune RWKV-UNet with Accelerate (needs rwkvunet[train])"),
     "evaluate": ("rwkvunet.commands.evaluate", "score a trained segmenter with the paper's metrics"),
     "export": ("rwkvunet.commands.export", "export a trained segmenter to ONNX, checked against PyTorch"),
+    "demo": ("rwkvunet.commands.demo", "a web page to segment your own images and scans; a Hugging Face Space"),
 }
 
 

@@ -130,6 +130,8 @@ def read_image(path: os.PathLike | str) -> np.ndarray:
             arr = np.asarray(img)
     except InputError:
         raise
+    except Image.DecompressionBombError as err:
+        raise InputError(f"{path}: {err} Pillow refuses images this large; split it into smaller images") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise InputError(f"{path}: cannot read the image ({err}); check that the file is a complete "
                          f"{path.suffix.lstrip('.').upper()} image, or replace it") from err

@@ -45,11 +45,11 @@ def plot_curves(train_loss: Sequence, validation: Sequence, path) -> Path:
 
 
 def label_colours(num_classes: int) -> np.ndarray:
-    """RGB in [0, 1] for each class; background black."""
-    plt = _pyplot()
-    cmap = plt.get_cmap("tab10")
-    colours = np.array([cmap(k % 10)[:3] for k in range(max(num_classes - 1, 1))])
-    return np.concatenate([np.zeros((1, 3)), colours])
+    """RGB in [0, 1] for each class (at least background and one more): the palette of ``rwkvunet predict``'s
+    overlays and ``labels.json`` and of the demo page, so a class has one colour everywhere; background black."""
+    from ..inference_io import colorize
+
+    return colorize(np.arange(max(num_classes, 2))).astype(np.float64) / 255.0
 
 
 def _overlay(image: np.ndarray, labels: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -19,6 +19,7 @@ COMMANDS = {
     "bench": ("rwkvunet.commands.bench", "measure training and inference speed and memory"),
     "finetune": ("rwkvunet.commands.finetune", "fine-tune RWKV-UNet with Accelerate (needs rwkvunet[train])"),
     "evaluate": ("rwkvunet.commands.evaluate", "score a trained segmenter with the paper's metrics"),
+    "compare": ("rwkvunet.commands.compare", "fine-tune RWKV-UNet and a reference model alike; one table, one plot"),
 }
 
 

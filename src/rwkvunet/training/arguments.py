@@ -257,11 +257,12 @@ def arguments_from(given: dict) -> TrainArguments:
             if problem:
                 raise UserError(f"{name.replace('_', '-')} {problem} (in {config or 'the arguments'})")
     args = TrainArguments(**values)
-    _check(args)
+    check_arguments(args)
     return args
 
 
-def _check(args: TrainArguments) -> None:
+def check_arguments(args: TrainArguments) -> None:
+    """Refuse settings that cannot go together or name nothing known (one-line errors)."""
     from ..models.baselines import BASELINES
     from ..models.encoder import ENCODER_VARIANTS
 

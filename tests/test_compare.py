@@ -74,7 +74,8 @@ def test_table_numbers_are_each_runs_metrics(comparison):
     assert len({r["num_parameters"] for r in runs}) == 2  # two different models were trained
     markdown = (comparison / "comparison.md").read_text()
     for row in runs:
-        assert f"| {row['model']} | {row['seed']} | synthetic | {row['epochs']} | {float(row['dice']):.4f} |" in markdown
+        line = f"| {row['model']} | {row['seed']} | synthetic | {row['epochs']} | {float(row['dice']):.4f} |"
+        assert line in markdown
     assert "mean ± sd (2 seeds)" in markdown
 
 

@@ -1,4 +1,5 @@
-"""Options of fine-tuning (``rwkvunet finetune``, ``training/finetune.py``): defaults, then a YAML config, then the command line.
+"""Options of fine-tuning (``rwkvunet finetune``, ``training/finetune.py``): defaults, then a YAML config, then the
+command line.
 
 Every field of :class:`TrainArguments` is an option ``--field-name`` and a config key ``field_name``
 (dashes and underscores are both accepted in configs). The defaults are the no-argument run: RWKV-UNet-T

@@ -27,6 +27,9 @@ def finetune():
     spec = importlib.util.spec_from_file_location("finetune_script_baseline", REPO / "training" / "finetune.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    # train in this process as it is: the script's own process would keep freed CPU memory for reuse, which
+    # changes the allocator for every later test
+    module._own_process_and_train = module.train
     return module
 
 

@@ -69,7 +69,7 @@ def test_wheel_ships_the_training_code_and_configs(wheel):
     configs = {p.name for p in (REPO / "src" / "rwkvunet" / "training" / "configs").glob("*.yaml")}
     assert configs and {f"rwkvunet/training/configs/{c}" for c in configs} <= names
     for module in ("finetune.py", "evaluate.py", "cli.py", "commands/finetune.py", "commands/evaluate.py",
-                   "training/finetune.py", "training/evaluate.py"):
+                   "commands/compare.py", "training/finetune.py", "training/evaluate.py", "training/compare.py"):
         assert f"rwkvunet/{module}" in names, module
     assert not any(n.startswith(("tests/", "training/")) for n in names)
 
@@ -120,3 +120,12 @@ def test_accelerate_launch_the_installed_module(user):
     proc = subprocess.run(["rwkvunet", "finetune", "--lr", "nan"], cwd=work, env=env, capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "rwkvunet finetune: error: argument --lr" in proc.stderr
+
+
+def test_compare_without_the_baselines_extra_says_what_to_install(user):
+    """``[train]`` alone has no smp: compare refuses before training anything, naming the extra."""
+    env, work, venv = user
+    proc = subprocess.run(["rwkvunet", "compare", *TINY, "--max-steps", "1", "--output-dir", work / "cmp"], cwd=work,
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert 'pip install "rwkvunet[baselines]"' in proc.stderr and not (work / "cmp" / "runs").exists()

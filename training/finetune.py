@@ -16,14 +16,22 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import sys  # noqa: E402
 
-from rwkvunet.training import finetune as _finetune  # noqa: E402
+from rwkvunet.errors import run_main  # noqa: E402
+from rwkvunet.ops.cpu_memory import keep_freed_cpu_memory  # noqa: E402
 from rwkvunet.training.finetune import SimulatedCrash, check_trackers, train  # noqa: E402,F401
 
 PROG = "finetune.py"
 
 
 def main(argv=None) -> int:
-    return _finetune.main(argv, prog=PROG)
+    """Run :func:`train` with the errors convention: one line and exit status 2 for a mistake the user can fix."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_main(PROG, lambda: _own_process_and_train(argv), debug="--debug" in argv)
+
+
+def _own_process_and_train(argv) -> int:
+    keep_freed_cpu_memory()  # the script owns the process: freed CPU activations are kept for reuse
+    return train(argv)  # parsed under the name finetune.py
 
 
 if __name__ == "__main__":

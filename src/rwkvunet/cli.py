@@ -21,6 +21,7 @@ COMMANDS = {
     "evaluate": ("rwkvunet.commands.evaluate", "score a trained segmenter with the paper's metrics"),
     "export": ("rwkvunet.commands.export", "export a trained segmenter to ONNX, checked against PyTorch"),
     "demo": ("rwkvunet.commands.demo", "a web page to segment your own images and scans; a Hugging Face Space"),
+    "compare": ("rwkvunet.commands.compare", "fine-tune RWKV-UNet and a reference model alike; one table, one plot"),
 }
 
 

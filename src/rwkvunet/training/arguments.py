@@ -1,4 +1,5 @@
-"""Options of fine-tuning (``rwkvunet finetune``, ``training/finetune.py``): defaults, then a YAML config, then the command line.
+"""Options of fine-tuning (``rwkvunet finetune``, ``training/finetune.py``): defaults, then a YAML config, then the
+command line.
 
 Every field of :class:`TrainArguments` is an option ``--field-name`` and a config key ``field_name``
 (dashes and underscores are both accepted in configs). The defaults are the no-argument run: RWKV-UNet-T
@@ -257,11 +258,12 @@ def arguments_from(given: dict) -> TrainArguments:
             if problem:
                 raise UserError(f"{name.replace('_', '-')} {problem} (in {config or 'the arguments'})")
     args = TrainArguments(**values)
-    _check(args)
+    check_arguments(args)
     return args
 
 
-def _check(args: TrainArguments) -> None:
+def check_arguments(args: TrainArguments) -> None:
+    """Refuse settings that cannot go together or name nothing known (one-line errors)."""
     from ..models.baselines import BASELINES
     from ..models.encoder import ENCODER_VARIANTS
 

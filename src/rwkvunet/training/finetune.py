@@ -302,7 +302,7 @@ def write_outputs(output_dir: Path, args, model, processor, state, test, overlay
         "best_validation_mean_dice": state.best_dice if state.best_step >= 0 else None,
         "best_step": state.best_step if state.best_step >= 0 else None,
         "steps": state.step, "epochs": state.epoch, "train_seconds": round(train_seconds, 1),
-        "validation_history": state.validation,
+        "num_parameters": count_parameters(model), "validation_history": state.validation,
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     with (output_dir / "train_log.csv").open("w") as f:

@@ -44,6 +44,54 @@ def plot_curves(train_loss: Sequence, validation: Sequence, path) -> Path:
     return path
 
 
+def _aligned(series: Sequence[Sequence[tuple]]) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, values (seeds, steps))`` at the steps every seed's ``[(step, value)]`` has."""
+    steps = sorted(set.intersection(*(set(s for s, _ in one) for one in series))) if series else []
+    values = np.array([[dict(one)[s] for s in steps] for one in series], dtype=float).reshape(len(series), -1)
+    return np.array(steps), values
+
+
+def plot_comparison(curves: dict, path) -> Path:
+    """Validation mean Dice and training loss per model: ``curves`` maps a model to one
+    ``{"validation": [(step, dice)], "loss": [(step, loss)]}`` per seed; several seeds draw their mean and, shaded,
+    their range."""
+    plt = _pyplot()
+    fig, (ax_dice, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for k, (model, runs) in enumerate(curves.items()):
+        colour = plt.get_cmap("tab10")(k % 10)
+        seeds = f" ({len(runs)} seeds)" if len(runs) > 1 else ""
+        steps, dice = _aligned([run["validation"] for run in runs])
+        if len(steps):
+            ax_dice.plot(steps, dice.mean(0), "o-", color=colour, ms=3, label=model + seeds)
+            if len(runs) > 1:
+                ax_dice.fill_between(steps, dice.min(0), dice.max(0), color=colour, alpha=0.2, lw=0)
+        steps, loss = _aligned([run["loss"] for run in runs])
+        if len(steps):
+            window = max(1, len(steps) // 20)
+            kernel = np.ones(window) / window
+
+            def smooth(y):
+                return np.convolve(y, kernel, mode="valid")
+
+            x = steps[window - 1:]
+            ax_loss.plot(x, smooth(loss.mean(0)), color=colour, lw=1.5,
+                         label=model + seeds + (f", mean of {window} steps" if window > 1 else ""))
+            if len(runs) > 1:
+                ax_loss.fill_between(x, smooth(loss.min(0)), smooth(loss.max(0)), color=colour, alpha=0.2, lw=0)
+    band = " (shaded: range over seeds)" if any(len(runs) > 1 for runs in curves.values()) else ""
+    ax_dice.set(title="validation mean Dice" + band, xlabel="step", ylabel="Dice", ylim=(0, 1))
+    ax_loss.set(title="training loss" + band, xlabel="step", ylabel="loss")
+    for ax in (ax_dice, ax_loss):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def label_colours(num_classes: int) -> np.ndarray:
     """RGB in [0, 1] for each class (at least background and one more): the palette of ``rwkvunet predict``'s
     overlays and ``labels.json`` and of the demo page, so a class has one colour everywhere; background black."""

@@ -135,6 +135,14 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(self.conv_expand(self.act(self.conv_reduce(s))))
 
 
+def exporting() -> bool:
+    """Whether torch.export is tracing (the ONNX export): exported graphs take the forms ONNX Runtime runs well.
+    False under TorchScript, which cannot compile ``torch.compiler.is_exporting``."""
+    if not torch.jit.is_scripting():
+        return torch.compiler.is_exporting()
+    return False
+
+
 @register_notrace_function  # slices at positions computed from the shape
 def q_shift(x: torch.Tensor, grid: Grid, shift: int = 1) -> torch.Tensor:
     """Quad-directional token shift on (B, T, C) tokens of an (H, W) grid, zero filled.
@@ -147,7 +155,7 @@ def q_shift(x: torch.Tensor, grid: Grid, shift: int = 1) -> torch.Tensor:
     x = x.reshape(B, H, W, C)
     c1, c2, c3, c4 = int(C * 0.25), int(C * 0.5), int(C * 0.75), int(C * 1.0)
     s = shift
-    if torch.compiler.is_exporting():
+    if exporting():
         # exported graphs: padded slices joined once; in-place slice writes would export as scatters between
         # transposes, which ONNX Runtime runs at a fraction of the speed (same values)
         right, left, down, up, rest = x.split([c1, c2 - c1, c3 - c2, c4 - c3, C - c4], dim=-1)
@@ -244,8 +252,8 @@ class SpatialMix(nn.Module):
         xx = q_shift(x, grid)
         # the three token-shift mixes in one pass; then one matmul each (faster on the CPU than a batched
         # matmul over stacked weights, which also copies the weights on every call)
-        if torch.compiler.is_exporting():
-            xk, xv, xr = mix_tokens(xx, x, self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r)
+        if exporting():
+            xk, xv, xr = mix_tokens(xx, x, [self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r])
         else:
             mix = torch.cat([self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r]).to(x.dtype)
             xk, xv, xr = torch.lerp(xx.unsqueeze(0), x.unsqueeze(0), mix.unsqueeze(1)).unbind(0)  # (3, B, T, C)
@@ -274,7 +282,7 @@ class AttentionMix(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-def mix_tokens(shifted: torch.Tensor, x: torch.Tensor, *weights: torch.Tensor) -> List[torch.Tensor]:
+def mix_tokens(shifted: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor]) -> List[torch.Tensor]:
     """``torch.lerp(shifted, x, w)`` for each token-shift mixing weight ``w``, as ``shifted + w * (x - shifted)``
     with the difference taken once: the form exported graphs use (ONNX decomposes lerp into two branches and a
     select per element). Equal to lerp up to the rounding of its last operation."""
@@ -289,7 +297,7 @@ def token_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     On the CPU it runs as a 1x1 convolution over the channels-last map view of the tokens (no copy), which
     oneDNN computes markedly faster than a matmul with so few input channels; elsewhere it is the matmul.
     """
-    if x.device.type != "cpu" or not x.is_contiguous() or torch.compiler.is_exporting():
+    if x.device.type != "cpu" or not x.is_contiguous() or exporting():
         return F.linear(x, weight, bias)  # exported graphs keep tokens in rows: a plain matmul, no transposes
     B, T, C = x.shape
     maps = x.view(B, grid[0], grid[1], C).permute(0, 3, 1, 2)
@@ -326,8 +334,8 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
         xx = q_shift(x, grid)
-        if torch.compiler.is_exporting():
-            xk, xr = mix_tokens(xx, x, self.spatial_mix_k, self.spatial_mix_r)
+        if exporting():
+            xk, xr = mix_tokens(xx, x, [self.spatial_mix_k, self.spatial_mix_r])
         else:  # two plain lerps: on the CPU a lerp with a stacked, broadcast weight runs at half their speed
             xk = torch.lerp(xx, x, self.spatial_mix_k.to(x.dtype))
             xr = torch.lerp(xx, x, self.spatial_mix_r.to(x.dtype))

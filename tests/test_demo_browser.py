@@ -95,7 +95,7 @@ def work(tmp_path_factory):
     if UPDATE and os.environ.get("RWKVUNET_SCREENSHOT_MODEL"):
         model = Path(shutil.copytree(os.environ["RWKVUNET_SCREENSHOT_MODEL"], folder / "model"))
     else:
-        model = make_model_folder(folder / "model", train_steps=300 if UPDATE else 0)
+        model = make_model_folder(folder / "model", train_steps=200 if UPDATE else 0)
     # the two servers start together: the command, and the Space's app.py
     assert subprocess.run([sys.executable, "-m", "rwkvunet.cli", "demo", str(model), "--write-space",
                            str(folder / "space")], env=_env(), capture_output=True).returncode == 0

@@ -30,8 +30,8 @@ def make_model_folder(path: Path, train_steps: int = 0, seed: int = 0) -> Path:
 
 
 def _train(model, steps: int, seed: int, batch: int = 8) -> None:
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     model.train()
     for step in range(steps):
         pairs = [make_synthetic_image(seed * 100_000 + step * batch + i, SIZE) for i in range(batch)]

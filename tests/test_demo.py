@@ -274,3 +274,12 @@ def test_push_offline_is_one_line(model_dir, tmp_path, capsys, monkeypatch):
     assert cli_main(["demo", str(model_dir), "--write-space", str(space), "--push", "someone/demo"]) == 2
     assert "cannot push to someone/demo" in _error(capsys)
     assert (space / "app.py").is_file()  # written before the push was tried
+
+
+def test_old_downloads_are_deleted(demo, inputs):
+    import os
+
+    old = demo.segment(inputs / "small.bmp", Options()).download
+    os.utime(old.parent, (0, 0))  # made long ago
+    new = demo.segment(inputs / "small.bmp", Options()).download
+    assert not old.parent.exists() and new.is_file()

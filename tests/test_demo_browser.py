@@ -95,7 +95,7 @@ def work(tmp_path_factory):
     if UPDATE and os.environ.get("RWKVUNET_SCREENSHOT_MODEL"):
         model = Path(shutil.copytree(os.environ["RWKVUNET_SCREENSHOT_MODEL"], folder / "model"))
     else:
-        model = make_model_folder(folder / "model", train_steps=300 if UPDATE else 0)
+        model = make_model_folder(folder / "model", train_steps=200 if UPDATE else 0)
     # the two servers start together: the command, and the Space's app.py
     assert subprocess.run([sys.executable, "-m", "rwkvunet.cli", "demo", str(model), "--write-space",
                            str(folder / "space")], env=_env(), capture_output=True).returncode == 0
@@ -221,17 +221,20 @@ def test_page_in_chromium(work, browser):
     _wait_status(page, "shapes.png: image 96x96")
 
     if UPDATE:
-        _readme_screenshot(page, folder / "stack.nii.gz")
+        _readme_screenshot(page)
 
 
-def _readme_screenshot(page, volume: Path) -> None:
-    page.set_viewport_size({"width": 1200, "height": 860})
-    _upload(page, volume)
-    _wait_status(page, "stack.nii.gz: volume")
+def _readme_screenshot(page) -> None:
+    """The page as it opens on its example volume (clicked, as a visitor would), legend and volumes in view."""
+    page.set_viewport_size({"width": 1200, "height": 1000})
+    page.locator("#upload").get_by_role("button", name="Clear").first.click()
+    page.get_by_role("button", name="synthetic_stack.nii.gz").first.click()
+    _wait_status(page, "synthetic_stack.nii.gz: volume 64x64x16")
     page.wait_for_timeout(1500)
-    shot = Image.open(io.BytesIO(page.screenshot(full_page=False)))
+    shot = Image.open(io.BytesIO(page.screenshot(full_page=True, clip={"x": 0, "y": 0, "width": 1200,
+                                                                       "height": 1010})))
     README_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    shot.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(README_SCREENSHOT, optimize=True)
+    shot.convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(README_SCREENSHOT, optimize=True)
 
 
 def test_space_app_serves_the_same_page(work, browser):

@@ -11,6 +11,7 @@ import copy
 import html
 import logging
 import math
+import shutil
 import tempfile
 import time
 import traceback
@@ -42,6 +43,8 @@ MAX_WHOLE_PIXELS = 2048 * 2048
 #: size), and small ones enlarged by whole pixels to at least MIN_VIEW_SIDE so their labels can be seen.
 MAX_VIEW_SIDE = 1024
 MIN_VIEW_SIDE = 320
+#: Seconds a download stays on the server's disk.
+RESULT_LIFETIME = 3600
 #: Millimetres per unit of a NIfTI header's spatial units.
 MM_PER_UNIT = {"mm": 1.0, "meter": 1000.0, "micron": 0.001}
 
@@ -146,11 +149,20 @@ class DemoModel:
             raise io.InputError(f"{path.name}: unsupported file type; upload one of {io.supported_formats()}")
         seg = copy.copy(self.segmenter)  # shares the model; TTA is this request's choice only
         seg.tta = bool(options.tta)
+        self._forget_old_results()
         out = Path(tempfile.mkdtemp(prefix="result-", dir=self.workdir))
         start = time.perf_counter()
         if kind == "volume":
             return self._segment_volume(seg, path, options, out, start)
         return self._segment_image(seg, path, options, out, start)
+
+    def _forget_old_results(self) -> None:
+        """Delete downloads older than RESULT_LIFETIME seconds (the page has long served them), so a page that
+        runs for weeks does not fill the disk."""
+        now = time.time()
+        for folder in self.workdir.glob("result-*"):
+            if now - folder.stat().st_mtime > RESULT_LIFETIME:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _size_args(self, options: Options, shape: Sequence[int]) -> Tuple[dict, str, List[str]]:
         """``Segmenter`` keywords for the size mode, its description, and notes."""

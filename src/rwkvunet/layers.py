@@ -279,6 +279,8 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
         xx = q_shift(x, grid)
+        if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            return self._inference(x, xx, grid)
         if torch.compiler.is_exporting():
             xk, xr = mix_tokens(xx, x, self.spatial_mix_k, self.spatial_mix_r)
         else:  # two plain lerps: on the CPU a lerp with a stacked, broadcast weight runs at half their speed
@@ -292,6 +294,46 @@ class ChannelMix(nn.Module):
         # inference: reuse the fresh buffers (large new allocations cost page faults on the CPU)
         return torch.sigmoid_(r).mul_(token_linear(self.key_norm(k.mul_(k)), self.value.weight, self.value.bias,
                                                    grid))
+
+    def _inference(self, x: torch.Tensor, xx: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """Eager inference, with the same operations as the forward. After the shift every token is mixed on its
+        own, so large maps go through in slices of rows of one image, and the hidden (2C) tensors of one slice
+        are all that exists at a time: the Cross-Channel Mix at stage I's resolution otherwise holds about ten
+        copies of its input at once, most of a large image's peak memory."""
+        B, T, C = x.shape
+        H, W = grid
+        rows = max(1, _HIDDEN_CHUNK_ELEMENTS // (W * self.key.out_features))
+        if B == 1 and rows >= H:
+            return self._mix(x, xx, grid)
+        x, xx = x.contiguous(), xx.contiguous()
+        out = torch.empty_like(x)
+        x4, xx4, out4 = (t.view(B, H, W, C) for t in (x, xx, out))
+        for b in range(B):
+            for top in range(0, H, rows):
+                n = min(rows, H - top)
+                part = (slice(b, b + 1), slice(top, top + n))
+                mixed = self._mix(x4[part].reshape(1, n * W, C), xx4[part].reshape(1, n * W, C), (n, W))
+                out4[part] = mixed.view(1, n, W, C)
+                del mixed
+        return out
+
+    def _mix(self, x: torch.Tensor, xx: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """The mix of (1, n, C) tokens in inference: each intermediate freed once used, the shifted tokens
+        (not needed afterwards) mixed in place into the receptance's input."""
+        k = torch.relu_(token_linear(torch.lerp(xx, x, self.spatial_mix_k.to(x.dtype)), self.key.weight,
+                                     self.key.bias, grid))
+        r = token_linear(xx.lerp_(x, self.spatial_mix_r.to(x.dtype)), self.receptance.weight, self.receptance.bias,
+                         grid)
+        hidden = self.key_norm(k.mul_(k))
+        del k
+        value = token_linear(hidden, self.value.weight, self.value.bias, grid)
+        del hidden
+        return torch.sigmoid_(r).mul_(value)
+
+
+# Eager inference mixes channels in slices of about this many hidden values (16 MiB of float32), see
+# ChannelMix._inference; a 256 x 256 input's Cross-Channel Mix fits in one slice.
+_HIDDEN_CHUNK_ELEMENTS = 1 << 22
 
 
 #: Spatial mixers of the IR-RWKV blocks (stages III-IV), by name; "none" keeps the block without one.
@@ -416,7 +458,11 @@ class CrossChannelMix(nn.Module):
         # upsample on the way in; downsample, then project on the way out. Same function, a fraction of the work.
         p = [resize_bilinear(proj(e), size) for proj, e in zip(self.projections, deep_first)]
         t = map_to_tokens(torch.cat(p, dim=1))
-        t = t + self.drop_path(self.ln1(self.channel(t, grid)))
+        del p  # at stage I's resolution: each projection is as large as a skip
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            t = t + self.drop_path(self.ln1(self.channel(t, grid)))
+        else:  # inference: the sum written over the normalised mix (addition commutes exactly)
+            t = self.ln1(self.channel(t, grid)).add_(t)
         chunks = tokens_to_map(t, grid).chunk(len(deep_first), dim=1)
         out = [fp(resize_bilinear(c, e.shape[-2:])) for fp, c, e in zip(self.final_projections, chunks, deep_first)]
         return out[::-1]

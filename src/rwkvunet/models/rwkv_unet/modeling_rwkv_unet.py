@@ -199,16 +199,19 @@ class RWKVUNetForSemanticSegmentation(RWKVUNetPreTrainedModel):
         pad_h, pad_w = (-height) % SIZE_DIVISOR, (-width) % SIZE_DIVISOR
         x = F.pad(pixel_values, (0, pad_w, 0, pad_h)) if (pad_h or pad_w) else pixel_values
 
-        e1, e2, e3, e4 = self.encoder.forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True)
-        skips: List[torch.Tensor] = [e1, e2, e3][:self.config.num_skips]
+        features = self.encoder.forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True)
+        hidden_states = tuple(features) if output_hidden_states else None
+        skips: List[Optional[torch.Tensor]] = list(features[:self.config.num_skips])
+        d = features[-1]
+        del features  # each feature map is freed once the decoder has used it (large inputs: most of the memory)
         if self.ccm is not None:
             skips = self.ccm(skips)
-        d = e4
         last = len(self.decoder) - 1
         for j, block in enumerate(self.decoder):
             level = 3 - j  # index into skips [e1', e2', e3'] joined before block j (none before block 0)
             if j > 0 and level < len(skips):
                 d = torch.cat([d, skips[level]], dim=1)
+                skips[level] = None
             d = self._decode(block, d, upsample=j < last)
         # the 1x1 head and the last block's bilinear x2 upsampling commute: upsampling the few class maps
         # instead of the block's channels saves a full-resolution pass
@@ -222,7 +225,6 @@ class RWKVUNetForSemanticSegmentation(RWKVUNetPreTrainedModel):
             labels = self._check_labels(labels, pixel_values)
             loss = segmentation_loss(logits, labels, self.config)
 
-        hidden_states = (e1, e2, e3, e4) if output_hidden_states else None
         if not return_dict:
             out = (logits,) + ((hidden_states,) if hidden_states is not None else ())
             return ((loss,) + out) if loss is not None else out

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from rwkvunet import RWKVUNetConfig, RWKVUNetForSemanticSegmentation
-from rwkvunet import layers
 from rwkvunet.layers import ChannelMix, CrossChannelMix
 
 
@@ -18,7 +17,7 @@ def _randomise(module: torch.nn.Module) -> None:
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_channel_mix_in_slices_of_rows_equals_the_whole(batch, monkeypatch):
+def test_channel_mix_in_slices_of_rows_equals_the_whole(batch):
     torch.manual_seed(0)
     mix = ChannelMix(12).eval()
     _randomise(mix)
@@ -26,7 +25,7 @@ def test_channel_mix_in_slices_of_rows_equals_the_whole(batch, monkeypatch):
     x = torch.randn(batch, 63, 12)
     with torch.enable_grad():
         want = mix(x, grid)  # the training-mode form, all tokens at once
-    monkeypatch.setattr(layers, "_HIDDEN_CHUNK_ELEMENTS", 2 * 7 * 24)  # two rows of hidden values per slice
+    mix.hidden_chunk_elements = 2 * 7 * 24  # two rows of hidden values per slice
     with torch.no_grad():
         sliced = mix(x, grid)
         transposed = mix(x.transpose(1, 2).contiguous().transpose(1, 2), grid)  # tokens not contiguous

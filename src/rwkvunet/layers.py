@@ -135,6 +135,21 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(self.conv_expand(self.act(self.conv_reduce(s))))
 
 
+def exporting() -> bool:
+    """``torch.compiler.is_exporting()``: exported graphs take forms of some operations that ONNX Runtime runs
+    well (same values). False in TorchScript, which cannot compile the check (and never exports)."""
+    if torch.jit.is_scripting():
+        return False
+    return torch.compiler.is_exporting()
+
+
+def compiling() -> bool:
+    """``torch.compiler.is_compiling()`` (export included); False in TorchScript, which cannot compile it."""
+    if torch.jit.is_scripting():
+        return False
+    return torch.compiler.is_compiling()
+
+
 @register_notrace_function  # slices at positions computed from the shape
 def q_shift(x: torch.Tensor, grid: Grid, shift: int = 1) -> torch.Tensor:
     """Quad-directional token shift on (B, T, C) tokens of an (H, W) grid, zero filled.
@@ -147,12 +162,12 @@ def q_shift(x: torch.Tensor, grid: Grid, shift: int = 1) -> torch.Tensor:
     x = x.reshape(B, H, W, C)
     c1, c2, c3, c4 = int(C * 0.25), int(C * 0.5), int(C * 0.75), int(C * 1.0)
     s = shift
-    if torch.compiler.is_exporting():
+    if exporting():
         # exported graphs: padded slices joined once; in-place slice writes would export as scatters between
         # transposes, which ONNX Runtime runs at a fraction of the speed (same values)
-        right, left, down, up, rest = x.split([c1, c2 - c1, c3 - c2, c4 - c3, C - c4], dim=-1)
-        parts = [F.pad(right[:, :, : W - s], (0, 0, s, 0)), F.pad(left[:, :, s:], (0, 0, 0, s)),
-                 F.pad(down[:, : H - s], (0, 0, 0, 0, s, 0)), F.pad(up[:, s:], (0, 0, 0, 0, 0, s)), rest]
+        q = x.split([c1, c2 - c1, c3 - c2, c4 - c3, C - c4], dim=-1)  # right, left, down, up, rest
+        parts = [F.pad(q[0][:, :, : W - s], (0, 0, s, 0)), F.pad(q[1][:, :, s:], (0, 0, 0, s)),
+                 F.pad(q[2][:, : H - s], (0, 0, 0, 0, s, 0)), F.pad(q[3][:, s:], (0, 0, 0, 0, 0, s)), q[4]]
         return torch.cat(parts, dim=-1).reshape(B, T, C)
     # one output written once: each quarter is copied to its shifted place and only its uncovered border
     # row or column is zeroed
@@ -207,8 +222,8 @@ class SpatialMix(nn.Module):
         xx = q_shift(x, grid)
         # the three token-shift mixes in one pass; then one matmul each (faster on the CPU than a batched
         # matmul over stacked weights, which also copies the weights on every call)
-        if torch.compiler.is_exporting():
-            xk, xv, xr = mix_tokens(xx, x, self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r)
+        if exporting():
+            xk, xv, xr = mix_tokens(xx, x, [self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r])
         else:
             mix = torch.cat([self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r]).to(x.dtype)
             xk, xv, xr = torch.lerp(xx.unsqueeze(0), x.unsqueeze(0), mix.unsqueeze(1)).unbind(0)  # (3, B, T, C)
@@ -237,7 +252,7 @@ class AttentionMix(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-def mix_tokens(shifted: torch.Tensor, x: torch.Tensor, *weights: torch.Tensor) -> List[torch.Tensor]:
+def mix_tokens(shifted: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor]) -> List[torch.Tensor]:
     """``torch.lerp(shifted, x, w)`` for each token-shift mixing weight ``w``, as ``shifted + w * (x - shifted)``
     with the difference taken once: the form exported graphs use (ONNX decomposes lerp into two branches and a
     select per element). Equal to lerp up to the rounding of its last operation."""
@@ -252,7 +267,7 @@ def token_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     On the CPU it runs as a 1x1 convolution over the channels-last map view of the tokens (no copy), which
     oneDNN computes markedly faster than a matmul with so few input channels; elsewhere it is the matmul.
     """
-    if x.device.type != "cpu" or not x.is_contiguous() or torch.compiler.is_exporting():
+    if x.device.type != "cpu" or not x.is_contiguous() or exporting():
         return F.linear(x, weight, bias)  # exported graphs keep tokens in rows: a plain matmul, no transposes
     B, T, C = x.shape
     maps = x.view(B, grid[0], grid[1], C).permute(0, 3, 1, 2)
@@ -272,6 +287,8 @@ class ChannelMix(nn.Module):
         self.key_norm = nn.LayerNorm(hidden)
         self.receptance = nn.Linear(dim, dim, bias=False)
         self.value = nn.Linear(hidden, dim, bias=False)
+        # eager inference mixes large maps in slices of about this many hidden values (see _inference)
+        self.hidden_chunk_elements = HIDDEN_CHUNK_ELEMENTS
 
     def reset_parameters(self) -> None:
         for p in (self.spatial_mix_k, self.spatial_mix_r):
@@ -279,10 +296,10 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
         xx = q_shift(x, grid)
-        if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+        if not (torch.is_grad_enabled() or compiling()):
             return self._inference(x, xx, grid)
-        if torch.compiler.is_exporting():
-            xk, xr = mix_tokens(xx, x, self.spatial_mix_k, self.spatial_mix_r)
+        if exporting():
+            xk, xr = mix_tokens(xx, x, [self.spatial_mix_k, self.spatial_mix_r])
         else:  # two plain lerps: on the CPU a lerp with a stacked, broadcast weight runs at half their speed
             xk = torch.lerp(xx, x, self.spatial_mix_k.to(x.dtype))
             xr = torch.lerp(xx, x, self.spatial_mix_r.to(x.dtype))
@@ -302,20 +319,18 @@ class ChannelMix(nn.Module):
         copies of its input at once, most of a large image's peak memory."""
         B, T, C = x.shape
         H, W = grid
-        rows = max(1, _HIDDEN_CHUNK_ELEMENTS // (W * self.key.out_features))
+        rows = max(1, self.hidden_chunk_elements // (W * self.key.out_features))
         if B == 1 and rows >= H:
             return self._mix(x, xx, grid)
-        x, xx = x.contiguous(), xx.contiguous()
-        out = torch.empty_like(x)
-        x4, xx4, out4 = (t.view(B, H, W, C) for t in (x, xx, out))
+        x4, xx4 = x.contiguous().view(B, H, W, C), xx.contiguous().view(B, H, W, C)
+        out4 = torch.empty_like(x4)
         for b in range(B):
             for top in range(0, H, rows):
                 n = min(rows, H - top)
-                part = (slice(b, b + 1), slice(top, top + n))
-                mixed = self._mix(x4[part].reshape(1, n * W, C), xx4[part].reshape(1, n * W, C), (n, W))
-                out4[part] = mixed.view(1, n, W, C)
-                del mixed
-        return out
+                mixed = self._mix(x4[b:b + 1, top:top + n].reshape(1, n * W, C),
+                                  xx4[b:b + 1, top:top + n].reshape(1, n * W, C), (n, W))
+                out4[b:b + 1, top:top + n] = mixed.view(1, n, W, C)
+        return out4.view(B, T, C)
 
     def _mix(self, x: torch.Tensor, xx: torch.Tensor, grid: Grid) -> torch.Tensor:
         """The mix of (1, n, C) tokens in inference: each intermediate freed once used, the shifted tokens
@@ -331,9 +346,9 @@ class ChannelMix(nn.Module):
         return torch.sigmoid_(r).mul_(value)
 
 
-# Eager inference mixes channels in slices of about this many hidden values (16 MiB of float32), see
-# ChannelMix._inference; a 256 x 256 input's Cross-Channel Mix fits in one slice.
-_HIDDEN_CHUNK_ELEMENTS = 1 << 22
+#: Eager inference mixes channels in slices of about this many hidden values (16 MiB of float32), see
+#: ChannelMix._inference; a 256 x 256 input's Cross-Channel Mix fits in one slice.
+HIDDEN_CHUNK_ELEMENTS = 1 << 22
 
 
 #: Spatial mixers of the IR-RWKV blocks (stages III-IV), by name; "none" keeps the block without one.
@@ -459,7 +474,7 @@ class CrossChannelMix(nn.Module):
         p = [resize_bilinear(proj(e), size) for proj, e in zip(self.projections, deep_first)]
         t = map_to_tokens(torch.cat(p, dim=1))
         del p  # at stage I's resolution: each projection is as large as a skip
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if self.training or torch.is_grad_enabled() or compiling():
             t = t + self.drop_path(self.ln1(self.channel(t, grid)))
         else:  # inference: the sum written over the normalised mix (addition commutes exactly)
             t = self.ln1(self.channel(t, grid)).add_(t)

@@ -1,6 +1,8 @@
 """`rwkvunet bench` on a tiny input: every case measured, table and JSON written, bad options refused."""
 import json
 
+import pytest
+
 from rwkvunet.commands import bench
 
 
@@ -63,3 +65,23 @@ def test_bench_profile_writes_operator_tables_and_shares(tmp_path, capsys):
     text = (folder / "t_32px_b1_fp32_eager_infer.txt").read_text()
     assert "share of operator time: " in text and "aten::" in text
     assert "where the time goes, t infer: " in capsys.readouterr().out
+
+
+def test_bench_refuses_unknown_backend_and_onnxruntime_training(capsys):
+    assert bench.main(["--device", "cpu", "--models", "t", "--backend", "tensorrt"]) == 2
+    assert "unknown backend 'tensorrt'" in capsys.readouterr().err
+    assert bench.main(["--device", "cpu", "--models", "t", "--backend", "onnxruntime", "--tasks", "train"]) == 2
+    err = capsys.readouterr().err
+    assert "onnxruntime runs fp32 inference on the CPU" in err and "nothing to measure" in err
+
+
+@pytest.mark.slow  # exports the model (about a minute on two cores)
+def test_bench_runs_models_through_onnxruntime(tmp_path):
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--device", "cpu", "--models", "t", "--sizes", "64", "--tasks", "infer", "--backend",
+                     "eager,onnxruntime", "--repeats", "1", "--steps", "2", "--warmup", "1", "--json", str(out)])
+    assert rc == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["backend"] for r in results] == ["eager", "onnxruntime"]
+    assert all(r["error"] is None and r["ms_per_step"] > 0 for r in results)
+    assert results[1]["peak_mib"] > 0 and results[1]["process_peak_mib"] > results[1]["peak_mib"]

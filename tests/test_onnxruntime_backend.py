@@ -185,7 +185,7 @@ def test_export_forms_of_the_token_shift_and_mix_equal_eager(channels):
         def forward(self, x):
             shifted = q_shift(x, (6, 7))
             if torch.compiler.is_exporting():
-                return [shifted] + mix_tokens(shifted, x, list(weights))
+                return [shifted] + mix_tokens(shifted, x, weights)
             return [shifted] + [torch.lerp(shifted, x, w) for w in weights]
 
     x = torch.randn(2, 42, channels)

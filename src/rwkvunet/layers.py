@@ -136,11 +136,18 @@ class SqueezeExcite(nn.Module):
 
 
 def exporting() -> bool:
-    """Whether torch.export is tracing (the ONNX export): exported graphs take the forms ONNX Runtime runs well.
-    False under TorchScript, which cannot compile ``torch.compiler.is_exporting``."""
-    if not torch.jit.is_scripting():
-        return torch.compiler.is_exporting()
-    return False
+    """``torch.compiler.is_exporting()``: exported graphs take forms of some operations that ONNX Runtime runs
+    well (same values). False in TorchScript, which cannot compile the check (and never exports)."""
+    if torch.jit.is_scripting():
+        return False
+    return torch.compiler.is_exporting()
+
+
+def compiling() -> bool:
+    """``torch.compiler.is_compiling()`` (export included); False in TorchScript, which cannot compile it."""
+    if torch.jit.is_scripting():
+        return False
+    return torch.compiler.is_compiling()
 
 
 @register_notrace_function  # slices at positions computed from the shape
@@ -158,9 +165,9 @@ def q_shift(x: torch.Tensor, grid: Grid, shift: int = 1) -> torch.Tensor:
     if exporting():
         # exported graphs: padded slices joined once; in-place slice writes would export as scatters between
         # transposes, which ONNX Runtime runs at a fraction of the speed (same values)
-        right, left, down, up, rest = x.split([c1, c2 - c1, c3 - c2, c4 - c3, C - c4], dim=-1)
-        parts = [F.pad(right[:, :, : W - s], (0, 0, s, 0)), F.pad(left[:, :, s:], (0, 0, 0, s)),
-                 F.pad(down[:, : H - s], (0, 0, 0, 0, s, 0)), F.pad(up[:, s:], (0, 0, 0, 0, 0, s)), rest]
+        q = x.split([c1, c2 - c1, c3 - c2, c4 - c3, C - c4], dim=-1)  # right, left, down, up, rest
+        parts = [F.pad(q[0][:, :, : W - s], (0, 0, s, 0)), F.pad(q[1][:, :, s:], (0, 0, 0, s)),
+                 F.pad(q[2][:, : H - s], (0, 0, 0, 0, s, 0)), F.pad(q[3][:, s:], (0, 0, 0, 0, 0, s)), q[4]]
         return torch.cat(parts, dim=-1).reshape(B, T, C)
     # one output written once: each quarter is copied to its shifted place and only its uncovered border
     # row or column is zeroed
@@ -320,6 +327,8 @@ class ChannelMix(nn.Module):
         self.key_norm = nn.LayerNorm(hidden)
         self.receptance = nn.Linear(dim, dim, bias=False)
         self.value = nn.Linear(hidden, dim, bias=False)
+        # eager inference mixes large maps in slices of about this many hidden values (see _inference)
+        self.hidden_chunk_elements = HIDDEN_CHUNK_ELEMENTS
 
     def reset_parameters(self, mode: str = "uniform") -> None:
         """``uniform``: mixes 0.5; ``vrwkv``: :func:`vrwkv_init_values`."""
@@ -334,6 +343,8 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
         xx = q_shift(x, grid)
+        if not (torch.is_grad_enabled() or compiling()):
+            return self._inference(x, xx, grid)
         if exporting():
             xk, xr = mix_tokens(xx, x, [self.spatial_mix_k, self.spatial_mix_r])
         else:  # two plain lerps: on the CPU a lerp with a stacked, broadcast weight runs at half their speed
@@ -347,6 +358,44 @@ class ChannelMix(nn.Module):
         # inference: reuse the fresh buffers (large new allocations cost page faults on the CPU)
         return torch.sigmoid_(r).mul_(token_linear(self.key_norm(k.mul_(k)), self.value.weight, self.value.bias,
                                                    grid))
+
+    def _inference(self, x: torch.Tensor, xx: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """Eager inference, with the same operations as the forward. After the shift every token is mixed on its
+        own, so large maps go through in slices of rows of one image, and the hidden (2C) tensors of one slice
+        are all that exists at a time: the Cross-Channel Mix at stage I's resolution otherwise holds about ten
+        copies of its input at once, most of a large image's peak memory."""
+        B, T, C = x.shape
+        H, W = grid
+        rows = max(1, self.hidden_chunk_elements // (W * self.key.out_features))
+        if B == 1 and rows >= H:
+            return self._mix(x, xx, grid)
+        x4, xx4 = x.contiguous().view(B, H, W, C), xx.contiguous().view(B, H, W, C)
+        out4 = torch.empty_like(x4)
+        for b in range(B):
+            for top in range(0, H, rows):
+                n = min(rows, H - top)
+                mixed = self._mix(x4[b:b + 1, top:top + n].reshape(1, n * W, C),
+                                  xx4[b:b + 1, top:top + n].reshape(1, n * W, C), (n, W))
+                out4[b:b + 1, top:top + n] = mixed.view(1, n, W, C)
+        return out4.view(B, T, C)
+
+    def _mix(self, x: torch.Tensor, xx: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """The mix of (1, n, C) tokens in inference: each intermediate freed once used, the shifted tokens
+        (not needed afterwards) mixed in place into the receptance's input."""
+        k = torch.relu_(token_linear(torch.lerp(xx, x, self.spatial_mix_k.to(x.dtype)), self.key.weight,
+                                     self.key.bias, grid))
+        r = token_linear(xx.lerp_(x, self.spatial_mix_r.to(x.dtype)), self.receptance.weight, self.receptance.bias,
+                         grid)
+        hidden = self.key_norm(k.mul_(k))
+        del k
+        value = token_linear(hidden, self.value.weight, self.value.bias, grid)
+        del hidden
+        return torch.sigmoid_(r).mul_(value)
+
+
+#: Eager inference mixes channels in slices of about this many hidden values (16 MiB of float32), see
+#: ChannelMix._inference; a 256 x 256 input's Cross-Channel Mix fits in one slice.
+HIDDEN_CHUNK_ELEMENTS = 1 << 22
 
 
 #: Spatial mixers of the IR-RWKV blocks (stages III-IV), by name; "none" keeps the block without one.
@@ -471,7 +520,11 @@ class CrossChannelMix(nn.Module):
         # upsample on the way in; downsample, then project on the way out. Same function, a fraction of the work.
         p = [resize_bilinear(proj(e), size) for proj, e in zip(self.projections, deep_first)]
         t = map_to_tokens(torch.cat(p, dim=1))
-        t = t + self.drop_path(self.ln1(self.channel(t, grid)))
+        del p  # at stage I's resolution: each projection is as large as a skip
+        if self.training or torch.is_grad_enabled() or compiling():
+            t = t + self.drop_path(self.ln1(self.channel(t, grid)))
+        else:  # inference: the sum written over the normalised mix (addition commutes exactly)
+            t = self.ln1(self.channel(t, grid)).add_(t)
         chunks = tokens_to_map(t, grid).chunk(len(deep_first), dim=1)
         out = [fp(resize_bilinear(c, e.shape[-2:])) for fp, c, e in zip(self.final_projections, chunks, deep_first)]
         return out[::-1]

@@ -393,7 +393,7 @@ def run_group(cases: List[Case], repeats: int, steps: int, warmup: int, progress
     shares: Dict[int, Dict[str, float]] = {}
 
     def profile(i: int, r: Runner) -> None:
-        if profile_dir:
+        if profile_dir and cases[i].backend != ONNXRUNTIME:  # torch.profiler does not see ONNX Runtime's kernels
             shares[i] = profile_case(cases[i], r, profile_dir)
 
     bases: Dict[int, float] = {}

@@ -224,11 +224,13 @@ class RWKVUNetForSemanticSegmentation(RWKVUNetPreTrainedModel):
         pad_h, pad_w = (-height) % SIZE_DIVISOR, (-width) % SIZE_DIVISOR
         x = F.pad(pixel_values, (0, pad_w, 0, pad_h)) if (pad_h or pad_w) else pixel_values
 
-        e1, e2, e3, e4 = self.encoder.forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True)
-        skips: List[torch.Tensor] = [e1, e2, e3][:self.config.num_skips]
+        features = self.encoder.forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True)
+        hidden_states = tuple(features) if output_hidden_states else None
+        skips: List[Optional[torch.Tensor]] = list(features[:self.config.num_skips])
+        d = features[-1]
+        del features  # each feature map is freed once the decoder has used it (large inputs: most of the memory)
         if self.ccm is not None:
             skips = self.ccm(skips)
-        d = e4
         last = len(self.decoder) - 1
         supervise = self.aux_heads is not None and labels is not None and self.training
         stages = []  # decoder stage outputs for deep supervision (kept only when it is on)
@@ -236,6 +238,7 @@ class RWKVUNetForSemanticSegmentation(RWKVUNetPreTrainedModel):
             level = 3 - j  # index into skips [e1', e2', e3'] joined before block j (none before block 0)
             if j > 0 and level < len(skips):
                 d = torch.cat([d, skips[level]], dim=1)
+                skips[level] = None
             d = self._decode(block, d, upsample=j < last)
             if supervise and j < last:
                 stages.append(d)
@@ -256,7 +259,6 @@ class RWKVUNetForSemanticSegmentation(RWKVUNetPreTrainedModel):
                 aux_loss = sum(segmentation_loss(a, labels, self.config) for a in aux) / len(aux)
                 loss = loss + self.config.deep_supervision_weight * aux_loss
 
-        hidden_states = (e1, e2, e3, e4) if output_hidden_states else None
         if not return_dict:
             out = (logits,) + ((hidden_states,) if hidden_states is not None else ())
             return ((loss,) + out) if loss is not None else out

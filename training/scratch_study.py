@@ -25,13 +25,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = REPO / "training" / "finetune.py"
 
+
+def _model_options() -> dict:
+    """``--models`` names and the finetune options that select each: every registered variant and reference
+    model (the names ``rwkvunet compare`` takes)."""
+    from rwkvunet.models.baselines import BASELINES
+    from rwkvunet.models.encoder import ENCODER_VARIANTS
+
+    return {**{f"rwkvunet-{v}": ["--model", "rwkvunet", "--variant", v] for v in ENCODER_VARIANTS},
+            **{name: ["--model", name] for name in BASELINES}}
+
+
 #: ``--models`` names: the finetune options that select each model.
-MODELS = {
-    "rwkvunet-t": ["--model", "rwkvunet", "--variant", "t"],
-    "rwkvunet-s": ["--model", "rwkvunet", "--variant", "s"],
-    "rwkvunet-b": ["--model", "rwkvunet", "--variant", "b"],
-    "smp-unet-r34": ["--model", "smp-unet-r34"],
-}
+MODELS = _model_options()
 
 
 def parse_args(argv=None):

@@ -44,3 +44,33 @@ def fixture_file():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _use_cpu_kernel(monkeypatch, setting: str) -> None:
+    from rwkvunet.ops import cpu_kernel
+
+    monkeypatch.setenv(cpu_kernel.ENV_VAR, setting)
+    cpu_kernel.clear_cache()
+    monkeypatch.setattr(cpu_kernel, "_loaded", {})  # whatever a test looks up is forgotten after it
+
+
+@pytest.fixture
+def torch_cpu_path(monkeypatch):
+    """Bi-WKV on the CPU by the PyTorch implementation (the fused CPU kernel switched off)."""
+    _use_cpu_kernel(monkeypatch, "off")
+
+
+@pytest.fixture
+def cpu_kernel_module(monkeypatch):
+    """The built fused Bi-WKV CPU kernel; a test needing it skips when no C++ toolchain is there, and fails under
+    CI, which installs one."""
+    from rwkvunet.ops import cpu_kernel
+
+    _use_cpu_kernel(monkeypatch, "auto")
+    module = cpu_kernel.cpu_kernel()
+    if module is None:
+        reason = cpu_kernel._toolchain_missing() or "the build failed"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"the Bi-WKV CPU kernel is not available ({reason}); CI must test it")
+        pytest.skip(f"the Bi-WKV CPU kernel is not available ({reason})")
+    return module

@@ -125,8 +125,9 @@ def test_memory_is_linear_in_T():
     assert large / small < 6, f"{small / 2**20:.0f} MiB -> {large / 2**20:.0f} MiB"
 
 
-def test_channel_groups_equal_one_pass(monkeypatch):
-    """Large CPU inputs run in groups of channels; values and all four gradients equal one pass."""
+def test_channel_groups_equal_one_pass(monkeypatch, torch_cpu_path):
+    """Large CPU inputs run in groups of channels (the PyTorch implementation); values and all four gradients
+    equal one pass."""
     op = importlib.import_module("rwkvunet.ops.bi_wkv")  # the package exports a function of the same name
 
     ours = make_inputs(2, 300, 20, dtype=torch.float32, seed=9, requires_grad=True)
@@ -163,7 +164,8 @@ def test_shape_errors_name_the_problem():
         bi_wkv(w[:3], u, k, v)
 
 
-def test_compile_fullgraph_and_export():
+def test_compile_fullgraph_and_export(torch_cpu_path):
+    """Compiled and exported graphs run the PyTorch implementation; they equal it run eagerly."""
     w, u, k, v = make_inputs(2, 50, 8, dtype=torch.float32, requires_grad=True)
     eager = bi_wkv(w, u, k, v)
     compiled = torch.compile(bi_wkv, fullgraph=True, backend="aot_eager")
@@ -314,7 +316,7 @@ def test_scan_agrees_with_cumulative_sums_inside_the_bound():
     assert rel_err(op.bi_wkv_scan(w, u, k, v), bi_wkv_torch(w, u, k, v)) < 1e-12
 
 
-def test_extreme_channel_groups(monkeypatch):
+def test_extreme_channel_groups(monkeypatch, torch_cpu_path):
     """Large CPU inputs run in groups of channels; each group picks its own path."""
     op = importlib.import_module("rwkvunet.ops.bi_wkv")
     monkeypatch.setattr(op, "_CHUNK_ELEMENTS", 2 * 100 * 4)

@@ -193,3 +193,47 @@ def test_unknown_allocator_setting_is_refused_with_the_choices():
     """, RWKVUNET_CPU_ALLOCATOR="jemalloc")
     assert bad.returncode != 0
     assert "RWKVUNET_CPU_ALLOCATOR='jemalloc'" in bad.stderr and "'system'" in bad.stderr
+
+
+@pytest.mark.parametrize("B,C,H,W,k,stride,channels_last", [
+    (2, 8, 17, 13, 5, 1, True), (1, 12, 7, 9, 9, 1, True), (3, 6, 20, 20, 9, 1, False), (2, 5, 11, 10, 5, 2, True),
+])
+def test_depthwise_conv_gradients_match_float64(B, C, H, W, k, stride, channels_last):
+    """The depthwise convolution's own CPU weight gradient (and the input gradient) against float64 autograd
+    through F.conv2d; the forward is the plain convolution."""
+    import math
+
+    from rwkvunet.layers import DepthwiseConv2d, _depthwise_weight_grad
+
+    pad = math.ceil((k - stride) / 2)
+    conv = DepthwiseConv2d(C, C, k, stride, pad, groups=C, bias=False)
+    x = torch.randn(B, C, H, W)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y = conv(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    xd = x.detach().double().requires_grad_(True)
+    wd = conv.weight.detach().double().requires_grad_(True)
+    yd = F.conv2d(xd, wd, None, stride, pad, 1, C)
+    yd.backward(gy.double())
+    torch.testing.assert_close(y.double(), yd, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv.weight.grad.double(), wd.grad, rtol=1e-5, atol=1e-4)
+    # the phase split used at strides above 1 (oneDNN's gradient is used there): the same taps
+    direct = _depthwise_weight_grad(x.detach(), gy, (k, k), (stride, stride), (pad, pad))
+    torch.testing.assert_close(direct.double(), wd.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_depthwise_conv_is_a_plain_conv_elsewhere():
+    """Same parameters (state-dict keys) as nn.Conv2d; eval, no-grad and frozen weights run F.conv2d itself."""
+    from rwkvunet.layers import ConvNormAct, DepthwiseConv2d
+
+    block = ConvNormAct(8, 8, 5, groups=8)
+    assert isinstance(block.conv, DepthwiseConv2d) and set(block.state_dict()) == {
+        "conv.weight", "norm.weight", "norm.bias", "norm.running_mean", "norm.running_var", "norm.num_batches_tracked"}
+    assert type(ConvNormAct(8, 16, 1).conv) is nn.Conv2d and type(ConvNormAct(8, 8, 3, groups=4).conv) is nn.Conv2d
+    x = torch.randn(1, 8, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(block.conv(x), F.conv2d(x, block.conv.weight, None, 1, 2, 1, 8), rtol=0, atol=0)

@@ -48,6 +48,82 @@ def resize_bilinear(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def _depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: Tuple[int, int],
+                           stride: Tuple[int, int], padding: Tuple[int, int]) -> torch.Tensor:
+    """Weight gradient of a depthwise convolution (no dilation, zero padding), (C, 1, kh, kw).
+
+    Tap (i, j) of channel c is the correlation of the padded input with the output gradient at offset (i, j),
+    so all taps of all channels are one depthwise convolution of the input by the output gradient (batch
+    folded into channels, then summed). With a stride the input is split into its stride x stride phases,
+    each a stride-1 correlation giving the taps of that phase. oneDNN's own depthwise weight gradient is
+    several times slower on the CPU.
+    """
+    B, C, H, W = x.shape
+    kh, kw = kernel_size
+    (sh, sw), (ph, pw) = stride, padding
+    Ho, Wo = grad.shape[-2:]
+    g = grad.reshape(B * C, 1, Ho, Wo)
+    if (sh, sw) == (1, 1):  # one correlation; the convolution pads (rows used: y + i - p)
+        taps = F.conv2d(x.reshape(1, B * C, H, W), g, padding=(ph, pw), groups=B * C)
+        return taps[..., :kh, :kw].reshape(B, C, 1, kh, kw).sum(0)
+    out = x.new_zeros(C, 1, kh, kw)
+    for a in range(min(sh, kh)):
+        for b in range(min(sw, kw)):
+            th, tw = len(range(a, kh, sh)), len(range(b, kw, sw))  # taps i = a + sh * i' of this phase
+            # tap i of output row y reads input row sh * (y + i') + a - ph: phase rows r0 + sh * j of the input
+            r0, c0 = (a - ph) % sh, (b - pw) % sw
+            top, left = (r0 - (a - ph)) // sh, (c0 - (b - pw)) // sw  # zero rows/columns before the phase
+            phase = x[:, :, r0::sh, c0::sw]
+            rows, cols = Ho + th - 1, Wo + tw - 1
+            phase = F.pad(phase, (left, cols - left - phase.shape[-1], top, rows - top - phase.shape[-2]))
+            taps = F.conv2d(phase.reshape(1, B * C, rows, cols), g, groups=B * C)
+            out[:, :, a::sh, b::sw] = taps.reshape(B, C, 1, th, tw).sum(0)
+    return out
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """Bias-free depthwise convolution whose backward computes the weight gradient by
+    :func:`_depthwise_weight_grad` (the input gradient is the usual one)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding = stride, padding
+        return F.conv2d(x, weight, None, stride, padding, 1, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, list(ctx.stride), list(ctx.padding), [1, 1], False, [0, 0], weight.shape[0],
+                [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            grad_w = _depthwise_weight_grad(x, grad, weight.shape[-2:], ctx.stride, ctx.padding).to(weight.dtype)
+        return grad_x, grad_w, None, None
+
+
+@torch.jit.ignore
+def _depthwise_conv_train(x: torch.Tensor, weight: torch.Tensor, stride: Tuple[int, int],
+                          padding: Tuple[int, int]) -> torch.Tensor:
+    return _DepthwiseConv.apply(x, weight, stride, padding)
+
+
+@register_notrace_module  # chooses its backward by device and grad mode
+class DepthwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with ``groups == in == out channels`` (same parameters and forward), whose weight gradient on
+    the CPU comes from :func:`_depthwise_weight_grad` at stride 1: oneDNN's depthwise weight gradient takes
+    several times longer there, most of a CPU training step's convolution time (at stride 2 it is faster)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (not torch.jit.is_scripting() and x.device.type == "cpu" and self.bias is None
+                and self.stride == (1, 1) and self.dilation == (1, 1) and self.padding_mode == "zeros" and isinstance(self.padding, tuple)
+                and torch.is_grad_enabled() and self.weight.requires_grad and not compiling()):
+            return _depthwise_conv_train(x, self.weight, self.stride, self.padding)
+        return self._conv_forward(x, self.weight, self.bias)
+
+
 class ConvNormAct(nn.Sequential):
     """Conv2d (no bias, padding ceil((k - stride) / 2)) -> BatchNorm2d(eps=1e-6) -> activation.
 
@@ -59,7 +135,9 @@ class ConvNormAct(nn.Sequential):
                  act_layer: Optional[type] = nn.ReLU):
         super().__init__()
         padding = math.ceil((kernel_size - stride) / 2)
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False)
+        depthwise = groups > 1 and groups == in_chs == out_chs
+        self.conv = (DepthwiseConv2d if depthwise else nn.Conv2d)(in_chs, out_chs, kernel_size, stride, padding,
+                                                                  groups=groups, bias=False)
         self.norm = nn.BatchNorm2d(out_chs, eps=1e-6)
         self.act = act_layer(inplace=True) if act_layer is not None else nn.Identity()
 

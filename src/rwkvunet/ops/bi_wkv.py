@@ -15,7 +15,9 @@ accumulated in float64. That is exact for every finite input, and a few times sl
 
 It is plain traceable torch code, so autograd, ``torch.compile(fullgraph=True)`` and ``torch.export`` go
 through it. :func:`bi_wkv` is the single dispatch point: CUDA tensors go to the compiled kernel when one
-is available (see :mod:`rwkvunet.ops.kernel_hub`), everything else to :func:`bi_wkv_torch`.
+is available (see :mod:`rwkvunet.ops.kernel_hub`), float32 CPU inference to the fused CPU kernel when it can be
+built (see :mod:`rwkvunet.ops.cpu_kernel`; the same sums, where they are exact), everything else to
+:func:`bi_wkv_torch`.
 """
 from __future__ import annotations
 
@@ -240,6 +242,11 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
         fn = cuda_bi_wkv()
         if fn is not None:
             return fn(w, u, k, v)
+    if _cpu_kernel_may_apply(w, u, k, v):
+        from .cpu_kernel import bi_wkv_cpu, cpu_kernel
+
+        if cpu_kernel() is not None and _fast_path_is_exact(w, u, k):
+            return bi_wkv_cpu(w, u, k, v)
     step = _cpu_channel_chunk(k)
     if step < C:
         # channels are independent: large inputs go through in cache-sized groups of channels
@@ -266,6 +273,12 @@ def _check_inputs(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Te
     if len({x.device for x in (w, u, k, v)}) > 1:
         raise ValueError("bi_wkv expects w, u, k, v on one device; got "
                          + ", ".join(f"{n}: {x.device}" for n, x in zip("wukv", (w, u, k, v))))
+
+
+def _cpu_kernel_may_apply(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Eager float32 CPU calls: what the fused CPU kernel computes (not traced or compiled)."""
+    return (k.device.type == "cpu" and all(x.dtype == torch.float32 for x in (w, u, k, v))
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
 
 
 _CHUNK_ELEMENTS = 1 << 20  # about 4 MiB of float32 per (B, T, channels) tensor: the scans stay in cache

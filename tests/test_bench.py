@@ -85,3 +85,22 @@ def test_bench_runs_models_through_onnxruntime(tmp_path):
     assert [r["backend"] for r in results] == ["eager", "onnxruntime"]
     assert all(r["error"] is None and r["ms_per_step"] > 0 for r in results)
     assert results[1]["peak_mib"] > 0 and results[1]["process_peak_mib"] > results[1]["peak_mib"]
+
+
+def test_cpu_targets_are_judged_from_the_measured_ratios():
+    def result(model, backend, task, ratio, size=256):
+        return bench.Result(model, size, 1, "fp32", backend, task, "cpu", 1.0, 10.0, 100.0, 9.0, 11.0, 3, None,
+                            ratio_to_reference=ratio, reference="smp_unet_r34")
+
+    text = bench.format_targets([result("t", "eager", "infer", 0.79), result("s", "onnxruntime", "infer", 1.25),
+                                 result("b", "eager", "infer", 1.5, size=512)])  # not the target's size
+    lines = text.splitlines()
+    assert lines[0].startswith("CPU targets")
+    assert lines[1].strip() == "t eager infer: 0.79 x smp (target <= 0.8): met"
+    assert lines[2].strip() == "s onnxruntime infer: 1.25 x smp (target <= 1.2): missed"
+    assert len(lines) == 3
+    assert bench.format_targets([result("t", "compile", "infer", 0.5)]) == ""
+    # the preset measures every target
+    measured = {(m, g["backend"], t) for g in bench.PRESETS["cpu"] for m in g["models"].split(",")
+                for t in g["tasks"].split(",")}
+    assert {(m, b, t) for m, b, t, _ in bench.CPU_TARGETS} <= measured

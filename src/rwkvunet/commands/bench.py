@@ -74,6 +74,8 @@ PRESETS: Dict[str, List[dict]] = {
              tasks="infer", repeats=7, steps=3, warmup=3),
         dict(models="t,smp", sizes="256", batch_sizes="1", precisions="fp32", backend="eager",
              tasks="train", repeats=3, steps=2, warmup=2),
+        dict(models="t,s,b,smp", sizes="256", batch_sizes="1", precisions="fp32", backend="onnxruntime",
+             tasks="infer", repeats=7, steps=3, warmup=3),
     ],
     # only the GPU targets (B at 224 batch 24 bf16 beside smp, B at 512 batch 8 bf16): a few minutes
     "h100-targets": [
@@ -98,6 +100,26 @@ PRESETS: Dict[str, List[dict]] = {
              tasks="train", repeats=1, steps=20, warmup=5),
     ],
 }
+
+
+#: Speed targets on the CPU, as ratios to smp Unet(resnet34) measured in the same group: (model, backend, task,
+#: largest ratio), checked by the ``cpu`` preset (fp32, one 3x256x256 image).
+CPU_TARGETS = [("t", "eager", "infer", 0.8), ("s", "eager", "infer", 1.2), ("b", "eager", "infer", 2.0),
+               ("t", "eager", "train", 1.0), ("t", ONNXRUNTIME, "infer", 1.0), ("s", ONNXRUNTIME, "infer", 1.2),
+               ("b", ONNXRUNTIME, "infer", 2.0)]
+
+
+def format_targets(results: List["Result"]) -> str:
+    """One line per CPU target that this run measured: the ratio to smp and whether it is met."""
+    lines = []
+    for model, backend, task, limit in CPU_TARGETS:
+        for r in results:
+            if (r.model, r.backend, r.task, r.device, r.size, r.batch, r.precision) == (
+                    model, backend, task, "cpu", 256, 1, "fp32") and r.ratio_to_reference is not None:
+                verdict = "met" if r.ratio_to_reference <= limit else "missed"
+                lines.append(f"  {model} {backend} {task}: {r.ratio_to_reference:.2f} x smp (target <= {limit}): "
+                             f"{verdict}")
+    return ("CPU targets, ratios from this run:\n" + "\n".join(lines)) if lines else ""
 
 
 @dataclass
@@ -514,7 +536,9 @@ def environment(device: str) -> dict:
         env["cuda"] = torch.version.cuda
         env["bi_wkv"] = "cuda kernel" if kernel_hub.cuda_bi_wkv() is not None else "pytorch (no kernel)"
     else:
-        env["bi_wkv"] = "pytorch"
+        from ..ops import cpu_kernel
+
+        env["bi_wkv"] = "cpu kernel" if cpu_kernel.cpu_kernel() is not None else "pytorch"
         env["cpu_allocator"] = cpu_allocator_state()
         env["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "default")
     try:
@@ -531,7 +555,7 @@ def _csv(value: str) -> List[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a prepared set of groups (overrides the "
-                        "model/size/batch/precision/backend/task options): 'cpu' is the CPU target, 'h100' "
+                        "model/size/batch/precision/backend/task options): 'cpu' the CPU targets (eager and ONNX Runtime inference of T, S, B and T's training step beside smp, each ratio with its verdict), 'h100' "
                         "the GPU figures, 'h100-targets' only the GPU targets")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--models", default="t,s,b,smp",
@@ -675,6 +699,8 @@ def run(args) -> int:
     if onnx_dir is not None:
         onnx_dir.cleanup()
     print("\n" + format_table(results), flush=True)
+    if device == "cpu" and format_targets(results):
+        print(format_targets(results), flush=True)
     if args.json:
         _write_json(args.json, env, results)
         print(f"results written to {args.json}")

@@ -245,7 +245,7 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     if _cpu_kernel_may_apply(w, u, k, v):
         from .cpu_kernel import bi_wkv_cpu, cpu_kernel
 
-        if cpu_kernel() is not None and _fast_path_is_exact(w, u, k):
+        if cpu_kernel() is not None and _host_reads_are_free(k) and _fast_path_is_exact(w, u, k):
             return bi_wkv_cpu(w, u, k, v)
     step = _cpu_channel_chunk(k)
     if step < C:

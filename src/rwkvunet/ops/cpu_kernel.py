@@ -130,7 +130,8 @@ class _BiWKVCpu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, u, k, v):
         needs_grad = any(ctx.needs_input_grad)
-        y, log_d = cpu_kernel().forward(w, u, k, v, needs_grad)
+        with torch.profiler.record_function("bi_wkv::cpu_forward"):  # named in profiles (the bench's shares)
+            y, log_d = cpu_kernel().forward(w, u, k, v, needs_grad)
         if needs_grad:
             ctx.save_for_backward(w, u, k, v, y, log_d)
         return y
@@ -138,7 +139,8 @@ class _BiWKVCpu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         w, u, k, v, y, log_d = ctx.saved_tensors
-        dw, du, dk, dv = cpu_kernel().backward(w, u, k, v, y, log_d, grad.contiguous())
+        with torch.profiler.record_function("bi_wkv::cpu_backward"):
+            dw, du, dk, dv = cpu_kernel().backward(w, u, k, v, y, log_d, grad.contiguous())
         return dw.sum(0), du.sum(0), dk, dv  # per-batch sums added in a fixed order: deterministic
 
 

@@ -147,4 +147,8 @@ class _BiWKVCpu(torch.autograd.Function):
 def bi_wkv_cpu(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Bi-WKV by the CPU kernel (float32 CPU tensors; :func:`cpu_kernel` must have returned a module), with
     autograd. The caller makes sure the max-shifted sums are exact for these inputs."""
-    return _BiWKVCpu.apply(w.contiguous(), u.contiguous(), k.contiguous(), v.contiguous())
+    w, u, k, v = w.contiguous(), u.contiguous(), k.contiguous(), v.contiguous()
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (w, u, k, v))):
+        with torch.profiler.record_function("bi_wkv::cpu_forward"):  # inference: no autograd node to build
+            return cpu_kernel().forward(w, u, k, v, False)[0]
+    return _BiWKVCpu.apply(w, u, k, v)

@@ -5,6 +5,7 @@ square grid: every token module takes the grid size ``(H, W)`` it belongs to.
 """
 
 import math
+import weakref
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -83,7 +84,7 @@ def _depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: Tup
 
 class _DepthwiseConv(torch.autograd.Function):
     """Bias-free depthwise convolution whose backward computes the weight gradient by
-    :func:`_depthwise_weight_grad` (the input gradient is the usual one)."""
+    :func:`_depthwise_weight_grad` and, at stride 1, the input gradient as a convolution by the flipped kernel."""
 
     @staticmethod
     def forward(ctx, x, weight, stride, padding):
@@ -95,7 +96,13 @@ class _DepthwiseConv(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and tuple(ctx.stride) == (1, 1):
+            # a stride-1 convolution's input gradient is the convolution of the output gradient by the flipped
+            # kernel (as fast as the forward; oneDNN's backward-data takes about twice as long)
+            kh, kw = weight.shape[-2:]
+            pad = (kh - 1 - ctx.padding[0], kw - 1 - ctx.padding[1])
+            grad_x = F.conv2d(grad, weight.flip(-2, -1), None, 1, pad, 1, weight.shape[0])
+        elif ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.convolution_backward(
                 grad, x, weight, None, list(ctx.stride), list(ctx.padding), [1, 1], False, [0, 0], weight.shape[0],
                 [True, False, False])[0]
@@ -117,11 +124,16 @@ class DepthwiseConv2d(nn.Conv2d):
     several times longer there, most of a CPU training step's convolution time (at stride 2 it is faster)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not torch.jit.is_scripting() and x.device.type == "cpu" and self.bias is None
-                and self.stride == (1, 1) and self.dilation == (1, 1) and self.padding_mode == "zeros" and isinstance(self.padding, tuple)
-                and torch.is_grad_enabled() and self.weight.requires_grad and not compiling()):
-            return _depthwise_conv_train(x, self.weight, self.stride, self.padding)
+        if not torch.jit.is_scripting():
+            if self._own_backward_applies(x):
+                return _depthwise_conv_train(x, self.weight, self.stride, self.padding)
         return self._conv_forward(x, self.weight, self.bias)
+
+    @torch.jit.ignore
+    def _own_backward_applies(self, x: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and self.bias is None and self.stride == (1, 1) and self.dilation == (1, 1)
+                and self.padding_mode == "zeros" and isinstance(self.padding, tuple) and torch.is_grad_enabled()
+                and self.weight.requires_grad and not compiling())
 
 
 class ConvNormAct(nn.Sequential):
@@ -296,6 +308,7 @@ def vrwkv_init_values(dim: int, layer_id: int, num_layers: int, spatial: bool = 
     }
 
 
+@register_notrace_module  # a leaf for FX: its matmuls take the same form traced and untraced
 class SpatialMix(nn.Module):
     """Vision-RWKV spatial mixing: token shift, then Bi-WKV gated by the receptance.
 
@@ -342,9 +355,14 @@ class SpatialMix(nn.Module):
         else:
             mix = torch.cat([self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r]).to(x.dtype)
             xk, xv, xr = torch.lerp(xx.unsqueeze(0), x.unsqueeze(0), mix.unsqueeze(1)).unbind(0)  # (3, B, T, C)
-        k, v, r = self.key(xk), self.value(xv), self.receptance(xr)
+        if torch.jit.is_scripting():
+            k, v, r = self.key(xk), self.value(xv), self.receptance(xr)
+            y = self.bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v)
+            return self.output(torch.sigmoid(r) * self.key_norm(y))
+        k, v, r = (token_mixer_linear(self.key, xk), token_mixer_linear(self.value, xv),
+                   token_mixer_linear(self.receptance, xr))
         y = self.bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v)
-        return self.output(torch.sigmoid(r) * self.key_norm(y))
+        return token_mixer_linear(self.output, torch.sigmoid(r) * self.key_norm(y))
 
 
 class AttentionMix(nn.Module):
@@ -365,6 +383,49 @@ class AttentionMix(nn.Module):
         q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+# id(weight) -> (weakref to the weight, its version, row count, packed weight); an entry leaves with its weight
+_PACKED_WEIGHTS: Dict[int, Tuple["weakref.ref", int, int, torch.Tensor]] = {}
+
+
+def _packed_linear_applies(x: torch.Tensor, linear: nn.Linear) -> bool:
+    if torch.is_grad_enabled():  # autograd: the plain matmul
+        return False
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and linear.weight.dtype == torch.float32
+            and not torch.is_grad_enabled() and not compiling() and not torch.jit.is_tracing()
+            and _HAVE_PACKED_LINEAR)
+
+
+@torch.jit.ignore
+def _packed_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` through oneDNN with the weight reordered once into its blocked layout (cached per weight
+    version and row count): 8-30% faster than ``F.linear`` for the token mixers' matmuls on the CPU. Inference
+    only; same values up to float32 rounding."""
+    global _HAVE_PACKED_LINEAR
+    weight = linear.weight
+    rows = x.numel() // x.shape[-1]
+    key = id(weight)
+    cached = _PACKED_WEIGHTS.get(key)
+    try:
+        if cached is None or cached[0]() is not weight or cached[1:3] != (weight._version, rows):
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+            cached = (weakref.ref(weight, lambda _, k=key: _PACKED_WEIGHTS.pop(k, None)), weight._version, rows, packed)
+            _PACKED_WEIGHTS[key] = cached
+        return torch.ops.mkldnn._linear_pointwise(x, cached[3], linear.bias, "none", [], "")
+    except (RuntimeError, AttributeError):  # a torch without these oneDNN ops: the plain matmul from now on
+        _HAVE_PACKED_LINEAR = False
+        return F.linear(x, weight, linear.bias)
+
+
+_HAVE_PACKED_LINEAR = torch.backends.mkldnn.is_available()
+
+
+def token_mixer_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)``; eager float32 CPU inference takes :func:`_packed_linear` (not for TorchScript)."""
+    if _packed_linear_applies(x, linear):
+        return _packed_linear(linear, x)
+    return linear(x)
 
 
 def mix_tokens(shifted: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor]) -> List[torch.Tensor]:

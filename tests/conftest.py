@@ -56,7 +56,7 @@ def _use_cpu_kernel(monkeypatch, setting: str) -> None:
 
 @pytest.fixture
 def torch_cpu_path(monkeypatch):
-    """Bi-WKV on the CPU by the PyTorch implementation (the fused CPU kernel switched off)."""
+    """Every CPU operation by PyTorch's own implementation (the Bi-WKV kernel and the other CPU fast paths off)."""
     _use_cpu_kernel(monkeypatch, "off")
 
 

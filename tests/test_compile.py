@@ -79,11 +79,15 @@ def test_segmenter_training_step_fullgraph_matches_eager(tiny_t, torch_cpu_path)
     assert abs(got.item() - want.item()) < 1e-5 * abs(want.item())
     grads = dict(eager.named_parameters())
     checked = 0
+    # some gradients are zero up to rounding (a norm's bias before a BatchNorm): a tensor's error is judged against
+    # its largest entry, or a millionth of the largest gradient in the model if that is larger
+    floor = 1e-6 * max(p.grad.abs().max().item() for p in eager.parameters() if p.grad is not None)
     for name, p in model.named_parameters():
         g_ref = grads[name].grad
         assert (p.grad is None) == (g_ref is None), name
         if g_ref is not None and g_ref.abs().max() > 0:
-            assert rel(p.grad, g_ref) < 1e-4, name
+            err = (p.grad - g_ref).abs().max().item() / max(g_ref.abs().max().item(), floor)
+            assert err < 1e-4, name
             checked += 1
     assert checked > 100  # the whole network got gradients, including the spatial-mix parameters
     # the training-mode norms updated their statistics the same way

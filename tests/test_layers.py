@@ -237,3 +237,32 @@ def test_depthwise_conv_is_a_plain_conv_elsewhere():
     x = torch.randn(1, 8, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(block.conv(x), F.conv2d(x, block.conv.weight, None, 1, 2, 1, 8), rtol=0, atol=0)
+
+
+def test_packed_linear_matches_float64_and_follows_weight_changes():
+    """Inference matmuls of the spatial mix through a cached oneDNN weight: float32-exact against float64, the
+    cache renewed when the weight changes in place and dropped with the weight; training keeps F.linear."""
+    import gc
+
+    import rwkvunet.layers as L
+
+    if not L._HAVE_PACKED_LINEAR:
+        pytest.skip("this torch has no oneDNN")
+    lin = nn.Linear(96, 80, bias=True)
+    x = torch.randn(2, 50, 96)
+    with torch.no_grad():  # (references without autograd graphs: they would keep the weight alive)
+        ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+        y = L.token_mixer_linear(lin, x)
+        assert id(lin.weight) in L._PACKED_WEIGHTS
+        assert ((y.double() - ref).abs().max() / ref.abs().max()) < 1e-6
+        lin.weight.mul_(-2.0)  # in place, as load_state_dict does
+        y2 = L.token_mixer_linear(lin, x)
+        ref2 = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    assert ((y2.double() - ref2).abs().max() / ref2.abs().max()) < 1e-6
+    y3 = L.token_mixer_linear(lin, x)  # with autograd: the plain matmul, differentiable
+    same = torch.equal(y3, F.linear(x, lin.weight, lin.bias))
+    assert y3.requires_grad and same
+    key = id(lin.weight)
+    del lin, y3  # y3's graph holds the weight too
+    gc.collect()
+    assert key not in L._PACKED_WEIGHTS

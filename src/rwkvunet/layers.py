@@ -5,6 +5,7 @@ square grid: every token module takes the grid size ``(H, W)`` it belongs to.
 """
 
 import math
+import os
 import weakref
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -133,7 +134,8 @@ class DepthwiseConv2d(nn.Conv2d):
     def _own_backward_applies(self, x: torch.Tensor) -> bool:
         return (x.device.type == "cpu" and self.bias is None and self.stride == (1, 1) and self.dilation == (1, 1)
                 and self.padding_mode == "zeros" and isinstance(self.padding, tuple) and torch.is_grad_enabled()
-                and self.weight.requires_grad and not compiling())
+                and self.weight.requires_grad and x.dtype == self.weight.dtype and not cpu_autocast()
+                and not compiling() and cpu_fast_paths())
 
 
 class ConvNormAct(nn.Sequential):
@@ -223,6 +225,20 @@ class SqueezeExcite(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.mean((2, 3), keepdim=True)
         return x * torch.sigmoid(self.conv_expand(self.act(self.conv_reduce(s))))
+
+
+def cpu_fast_paths() -> bool:
+    """Whether the CPU fast paths may run (the Bi-WKV kernel, the depthwise backward, the packed matmuls):
+    ``RWKVUNET_CPU_KERNEL=off`` leaves every operation to PyTorch's own implementation."""
+    return os.environ.get("RWKVUNET_CPU_KERNEL", "").strip().lower() != "off"
+
+
+def cpu_autocast() -> bool:
+    """Whether CPU autocast is on (its casts apply to PyTorch's own operators only)."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
 
 
 def exporting() -> bool:
@@ -390,7 +406,7 @@ _PACKED_WEIGHTS: Dict[int, Tuple["weakref.ref", int, int, torch.Tensor]] = {}
 
 
 def _packed_linear_applies(x: torch.Tensor, linear: nn.Linear) -> bool:
-    if torch.is_grad_enabled():  # autograd: the plain matmul
+    if torch.is_grad_enabled() or cpu_autocast() or not cpu_fast_paths():  # autograd, autocast: the plain matmul
         return False
     return (x.device.type == "cpu" and x.dtype == torch.float32 and linear.weight.dtype == torch.float32
             and not torch.is_grad_enabled() and not compiling() and not torch.jit.is_tracing()

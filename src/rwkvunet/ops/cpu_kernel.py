@@ -11,7 +11,8 @@ set torch itself uses here, once per machine and source version, into ``~/.cache
     build and use it when a C++ compiler and ninja are there; otherwise, silently, the PyTorch implementation.
     A build that fails warns once and falls back.
 ``off``
-    never build or use it.
+    never build or use it; the other CPU fast paths of the model (its own depthwise-convolution backward, the
+    spatial mix's cached oneDNN matmuls) are switched off too, so that every operation is PyTorch's own.
 
 Only float32 CPU inputs whose sums the fast path computes exactly go through it (the caller checks); the
 results equal the PyTorch implementation's to float32 rounding (tested against float64).

@@ -70,7 +70,8 @@ class TrainArguments:
                                      "(DEFAULT_LR: rwkvunet 1e-2, smp-unet-r34 1e-3; the paper's configs, which "
                                      "fine-tune pretrained encoders, set theirs)", minimum=0)
     min_lr: float = _opt(0.0, "learning rate at the end of the cosine schedule", minimum=0)
-    warmup_steps: int = _opt(20, "linear warm-up steps", minimum=0)
+    warmup_steps: int = _opt(50, "linear warm-up steps (50: the ramp the from-scratch lr 1e-2 was tuned with, a "
+                                 "quarter of 3 epochs of a few hundred images)", minimum=0)
     weight_decay: float = _opt(1e-4, "AdamW weight decay", minimum=0)
     rwkv_lr_scale: float = _opt(1.0, "lr multiplier of the RWKV decay, bonus and token-shift mixes", minimum=0)
     decoder_lr_scale: float = _opt(1.0, "lr multiplier of everything after the encoder (bridge, decoder, head)",

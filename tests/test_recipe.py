@@ -2,6 +2,7 @@
 weight decay, deep supervision; none of them changes what a saved model computes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -185,12 +186,16 @@ def test_default_lr_is_the_models_own():
     from rwkvunet.training.arguments import DEFAULT_LR, parse_arguments
 
     assert DEFAULT_LR["rwkvunet"] != DEFAULT_LR["smp-unet-r34"]
-    assert parse_arguments([]).lr == DEFAULT_LR["rwkvunet"]
-    assert parse_arguments(["--model", "smp-unet-r34"]).lr == DEFAULT_LR["smp-unet-r34"]
+    rwkv, smp = parse_arguments([]), parse_arguments(["--model", "smp-unet-r34"])
+    assert rwkv.peak_lr == DEFAULT_LR["rwkvunet"] and smp.peak_lr == DEFAULT_LR["smp-unet-r34"]
+    assert rwkv.to_dict()["lr"] == DEFAULT_LR["rwkvunet"]  # the run folder records the lr it trained at
+    # a copy for another model takes that model's own lr, not the first model's
+    assert dataclasses.replace(rwkv, model="smp-unet-r34").peak_lr == DEFAULT_LR["smp-unet-r34"]
     # --lr overrides both alike; "none" asks for the model's own
-    assert parse_arguments(["--model", "smp-unet-r34", "--lr", "5e-4"]).lr == 5e-4
-    assert parse_arguments(["--lr", "5e-4"]).lr == 5e-4
-    assert parse_arguments(["--model", "smp-unet-r34", "--lr", "none"]).lr == DEFAULT_LR["smp-unet-r34"]
+    assert parse_arguments(["--model", "smp-unet-r34", "--lr", "5e-4"]).peak_lr == 5e-4
+    given = parse_arguments(["--lr", "5e-4"])
+    assert dataclasses.replace(given, model="smp-unet-r34").peak_lr == 5e-4 and given.to_dict()["lr"] == 5e-4
+    assert parse_arguments(["--model", "smp-unet-r34", "--lr", "none"]).peak_lr == DEFAULT_LR["smp-unet-r34"]
 
 
 def test_lr_null_in_a_config_is_the_models_own(tmp_path):
@@ -198,14 +203,15 @@ def test_lr_null_in_a_config_is_the_models_own(tmp_path):
 
     config = tmp_path / "c.yaml"
     config.write_text("lr: null\nmodel: smp-unet-r34\n")
-    assert parse_arguments(["--config", str(config)]).lr == DEFAULT_LR["smp-unet-r34"]
+    assert parse_arguments(["--config", str(config)]).peak_lr == DEFAULT_LR["smp-unet-r34"]
     config.write_text("lr: 2.0e-4\n")
-    assert parse_arguments(["--config", str(config)]).lr == 2e-4
-    assert parse_arguments(["--config", str(config), "--lr", "none"]).lr == DEFAULT_LR["rwkvunet"]
+    assert parse_arguments(["--config", str(config)]).peak_lr == 2e-4
+    assert parse_arguments(["--config", str(config), "--lr", "none"]).peak_lr == DEFAULT_LR["rwkvunet"]
 
 
 def test_finetune_passes_the_lr_scales_to_the_optimizer(tmp_path, monkeypatch):
     from rwkvunet.training import finetune
+    from rwkvunet.training.arguments import DEFAULT_LR
 
     built = []
 
@@ -216,9 +222,10 @@ def test_finetune_passes_the_lr_scales_to_the_optimizer(tmp_path, monkeypatch):
     monkeypatch.setattr(finetune, "build_optimizer", spy)
     tiny = ["--img-size", "32", "--batch-size", "4", "--synthetic-size", "32", "--synthetic-train", "4",
             "--synthetic-eval", "2", "--overlay-samples", "0", "--eval-every", "0", "--num-threads", "1",
-            "--max-steps", "1", "--warmup-steps", "0", "--lr", "1e-3", "--rwkv-lr-scale", "3",
+            "--max-steps", "1", "--warmup-steps", "0", "--rwkv-lr-scale", "3",
             "--decoder-lr-scale", "2", "--output-dir", str(tmp_path / "run")]
     assert finetune.train(tiny) == 0  # in this process as it is (main would keep freed memory for reuse)
     groups = built[0].param_groups
     assert sorted({g["lr_scale"] for g in groups}) == [1.0, 2.0, 3.0]
+    assert all(g["initial_lr"] == pytest.approx(DEFAULT_LR["rwkvunet"] * g["lr_scale"]) for g in groups)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["rwkv_lr_scale"] == 3.0

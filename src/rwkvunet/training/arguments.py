@@ -105,19 +105,24 @@ class TrainArguments:
     debug: bool = _opt(False, "show the full traceback of an error (also RWKVUNET_DEBUG=1)")
     crash_at_step: Optional[int] = _opt(None, argparse.SUPPRESS)  # test hook: stop right after this step
 
-    def __post_init__(self):
-        if self.lr is None:  # unknown models keep None here and are refused by check_arguments
-            self.lr = DEFAULT_LR.get(self.model)
-
     @property
     def run_name(self) -> str:
         data = "synthetic" if self.dataset == "synthetic" else Path(str(self.dataset).rstrip("/")).name
         model = f"rwkvunet-{self.variant}" if self.model == "rwkvunet" else self.model
         return f"{model}-{data}".replace("/", "-")
 
+    @property
+    def peak_lr(self) -> Optional[float]:
+        """``lr``, or when it is not given the model's own (``DEFAULT_LR``; ``None`` for an unknown model, which
+        :func:`check_arguments` refuses). ``lr`` itself stays unset, so a copy for another model (``rwkvunet
+        compare``) takes that model's own."""
+        return self.lr if self.lr is not None else DEFAULT_LR.get(self.model)
+
     def to_dict(self) -> dict:
-        """The settings of the run (not how this invocation behaves: debugging, overwriting, test hooks)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_SETTINGS}
+        """The settings of the run (not how this invocation behaves: debugging, overwriting, test hooks), with the
+        lr it trains at."""
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_SETTINGS}
+        return {**settings, "lr": self.peak_lr}
 
 
 #: Options that change how one invocation behaves, not what the run trains.

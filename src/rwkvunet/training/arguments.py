@@ -19,7 +19,7 @@ from ..errors import UserError
 
 #: Peak lr of each ``--model`` when ``--lr`` is not given: its own best from scratch at equal budget (3 epochs of
 #: DSB2018 and BUSI at 64 x 64, batch 8). RWKV-UNet trains fastest far above a CNN U-Net's 1e-3.
-DEFAULT_LR = {"rwkvunet": 1e-2, "smp-unet-r34": 1e-3}
+DEFAULT_LR = {"rwkvunet": 2e-2, "smp-unet-r34": 1e-3}
 
 
 def _opt(default, help: str, **extra):
@@ -68,10 +68,10 @@ class TrainArguments:
     eval_batch_size: Optional[int] = _opt(None, "images or slices per forward pass in evaluation (default: "
                                                 "--batch-size)", minimum=1)
     lr: Optional[float] = _opt(None, "peak learning rate (AdamW); default: the model's own from-scratch lr "
-                                     "(DEFAULT_LR: rwkvunet 1e-2, smp-unet-r34 1e-3; the paper's configs, which "
+                                     "(DEFAULT_LR: rwkvunet 2e-2, smp-unet-r34 1e-3; the paper's configs, which "
                                      "fine-tune pretrained encoders, set theirs)", minimum=0)
     min_lr: float = _opt(0.0, "learning rate at the end of the cosine schedule", minimum=0)
-    warmup_steps: int = _opt(50, "linear warm-up steps (50: the ramp the from-scratch lr 1e-2 was tuned with, a "
+    warmup_steps: int = _opt(50, "linear warm-up steps (50: the ramp the from-scratch lrs were tuned with, a "
                                  "quarter of 3 epochs of a few hundred images)", minimum=0)
     weight_decay: float = _opt(1e-4, "AdamW weight decay", minimum=0)
     rwkv_lr_scale: float = _opt(1.0, "lr multiplier of the RWKV decay, bonus and token-shift mixes", minimum=0)

@@ -88,3 +88,15 @@ def test_baseline_refuses_pretrained_weights(finetune, tmp_path, capsys):
     assert finetune.main(["--model", "smp-unet-r34", "--pretrained", str(tmp_path), "--output-dir",
                           str(tmp_path / "x")]) == 2
     assert "--model smp-unet-r34" in capsys.readouterr().err
+
+
+def test_decoder_lr_scale_splits_the_smp_unet_at_its_encoder():
+    from rwkvunet.training.optim import build_optimizer
+
+    model = build_baseline("smp-unet-r34", num_labels=1, in_channels=3)
+    optimizer = build_optimizer(model, 1e-3, 1e-4, rwkv_lr_scale=5.0, decoder_lr_scale=2.0)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    encoder = {id(p) for p in model.unet.encoder.parameters()}
+    assert len(lr_of) == len(list(model.parameters())) and encoder
+    for p in model.parameters():  # no RWKV mixes here: the encoder at the base lr, decoder and head doubled
+        assert lr_of[id(p)] == pytest.approx(1e-3 if id(p) in encoder else 2e-3)

@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rwkvunet.training.arguments import DEFAULT_LR
+
 REPO = Path(__file__).resolve().parents[1]
 
 # a few seconds per run (one thread: shared CPUs): 12 x 32 x 32 images, batch 4, RWKV-UNet-T
@@ -219,7 +221,7 @@ def test_resume_continues_only_its_own_run(finetune, tmp_path, capsys):
     shutil.rmtree(foreign)
     # other settings would make it another run
     _refused(finetune, common + ["--output-dir", str(run), "--resume", "--lr", "0.002"], capsys,
-             "other settings", "--lr 0.003 -> 0.002")
+             "other settings", f"--lr {DEFAULT_LR['rwkvunet']} -> 0.002")  # the default lr it started at
     assert _contents(run) == before
     assert finetune.main(common + ["--output-dir", str(run), "--resume"]) == 0
     record = json.loads((run / "run.json").read_text())

@@ -2,6 +2,8 @@
 weight decay, deep supervision; none of them changes what a saved model computes."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -135,3 +137,95 @@ def test_head_init():
         assert bool((head.bias == 0).all())
     with pytest.raises(ValueError, match="head_init"):
         RWKVUNetConfig(variant="t", head_init="zeros")
+
+
+def _reference_scale(name: str, rwkv: float, decoder: float) -> float:
+    """Independent of optim.py: the RWKV mixes by their attribute names, the decoder side by the module tree."""
+    if name.rsplit(".", 1)[-1] in ("spatial_decay", "spatial_first", "spatial_mix_k", "spatial_mix_v",
+                                   "spatial_mix_r"):
+        return rwkv
+    return 1.0 if name.split(".")[0] == "encoder" else decoder
+
+
+def test_lr_scales_split_the_groups_and_keep_the_weight_decay():
+    model = _model()
+    plain = build_optimizer(model, 1e-3, 0.05)
+    assert [(g["lr"], g["weight_decay"]) for g in plain.param_groups] == [(1e-3, 0.05), (1e-3, 0.0)]
+    optimizer = build_optimizer(model, 1e-3, 0.05, rwkv_lr_scale=3.0, decoder_lr_scale=0.5)
+    assert len(optimizer.param_groups) == 5  # encoder / decoder kernels, encoder / decoder / RWKV-mix no-decay
+    seen = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            seen[id(p)] = (group["lr"], group["weight_decay"])
+    names = dict(model.named_parameters())
+    assert len(seen) == len(names)
+    decayed = {id(p) for p in plain.param_groups[0]["params"]}
+    for name, p in names.items():
+        lr, wd = seen[id(p)]
+        assert lr == pytest.approx(1e-3 * _reference_scale(name, 3.0, 0.5)), name
+        assert wd == (0.05 if id(p) in decayed else 0.0), name
+    # the CCM bridge's channel mix holds RWKV mixes outside the encoder: they follow the RWKV multiplier
+    assert seen[id(model.ccm.channel.spatial_mix_k)][0] == pytest.approx(3e-3)
+    assert seen[id(model.segmentation_head.weight)][0] == pytest.approx(5e-4)
+
+
+def test_lr_scales_follow_the_schedule():
+    from rwkvunet.training import cosine_schedule
+
+    model = _model()
+    optimizer = build_optimizer(model, 2e-3, 0.0, rwkv_lr_scale=4.0, decoder_lr_scale=2.0)
+    scheduler = cosine_schedule(optimizer, total_steps=10, warmup_steps=2)
+    for _ in range(2):  # end of the warm-up: every group at its own peak
+        optimizer.step()
+        scheduler.step()
+    peaks = sorted({round(g["lr"], 12) for g in optimizer.param_groups})
+    assert peaks == pytest.approx([2e-3, 4e-3, 8e-3])
+
+
+def test_default_lr_is_the_models_own():
+    from rwkvunet.training.arguments import DEFAULT_LR, parse_arguments
+
+    assert DEFAULT_LR["rwkvunet"] != DEFAULT_LR["smp-unet-r34"]
+    rwkv, smp = parse_arguments([]), parse_arguments(["--model", "smp-unet-r34"])
+    assert rwkv.peak_lr == DEFAULT_LR["rwkvunet"] and smp.peak_lr == DEFAULT_LR["smp-unet-r34"]
+    assert rwkv.to_dict()["lr"] == DEFAULT_LR["rwkvunet"]  # the run folder records the lr it trained at
+    # a copy for another model takes that model's own lr, not the first model's
+    assert dataclasses.replace(rwkv, model="smp-unet-r34").peak_lr == DEFAULT_LR["smp-unet-r34"]
+    # --lr overrides both alike; "none" asks for the model's own
+    assert parse_arguments(["--model", "smp-unet-r34", "--lr", "5e-4"]).peak_lr == 5e-4
+    given = parse_arguments(["--lr", "5e-4"])
+    assert dataclasses.replace(given, model="smp-unet-r34").peak_lr == 5e-4 and given.to_dict()["lr"] == 5e-4
+    assert parse_arguments(["--model", "smp-unet-r34", "--lr", "none"]).peak_lr == DEFAULT_LR["smp-unet-r34"]
+
+
+def test_lr_null_in_a_config_is_the_models_own(tmp_path):
+    from rwkvunet.training.arguments import DEFAULT_LR, parse_arguments
+
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: null\nmodel: smp-unet-r34\n")
+    assert parse_arguments(["--config", str(config)]).peak_lr == DEFAULT_LR["smp-unet-r34"]
+    config.write_text("lr: 2.0e-4\n")
+    assert parse_arguments(["--config", str(config)]).peak_lr == 2e-4
+    assert parse_arguments(["--config", str(config), "--lr", "none"]).peak_lr == DEFAULT_LR["rwkvunet"]
+
+
+def test_finetune_passes_the_lr_scales_to_the_optimizer(tmp_path, monkeypatch):
+    from rwkvunet.training import finetune
+    from rwkvunet.training.arguments import DEFAULT_LR
+
+    built = []
+
+    def spy(*args, **kwargs):
+        built.append(build_optimizer(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(finetune, "build_optimizer", spy)
+    tiny = ["--img-size", "32", "--batch-size", "4", "--synthetic-size", "32", "--synthetic-train", "4",
+            "--synthetic-eval", "2", "--overlay-samples", "0", "--eval-every", "0", "--num-threads", "1",
+            "--max-steps", "1", "--warmup-steps", "0", "--rwkv-lr-scale", "3",
+            "--decoder-lr-scale", "2", "--output-dir", str(tmp_path / "run")]
+    assert finetune.train(tiny) == 0  # in this process as it is (main would keep freed memory for reuse)
+    groups = built[0].param_groups
+    assert sorted({g["lr_scale"] for g in groups}) == [1.0, 2.0, 3.0]
+    assert all(g["initial_lr"] == pytest.approx(DEFAULT_LR["rwkvunet"] * g["lr_scale"]) for g in groups)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["rwkv_lr_scale"] == 3.0

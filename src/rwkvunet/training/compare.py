@@ -4,7 +4,8 @@ table and one plot of curves.
     rwkvunet compare --dataset my_images_and_masks/ --seeds 0 1 2 --epochs 50 --output-dir cmp
 
 Each run is :func:`rwkvunet.training.finetune.train` with identical options but ``--model`` (and ``--variant``),
-``--seed`` and, unless given, ``--split-seed`` (the seed; the 8:1:1 split of sets without their own splits), into
+``--seed``, unless given ``--lr`` (each model's own from-scratch lr, ``DEFAULT_LR``) and, unless given,
+``--split-seed`` (the seed; the 8:1:1 split of sets without their own splits), into
 ``OUTPUT/runs/MODEL/seedK``. ``OUTPUT`` then holds ``comparison.csv`` and ``comparison.md`` (one row per run: model,
 seed, data set, epochs, test Dice, IoU or HD95, training time, parameters; and each model's mean and standard
 deviation over the seeds) and ``comparison_curves.png`` (validation Dice and training loss per model).
@@ -234,7 +235,7 @@ def compare(base: TrainArguments, models: Sequence[str], seeds: Sequence[int], o
 
     runs = plan_runs(base, models, seeds, output_dir, fixed_split)
     settings = {"models": list(models), "seeds": list(seeds), "fixed_split": fixed_split,
-                "options": _settings(base.to_dict())}
+                "options": {**_settings(base.to_dict()), "lr": base.lr}}  # None: each model's own lr
     check_output_dir(output_dir)
     if any(run.args.model in BASELINES for run in runs):
         import_smp()  # before any training: a missing extra is an error now, not after the first model

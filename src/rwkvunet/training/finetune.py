@@ -162,7 +162,8 @@ def train(args: TrainArguments | Sequence[str] | None = None) -> int:
                 count_parameters(model) / 1e6)
 
     train_loader, sampler, samples = make_train_loader(data["train"], args, num_labels, in_channels)
-    optimizer = build_optimizer(model, args.lr, args.weight_decay)  # no decay on norms, biases, RWKV mixes
+    # no decay on norms, biases, RWKV mixes; the lr multipliers split the groups further
+    optimizer = build_optimizer(model, args.peak_lr, args.weight_decay, args.rwkv_lr_scale, args.decoder_lr_scale)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     total_steps = args.max_steps or args.epochs * steps_per_epoch

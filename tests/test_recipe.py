@@ -229,3 +229,17 @@ def test_finetune_passes_the_lr_scales_to_the_optimizer(tmp_path, monkeypatch):
     assert sorted({g["lr_scale"] for g in groups}) == [1.0, 2.0, 3.0]
     assert all(g["initial_lr"] == pytest.approx(DEFAULT_LR["rwkvunet"] * g["lr_scale"]) for g in groups)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["rwkv_lr_scale"] == 3.0
+
+
+def test_runs_from_pretrained_weights_default_to_the_fine_tuning_lr(tmp_path):
+    """The from-scratch lr (2e-2) would wipe out pretrained weights: fine-tuning runs default to FINETUNE_LR,
+    and an explicit --lr still wins."""
+    from rwkvunet.training.arguments import DEFAULT_LR, FINETUNE_LR, parse_arguments
+
+    assert FINETUNE_LR < DEFAULT_LR["rwkvunet"] / 5
+    weights = tmp_path / "encoder.safetensors"
+    weights.write_bytes(b"")
+    assert parse_arguments(["--encoder-pretrained", str(weights)]).peak_lr == FINETUNE_LR
+    assert parse_arguments(["--pretrained", str(tmp_path)]).peak_lr == FINETUNE_LR
+    assert parse_arguments(["--pretrained", str(tmp_path), "--lr", "5e-4"]).peak_lr == 5e-4
+    assert parse_arguments([]).peak_lr == DEFAULT_LR["rwkvunet"]

@@ -19,7 +19,8 @@ from ..errors import UserError
 
 #: Peak lr of each ``--model`` when ``--lr`` is not given: its own best from scratch at equal budget (3 epochs of
 #: DSB2018 and BUSI at 64 x 64, batch 8). RWKV-UNet trains fastest far above a CNN U-Net's 1e-3.
-DEFAULT_LR = {"rwkvunet": 2e-2, "smp-unet-r34": 1e-3}
+DEFAULT_LR = {"rwkvunet": 2e-2, "smp-unet-r34": 1e-3}  # from scratch: each model's best at equal budget
+FINETUNE_LR = 1e-3  # from pretrained weights (--encoder-pretrained, --pretrained): a from-scratch lr would erase them
 
 
 def _opt(default, help: str, **extra):
@@ -68,8 +69,9 @@ class TrainArguments:
     eval_batch_size: Optional[int] = _opt(None, "images or slices per forward pass in evaluation (default: "
                                                 "--batch-size)", minimum=1)
     lr: Optional[float] = _opt(None, "peak learning rate (AdamW); default: the model's own from-scratch lr "
-                                     "(DEFAULT_LR: rwkvunet 2e-2, smp-unet-r34 1e-3; the paper's configs, which "
-                                     "fine-tune pretrained encoders, set theirs)", minimum=0)
+                                     "(DEFAULT_LR: rwkvunet 2e-2, smp-unet-r34 1e-3), or 1e-3 when starting from "
+                                     "pretrained weights (--encoder-pretrained, --pretrained; the paper's configs "
+                                     "set theirs)", minimum=0)
     min_lr: float = _opt(0.0, "learning rate at the end of the cosine schedule", minimum=0)
     warmup_steps: int = _opt(50, "linear warm-up steps (50: the ramp the from-scratch lrs were tuned with, a "
                                  "quarter of 3 epochs of a few hundred images)", minimum=0)
@@ -114,10 +116,15 @@ class TrainArguments:
 
     @property
     def peak_lr(self) -> Optional[float]:
-        """``lr``, or when it is not given the model's own (``DEFAULT_LR``; ``None`` for an unknown model, which
+        """``lr``, or when it is not given ``FINETUNE_LR`` for runs from pretrained weights and otherwise the model's
+        own (``DEFAULT_LR``; ``None`` for an unknown model, which
         :func:`check_arguments` refuses). ``lr`` itself stays unset, so a copy for another model (``rwkvunet
         compare``) takes that model's own."""
-        return self.lr if self.lr is not None else DEFAULT_LR.get(self.model)
+        if self.lr is not None:
+            return self.lr
+        if self.encoder_pretrained or self.pretrained:
+            return FINETUNE_LR
+        return DEFAULT_LR.get(self.model)
 
     def to_dict(self) -> dict:
         """The settings of the run (not how this invocation behaves: debugging, overwriting, test hooks), with the

@@ -20,7 +20,7 @@ def _grad_scales(v, gy):
     return {"w": 2 * vmax * g * T, "u": 2 * vmax * g, "k": 2 * vmax * g, "v": g}
 
 
-# (B, T, C): one token, two, channel counts off the 32-channel groups, batches, a long sequence
+# (B, T, C): one token, two, channel counts off the 16-channel groups, batches, a long sequence
 SHAPES = [(1, 1, 5), (2, 2, 33), (3, 64, 40), (1, 300, 70), (2, 1000, 9)]
 
 

@@ -25,7 +25,7 @@
 
 namespace {
 
-constexpr int GROUP = 32;         // channels walked together (two AVX-512 or four AVX2 vectors)
+constexpr int GROUP = 16;         // channels walked together (one AVX-512 vector of floats, two of doubles)
 constexpr float NEG = -1e30f;     // log-scale of an empty sum: finite, so NEG - NEG == 0 (exp gives 0)
 
 inline float exp_f32(float x) {

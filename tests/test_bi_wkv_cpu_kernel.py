@@ -106,8 +106,12 @@ def test_dispatch_leaves_other_calls_to_pytorch(cpu_kernel_module, monkeypatch):
     assert calls == [] and rel_err(y, bi_wkv_reference(w_far, u32, k32, v32)) < 1e-5
 
 
-def test_switched_off_by_the_environment(monkeypatch):
-    monkeypatch.setenv(ck.ENV_VAR, "off")
+@pytest.mark.parametrize("value", ["off", "0", "False", " no "])
+def test_switched_off_by_the_environment(monkeypatch, value):
+    import rwkvunet.layers as L
+
+    monkeypatch.setenv(ck.ENV_VAR, value)
+    assert not L.cpu_fast_paths()
     monkeypatch.setattr(ck, "_loaded", {})
     monkeypatch.setattr(ck, "_build", lambda: pytest.fail("built although switched off"))
     assert ck.cpu_kernel() is None

@@ -39,9 +39,12 @@ SOURCE = Path(__file__).with_name("csrc") / "bi_wkv_cpu.cpp"
 _loaded: dict[str, Optional[ModuleType]] = {}
 
 
+OFF_VALUES = ("off", "0", "false", "no", "torch")
+
+
 def kernel_setting() -> str:
-    value = os.environ.get(ENV_VAR, "").strip().lower()
-    return value if value in ("auto", "off") else "auto"
+    """``off`` when ``RWKVUNET_CPU_KERNEL`` is off, 0, false, no or torch; ``auto`` otherwise."""
+    return "off" if os.environ.get(ENV_VAR, "").strip().lower() in OFF_VALUES else "auto"
 
 
 def build_flags() -> list[str]:

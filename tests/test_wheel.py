@@ -71,6 +71,7 @@ def test_wheel_ships_the_training_code_and_configs(wheel):
     for module in ("finetune.py", "evaluate.py", "cli.py", "commands/finetune.py", "commands/evaluate.py",
                    "commands/compare.py", "training/finetune.py", "training/evaluate.py", "training/compare.py"):
         assert f"rwkvunet/{module}" in names, module
+    assert "rwkvunet/ops/csrc/bi_wkv_cpu.cpp" in names  # the CPU kernel is built from the installed source
     assert not any(n.startswith(("tests/", "training/")) for n in names)
 
 

@@ -5,7 +5,6 @@ square grid: every token module takes the grid size ``(H, W)`` it belongs to.
 """
 
 import math
-import os
 import weakref
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -16,8 +15,7 @@ from timm.layers import DropPath, LayerNorm2d, register_notrace_function, regist
 
 from .ops.bi_wkv import bi_wkv
 from .ops.bi_wkv_layer import BiWKV
-from .ops.cpu_kernel import ENV_VAR as CPU_KERNEL_ENV
-from .ops.cpu_kernel import OFF_VALUES as CPU_KERNEL_OFF
+from .ops.cpu_kernel import kernel_setting
 
 register_notrace_module(BiWKV)  # opaque to FX, as bi_wkv_leaf is
 
@@ -232,7 +230,7 @@ class SqueezeExcite(nn.Module):
 def cpu_fast_paths() -> bool:
     """Whether the CPU fast paths may run (the Bi-WKV kernel, the depthwise backward, the packed matmuls):
     ``RWKVUNET_CPU_KERNEL=off`` leaves every operation to PyTorch's own implementation."""
-    return os.environ.get(CPU_KERNEL_ENV, "").strip().lower() not in CPU_KERNEL_OFF
+    return kernel_setting() != "off"
 
 
 def cpu_autocast() -> bool:

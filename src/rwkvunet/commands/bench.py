@@ -699,8 +699,9 @@ def run(args) -> int:
     if onnx_dir is not None:
         onnx_dir.cleanup()
     print("\n" + format_table(results), flush=True)
-    if device == "cpu" and format_targets(results):
-        print(format_targets(results), flush=True)
+    verdicts = format_targets(results) if device == "cpu" else ""
+    if verdicts:
+        print(verdicts, flush=True)
     if args.json:
         _write_json(args.json, env, results)
         print(f"results written to {args.json}")

@@ -29,9 +29,6 @@ constexpr int GROUP = 16;         // channels walked together (one AVX-512 vecto
 constexpr float NEG = -1e30f;     // log-scale of an empty sum: finite, so NEG - NEG == 0 (exp gives 0)
 
 inline float exp_f32(float x) {
-#ifdef BI_WKV_STD_EXP
-  return std::exp(x);
-#endif
   // exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2; Cephes' expf polynomial for exp(r).
   x = std::min(std::max(x, -88.0f), 88.0f);
   const float n = std::nearbyint(x * 1.44269504088896341f);

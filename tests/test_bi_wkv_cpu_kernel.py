@@ -197,3 +197,22 @@ def test_model_outputs_and_gradients_as_exact_as_the_pytorch_path(cpu_kernel_mod
     assert not worse, worse
     mean_kernel, mean_torch = (sum(e[i] for e in errors.values()) / len(errors) for i in (0, 1))
     assert mean_kernel < 1.5 * mean_torch + 1e-6, (mean_kernel, mean_torch)
+
+
+def test_installations_of_the_same_source_share_one_build(cpu_kernel_module, tmp_path, monkeypatch):
+    """A second copy of the same source (another clone or virtualenv) loads the existing build: its compile
+    command is the same, so ninja does not rebuild (the library file is untouched)."""
+    import shutil
+
+    from rwkvunet.ops import cpu_kernel as ck
+
+    folder = ck._cache_root() / ck._build_tag(ck.build_flags())
+    (library,) = folder.glob("rwkvunet_bi_wkv_cpu_*.so")
+    before = library.stat().st_mtime_ns
+    other = tmp_path / "elsewhere" / "csrc" / ck.SOURCE.name
+    other.parent.mkdir(parents=True)
+    shutil.copyfile(ck.SOURCE, other)
+    monkeypatch.setattr(ck, "SOURCE", other)
+    ck._build()
+    assert library.stat().st_mtime_ns == before
+    assert (folder / ck.SOURCE.name).read_bytes() == other.read_bytes()

@@ -103,7 +103,20 @@ def _build() -> ModuleType:
     if not any(folder.glob(f"{name}*.so")) and not any(folder.glob(f"{name}*.pyd")):
         print("rwkvunet: building the Bi-WKV CPU kernel for this machine (once, about half a minute; "
               f"{ENV_VAR}=off skips it)", file=sys.stderr, flush=True)
-    return load(name, [str(SOURCE)], extra_cflags=flags, build_directory=str(folder), verbose=False)
+    return load(name, [str(_source_in(folder))], extra_cflags=flags, build_directory=str(folder), verbose=False)
+
+
+def _source_in(folder: Path) -> Path:
+    """The kernel source, copied into its build folder: ninja rebuilds whenever the compile command changes,
+    and the command names the source's path, so every installation of the same source (a clone, a wheel in
+    another virtualenv) builds from this one copy and shares one build instead of rebuilding it in turns."""
+    copy = folder / SOURCE.name
+    text = SOURCE.read_bytes()
+    if not copy.is_file() or copy.read_bytes() != text:
+        tmp = folder / f".{SOURCE.name}.{os.getpid()}"
+        tmp.write_bytes(text)
+        os.replace(tmp, copy)  # atomic: a process building at the same time reads one whole file
+    return copy
 
 
 def cpu_kernel() -> Optional[ModuleType]:

@@ -95,11 +95,13 @@ def test_finetune_a_saved_segmenter(finetune, short_run, tmp_path):
             assert torch.equal(value, after[key]), key
 
 
-def test_resume_after_crash_is_bit_identical(finetune, tmp_path):
+@pytest.mark.parametrize("ema", [None, "0.9"], ids=["raw", "ema"])
+def test_resume_after_crash_is_bit_identical(finetune, tmp_path, ema):
     """Steps 1-6 over two epochs of 3 steps, checkpoints every 2 steps and at epoch ends; the crash after step 5
-    resumes from step 4, in the middle of epoch 1 (one batch of it consumed)."""
+    resumes from step 4, in the middle of epoch 1 (one batch of it consumed). With a weight EMA, the average
+    resumes too: the saved (averaged) model is bit-identical."""
     common = TINY + ["--max-steps", "6", "--save-every-steps", "2", "--keep-checkpoints", "3",
-                     "--overlay-samples", "0"]
+                     "--overlay-samples", "0"] + (["--ema-decay", ema] if ema else [])
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert finetune.main(common + ["--output-dir", str(straight)]) == 0
     with pytest.raises(finetune.SimulatedCrash):
@@ -124,6 +126,32 @@ def test_resume_after_crash_is_bit_identical(finetune, tmp_path):
     for k, state in oa["state"].items():
         for name, value in state.items():
             assert torch.equal(value, ob["state"][k][name]), (k, name)
+
+
+def test_ema_model_is_the_moving_average_of_the_steps(finetune, tmp_path):
+    """The saved model of an ``--ema-decay`` run without validation is the moving average of the weights after
+    each step (from the step checkpoints), recomputed here in float64 with the warmed-up decay
+    ``min(decay, 1 - (1 + i) ** -0.75)`` of the i-th update (0 at the first: it starts from step 1's weights)."""
+    decay, steps = 0.6, 4
+    assert finetune.main(TINY + ["--max-steps", str(steps), "--save-every-steps", "1", "--keep-checkpoints",
+                                 str(steps), "--eval-every", "0", "--overlay-samples", "0", "--ema-decay",
+                                 str(decay), "--output-dir", str(tmp_path)]) == 0
+    raw = [load_file(str(tmp_path / "checkpoints" / f"checkpoint-{s:08d}" / "model.safetensors"))
+           for s in range(1, steps + 1)]
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert saved.keys() == raw[-1].keys()
+    floats = [k for k, v in saved.items() if v.is_floating_point()]
+    expected = {k: raw[0][k].double() for k in floats}
+    for i in range(1, steps):
+        d = min(decay, 1 - (1 + i) ** -0.75)
+        expected = {k: d * expected[k] + (1 - d) * raw[i][k].double() for k in floats}
+    moved = 0
+    for k in floats:
+        torch.testing.assert_close(saved[k].double(), expected[k], rtol=1e-5, atol=1e-6, msg=k)
+        moved += not torch.equal(saved[k], raw[-1][k])
+    assert moved > len(floats) // 2  # the average is not simply the last weights
+    for k in set(saved) - set(floats):  # integer buffers (BatchNorm's batch count) follow the model
+        assert torch.equal(saved[k], raw[-1][k]), k
 
 
 def test_resume_without_checkpoint_is_a_clear_error(finetune, tmp_path):

@@ -79,6 +79,7 @@ class TrainArguments:
     rwkv_lr_scale: float = _opt(1.0, "lr multiplier of the RWKV decay, bonus and token-shift mixes", minimum=0)
     decoder_lr_scale: float = _opt(1.0, "lr multiplier of everything after the encoder (bridge, decoder, head)",
                                    minimum=0)
+    ema_decay: float = _opt(0.0, "keep an exponential moving average of the weights (decay warmed up from 0) and validate, test and save it instead of the raw weights; 0: off", minimum=0, below=1)
     max_grad_norm: Optional[float] = _opt(1.0, "gradient clipping norm (0 or none: off)", minimum=0)
     gradient_accumulation_steps: int = _opt(1, "batches per optimizer step", minimum=1)
     mixed_precision: str = _opt("no", "no, fp16 or bf16")

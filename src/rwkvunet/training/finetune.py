@@ -72,6 +72,17 @@ def run_evaluation(model, split, args, accelerator):
                     tta=args.tta, accelerator=accelerator, progress=accelerator.is_main_process)
 
 
+def build_ema(model, decay: float):
+    """timm's weight EMA of ``model`` (a copy in eval mode), or None for ``decay`` 0. The i-th update (from 0)
+    averages with decay ``min(decay, 1 - (1 + i) ** -3/4)``: the first takes the weights as they are, so a short
+    run does not average in its random start."""
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay, use_warmup=True, warmup_power=3 / 4)
+
+
 def check_trackers(report_to):
     """The ``--report-to`` trackers, refusing those whose package is missing (Accelerate would skip them)."""
     if not report_to:
@@ -172,6 +183,10 @@ def train(args: TrainArguments | Sequence[str] | None = None) -> int:
     scheduler = cosine_schedule(optimizer, total_steps, args.warmup_steps, args.min_lr)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = build_ema(unwrapped, args.ema_decay)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         accelerator.step = state.micro_step
@@ -182,17 +197,18 @@ def train(args: TrainArguments | Sequence[str] | None = None) -> int:
                                                          if isinstance(v, (int, float, str, bool))})
     validation = data.get("validation") if args.eval_every else None
     best_dir = output_dir / "best-model"
-    unwrapped = accelerator.unwrap_model(model)
+    # the weights that are validated, tested and saved: the moving average when there is one
+    evaluated = ema.module if ema is not None else unwrapped
 
     def validate():
-        result = run_evaluation(unwrapped, validation, args, accelerator)
+        result = run_evaluation(evaluated, validation, args, accelerator)
         dice = float(result.mean_dice or 0.0)
         state.validation.append([state.step, state.epoch, dice])
         accelerator.log({"validation/mean_dice": dice}, step=state.step)
         if dice > state.best_dice:
             state.best_dice, state.best_step = dice, state.step
             if accelerator.is_main_process:
-                save_pretrained_atomic(unwrapped, best_dir)
+                save_pretrained_atomic(evaluated, best_dir)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             tqdm.write(f"epoch {state.epoch} step {state.step}: validation mean Dice {dice:.4f} "
@@ -233,6 +249,8 @@ def train(args: TrainArguments | Sequence[str] | None = None) -> int:
             state.micro_step = accelerator.step
             if not accelerator.sync_gradients:
                 continue
+            if ema is not None:
+                ema.update(unwrapped, step=state.step + 1)  # timm counts the updates from 1
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             state.step += 1
@@ -266,6 +284,8 @@ def train(args: TrainArguments | Sequence[str] | None = None) -> int:
         unwrapped.load_state_dict(load_file(str(best_dir / "model.safetensors")))
         logger.info("testing the best checkpoint (step %d, validation mean Dice %.4f)", state.best_step,
                     state.best_dice)
+    elif ema is not None:  # no validation: the last moving average is the result
+        unwrapped.load_state_dict(ema.module.state_dict())
     test = run_evaluation(unwrapped, data["test"], args, accelerator) if "test" in data else None
     overlays = []
     if accelerator.is_main_process and args.overlay_samples > 0:

@@ -126,6 +126,24 @@ def test_q_shift_matches_pixelwise_reference(grid, C):
     assert torch.equal(q_shift(x, grid), _q_shift_reference(x, grid))
 
 
+@pytest.mark.parametrize("grid,C", [((4, 5), 8), ((3, 7), 10), ((1, 6), 4), ((5, 1), 12)])
+def test_q_shift_gradient_matches_pixelwise_reference(grid, C):
+    """Training takes the shift's own backward (the reverse shift): the gradient equals autograd's through the
+    pixel-by-pixel reference, bit for bit (each input's gradient is one output gradient or zero)."""
+    x = torch.randn(2, grid[0] * grid[1], C, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, grid[0] * grid[1], C, dtype=torch.float64)
+    y = q_shift(x, grid)
+    nodes, todo = [], [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        nodes.append(type(node).__name__)
+        todo += [n for n, _ in node.next_functions if n is not None]
+    assert "_QShiftBackward" in nodes and "CopySlices" not in nodes  # one node, not a chain of slice copies
+    (ours,) = torch.autograd.grad(y, x, g)
+    (expected,) = torch.autograd.grad(_q_shift_reference(x, grid), x, g)
+    assert torch.equal(ours, expected)
+
+
 # --- the CPU allocator setting ----------------------------------------------------------------------------
 def _run_python(code: str, **env) -> subprocess.CompletedProcess:
     full_env = dict(os.environ)

@@ -275,20 +275,52 @@ def q_shift(x: torch.Tensor, grid: Grid, shift: int = 1) -> torch.Tensor:
         parts = [F.pad(q[0][:, :, : W - s], (0, 0, s, 0)), F.pad(q[1][:, :, s:], (0, 0, 0, s)),
                  F.pad(q[2][:, : H - s], (0, 0, 0, 0, s, 0)), F.pad(q[3][:, s:], (0, 0, 0, 0, 0, s)), q[4]]
         return torch.cat(parts, dim=-1).reshape(B, T, C)
-    # one output written once: each quarter is copied to its shifted place and only its uncovered border
-    # row or column is zeroed
+    if not torch.jit.is_scripting() and x.requires_grad and torch.is_grad_enabled() and not compiling():
+        return _q_shift_with_grad(x, s).reshape(B, T, C)
+    return _shift_quarters(x, s, False).reshape(B, T, C)
+
+
+def _shift_quarters(x: torch.Tensor, s: int, reverse: bool) -> torch.Tensor:
+    """The shift of (B, H, W, C) maps into one output written once: each quarter is copied to its shifted place
+    and only its uncovered border row or column is zeroed. ``reverse`` moves every quarter the other way (left,
+    right, up, down), which is the shift's adjoint: its backward."""
+    B, H, W, C = x.shape
+    c1, c2, c3, c4 = int(C * 0.25), int(C * 0.5), int(C * 0.75), int(C * 1.0)
     out = torch.empty_like(x)
-    out[:, :, s:, :c1] = x[:, :, : W - s, :c1]  # right
-    out[:, :, :s, :c1].zero_()
-    out[:, :, : W - s, c1:c2] = x[:, :, s:, c1:c2]  # left
-    out[:, :, W - s:, c1:c2].zero_()
-    out[:, s:, :, c2:c3] = x[:, : H - s, :, c2:c3]  # down
-    out[:, :s, :, c2:c3].zero_()
-    out[:, : H - s, :, c3:c4] = x[:, s:, :, c3:c4]  # up
-    out[:, H - s:, :, c3:c4].zero_()
+    # quarter 0 moves right (reverse: left), quarter 1 left (right), quarter 2 down (up), quarter 3 up (down)
+    plus_w, minus_w = (c1, c2) if reverse else (0, c1), (0, c1) if reverse else (c1, c2)
+    plus_h, minus_h = (c3, c4) if reverse else (c2, c3), (c2, c3) if reverse else (c3, c4)
+    out[:, :, s:, plus_w[0]:plus_w[1]] = x[:, :, : W - s, plus_w[0]:plus_w[1]]
+    out[:, :, :s, plus_w[0]:plus_w[1]].zero_()
+    out[:, :, : W - s, minus_w[0]:minus_w[1]] = x[:, :, s:, minus_w[0]:minus_w[1]]
+    out[:, :, W - s:, minus_w[0]:minus_w[1]].zero_()
+    out[:, s:, :, plus_h[0]:plus_h[1]] = x[:, : H - s, :, plus_h[0]:plus_h[1]]
+    out[:, :s, :, plus_h[0]:plus_h[1]].zero_()
+    out[:, : H - s, :, minus_h[0]:minus_h[1]] = x[:, s:, :, minus_h[0]:minus_h[1]]
+    out[:, H - s:, :, minus_h[0]:minus_h[1]].zero_()
     if c4 < C:
         out[..., c4:] = x[..., c4:]
-    return out.reshape(B, T, C)
+    return out
+
+
+class _QShift(torch.autograd.Function):
+    """The token shift as one autograd node whose backward is the reverse shift: the in-place slice writes
+    recorded one by one would each clone the whole gradient in the backward (the same values either way: every
+    gradient element is one output gradient element or zero)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, s: int) -> torch.Tensor:
+        ctx.s = s
+        return _shift_quarters(x, s, False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _shift_quarters(grad.contiguous(), ctx.s, True), None
+
+
+@torch.jit.ignore
+def _q_shift_with_grad(x: torch.Tensor, s: int) -> torch.Tensor:
+    return _QShift.apply(x, s)
 
 
 @register_notrace_function
@@ -505,7 +537,9 @@ class ChannelMix(nn.Module):
         else:  # two plain lerps: on the CPU a lerp with a stacked, broadcast weight runs at half their speed
             xk = torch.lerp(xx, x, self.spatial_mix_k.to(x.dtype))
             xr = torch.lerp(xx, x, self.spatial_mix_r.to(x.dtype))
-        k = torch.relu_(token_linear(xk, self.key.weight, self.key.bias, grid))  # in place: the matmul's output is not kept for backward
+        # not in place: the matmul's output is a view of the 1x1 convolution's (see token_linear), and an in-place
+        # op on a view makes the backward clone the whole gradient
+        k = torch.relu(token_linear(xk, self.key.weight, self.key.bias, grid))
         r = token_linear(xr, self.receptance.weight, self.receptance.bias, grid)
         if torch.is_grad_enabled():
             k = k * k  # squared ReLU; a multiply is several times faster than pow on the CPU

@@ -239,9 +239,45 @@ def test_depthwise_conv_gradients_match_float64(B, C, H, W, k, stride, channels_
     torch.testing.assert_close(y.double(), yd, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(conv.weight.grad.double(), wd.grad, rtol=1e-5, atol=1e-4)
-    # the phase split used at strides above 1 (oneDNN's gradient is used there): the same taps
+    # called directly (at a stride: the CPU kernel when built, else the phase split): the same taps
     direct = _depthwise_weight_grad(x.detach(), gy, (k, k), (stride, stride), (pad, pad))
     torch.testing.assert_close(direct.double(), wd.grad, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("B,C,H,W,k,stride,channels_last", [
+    (1, 96, 64, 64, 5, 2, True), (2, 20, 17, 13, 5, 2, True), (3, 7, 9, 10, 3, 2, False), (1, 16, 10, 11, 5, 3, True),
+    (2, 33, 12, 12, 9, 2, True),
+])
+def test_strided_depthwise_weight_grad_by_the_cpu_kernel(cpu_kernel_module, B, C, H, W, k, stride, channels_last):
+    """At a stride the depthwise convolution trains through its own backward when the CPU kernel is built; the
+    kernel's weight gradient against float64 autograd (float32 accumulation over at most H x W / 64 pixels
+    per part, parts added in float64: a few float32 ulps of the largest tap), the input gradient oneDNN's."""
+    import math
+
+    from rwkvunet.layers import DepthwiseConv2d
+
+    pad = math.ceil((k - stride) / 2)
+    conv = DepthwiseConv2d(C, C, k, stride, pad, groups=C, bias=False)
+    x = torch.randn(B, C, H, W)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    assert conv._own_backward_applies(x)
+    y = conv(x)
+    assert type(y.grad_fn).__name__ == "_DepthwiseConvBackward"
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    xd = x.detach().double().requires_grad_(True)
+    wd = conv.weight.detach().double().requires_grad_(True)
+    F.conv2d(xd, wd, None, stride, pad, 1, C).backward(gy.double())
+    scale = wd.grad.abs().max()
+    torch.testing.assert_close(conv.weight.grad.double() / scale, wd.grad / scale, rtol=0, atol=2e-6)
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-5, atol=1e-5)
+    # deterministic: the same bits on a repeat
+    first = conv.weight.grad.clone()
+    conv.weight.grad = None
+    conv(x).backward(gy)
+    assert torch.equal(conv.weight.grad, first)
 
 
 def test_depthwise_conv_is_a_plain_conv_elsewhere():

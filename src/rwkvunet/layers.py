@@ -15,7 +15,7 @@ from timm.layers import DropPath, LayerNorm2d, register_notrace_function, regist
 
 from .ops.bi_wkv import bi_wkv
 from .ops.bi_wkv_layer import BiWKV
-from .ops.cpu_kernel import kernel_setting
+from .ops.cpu_kernel import cpu_kernel, kernel_setting
 
 register_notrace_module(BiWKV)  # opaque to FX, as bi_wkv_leaf is
 
@@ -58,12 +58,20 @@ def _depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: Tup
     so all taps of all channels are one depthwise convolution of the input by the output gradient (batch
     folded into channels, then summed). With a stride the input is split into its stride x stride phases,
     each a stride-1 correlation giving the taps of that phase. oneDNN's own depthwise weight gradient is
-    several times slower on the CPU.
+    several times slower on the CPU. At a stride, in float32 with the CPU kernel built, the kernel's
+    accumulation over the output pixels (:mod:`rwkvunet.ops.cpu_kernel`) computes the same sums, 3-4 times
+    faster than oneDNN and the phases.
     """
     B, C, H, W = x.shape
     kh, kw = kernel_size
     (sh, sw), (ph, pw) = stride, padding
     Ho, Wo = grad.shape[-2:]
+    kernels = cpu_kernel() if (sh, sw) != (1, 1) else None  # at stride 1 the correlation below is faster
+    if kernels is not None and x.dtype == grad.dtype == torch.float32 and hasattr(kernels, "depthwise_weight_grad"):
+        # the CPU kernel, on the maps as channels-last stores them (no copy when they are channels-last)
+        taps = kernels.depthwise_weight_grad(x.permute(0, 2, 3, 1).contiguous(), grad.permute(0, 2, 3, 1).contiguous(),
+                                             kh, kw, sh, sw, ph, pw)
+        return taps.t().reshape(C, 1, kh, kw)
     g = grad.reshape(B * C, 1, Ho, Wo)
     if (sh, sw) == (1, 1):  # one correlation; the convolution pads (rows used: y + i - p)
         taps = F.conv2d(x.reshape(1, B * C, H, W), g, padding=(ph, pw), groups=B * C)
@@ -121,8 +129,8 @@ def _depthwise_conv_train(x: torch.Tensor, weight: torch.Tensor, stride: Tuple[i
 @register_notrace_module  # chooses its backward by device and grad mode
 class DepthwiseConv2d(nn.Conv2d):
     """``nn.Conv2d`` with ``groups == in == out channels`` (same parameters and forward), whose weight gradient on
-    the CPU comes from :func:`_depthwise_weight_grad` at stride 1: oneDNN's depthwise weight gradient takes
-    several times longer there, most of a CPU training step's convolution time (at stride 2 it is faster)."""
+    the CPU comes from :func:`_depthwise_weight_grad`: oneDNN's depthwise weight gradient takes several times
+    longer, most of a CPU training step's convolution time. At a stride this applies only with the CPU kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
@@ -132,7 +140,9 @@ class DepthwiseConv2d(nn.Conv2d):
 
     @torch.jit.ignore
     def _own_backward_applies(self, x: torch.Tensor) -> bool:
-        return (x.device.type == "cpu" and self.bias is None and self.stride == (1, 1) and self.dilation == (1, 1)
+        # at a stride only with the CPU kernel (the phase-split correlation is no faster than oneDNN there)
+        strided_ok = self.stride == (1, 1) or (x.dtype == torch.float32 and cpu_kernel() is not None)
+        return (x.device.type == "cpu" and self.bias is None and strided_ok and self.dilation == (1, 1)
                 and self.padding_mode == "zeros" and isinstance(self.padding, tuple) and torch.is_grad_enabled()
                 and self.weight.requires_grad and x.dtype == self.weight.dtype and not cpu_autocast()
                 and not compiling() and cpu_fast_paths())

@@ -1,3 +1,5 @@
+// CPU kernels of RWKV-UNet: Bi-WKV and, at the end, the weight gradient of a depthwise convolution.
+//
 // Bi-WKV on the CPU: fused, one pass right to left and one left to right per (batch, group of channels), the
 // channels of a group in SIMD lanes.
 //
@@ -333,7 +335,64 @@ std::vector<torch::Tensor> bi_wkv_backward(torch::Tensor w, torch::Tensor u, tor
   return {dw, du, dk, dv};
 }
 
+// ---- The weight gradient of a depthwise convolution -------------------------------------------------------
+//
+//   dW[c, i, j] = sum_{b, oy, ox} g[b, oy, ox, c] * x[b, sh oy + i - ph, sw ox + j - pw, c]   (zero outside x)
+//
+// on channels-last float32 maps (x as (B, H, W, C), g as (B, Ho, Wo, C)). oneDNN computes this as a convolution
+// with the whole gradient map as its kernel, at a small fraction of the machine's speed; here every output row
+// adds its products to per-tap accumulators with the channels in SIMD lanes. The rows are split into at most 64
+// fixed parts, each summed in float32 into its own accumulators, and the parts are added in float64 in a fixed
+// order: the result does not depend on the number of threads.
+torch::Tensor depthwise_weight_grad(torch::Tensor x, torch::Tensor g, int64_t kh, int64_t kw, int64_t sh,
+                                    int64_t sw, int64_t ph, int64_t pw) {
+  TORCH_CHECK(x.dim() == 4 && g.dim() == 4 && x.is_contiguous() && g.is_contiguous(),
+              "depthwise_weight_grad: contiguous (B, H, W, C) maps expected");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat, "depthwise_weight_grad: float32");
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  const int64_t Ho = g.size(1), Wo = g.size(2);
+  TORCH_CHECK(g.size(0) == B && g.size(3) == C, "depthwise_weight_grad: x and g do not match");
+  const int64_t rows = B * Ho, K = kh * kw;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(rows, 64));
+  auto partial = torch::zeros({parts, K, C}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  float* pp = partial.data_ptr<float>();
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+      float* acc = pp + part * K * C;
+      const int64_t r0 = rows * part / parts, r1 = rows * (part + 1) / parts;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / Ho, oy = r % Ho;
+        const float* grow = gp + (b * Ho + oy) * Wo * C;
+        for (int64_t i = 0; i < kh; ++i) {
+          const int64_t iy = sh * oy + i - ph;
+          if (iy < 0 || iy >= H) continue;
+          const float* xrow = xp + (b * H + iy) * W * C;
+          for (int64_t j = 0; j < kw; ++j) {
+            // the outputs whose input column sw ox + j - pw lies in [0, W)
+            const int64_t lo = pw - j > 0 ? (pw - j + sw - 1) / sw : 0;
+            const int64_t last = W - 1 - j + pw;
+            if (last < 0) continue;
+            const int64_t hi = std::min<int64_t>(Wo, last / sw + 1);
+            float* a = acc + (i * kw + j) * C;
+            for (int64_t ox = lo; ox < hi; ++ox) {
+              const float* xv = xrow + (sw * ox + j - pw) * C;
+              const float* gv = grow + ox * C;
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) a[c] += gv[c] * xv[c];
+            }
+          }
+        }
+      }
+    }
+  });
+  return partial.to(at::kDouble).sum(0).to(at::kFloat);  // (K, C)
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("depthwise_weight_grad", &depthwise_weight_grad,
+          "weight gradient of a depthwise convolution on channels-last float32 maps: (kh * kw, C)");
   mod.def("forward", &bi_wkv_forward, "Bi-WKV forward on the CPU (float32): y and, if asked, log D");
   mod.def("backward", &bi_wkv_backward, "Bi-WKV backward on the CPU (float32): dw, du (per batch), dk, dv");
 }

@@ -1,5 +1,8 @@
 """The fused Bi-WKV CPU kernel (``csrc/bi_wkv_cpu.cpp``), built on this machine the first time it is needed.
 
+The same extension holds the weight gradient of strided depthwise convolutions (``depthwise_weight_grad``, used by
+:class:`rwkvunet.layers.DepthwiseConv2d` in CPU training).
+
 The PyTorch implementation of Bi-WKV goes some twenty times through memory; the kernel computes the same
 max-shifted sums (float64 running sums, as ``torch.cumsum`` keeps them) in two passes with the channels in SIMD
 lanes, three to six times faster, and RWKV-UNet's CPU inference about a fifth faster as a whole. It is compiled

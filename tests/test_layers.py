@@ -213,22 +213,29 @@ def test_unknown_allocator_setting_is_refused_with_the_choices():
     assert "RWKVUNET_CPU_ALLOCATOR='jemalloc'" in bad.stderr and "'system'" in bad.stderr
 
 
-@pytest.mark.parametrize("B,C,H,W,k,stride,channels_last", [
-    (2, 8, 17, 13, 5, 1, True), (1, 12, 7, 9, 9, 1, True), (3, 6, 20, 20, 9, 1, False), (2, 5, 11, 10, 5, 2, True),
-])
-def test_depthwise_conv_gradients_match_float64(B, C, H, W, k, stride, channels_last):
-    """The depthwise convolution's own CPU weight gradient (and the input gradient) against float64 autograd
-    through F.conv2d; the forward is the plain convolution."""
+def _depthwise_case(B, C, H, W, k, stride, channels_last):
+    """A DepthwiseConv2d with the blocks' padding and an input that requires grad (channels-last or NCHW)."""
     import math
 
-    from rwkvunet.layers import DepthwiseConv2d, _depthwise_weight_grad
+    from rwkvunet.layers import DepthwiseConv2d
 
     pad = math.ceil((k - stride) / 2)
     conv = DepthwiseConv2d(C, C, k, stride, pad, groups=C, bias=False)
     x = torch.randn(B, C, H, W)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(True)
+    return conv, x.requires_grad_(True), pad
+
+
+@pytest.mark.parametrize("B,C,H,W,k,stride,channels_last", [
+    (2, 8, 17, 13, 5, 1, True), (1, 12, 7, 9, 9, 1, True), (3, 6, 20, 20, 9, 1, False), (2, 5, 11, 10, 5, 2, True),
+])
+def test_depthwise_conv_gradients_match_float64(B, C, H, W, k, stride, channels_last):
+    """The depthwise convolution's own CPU weight gradient (and the input gradient) against float64 autograd
+    through F.conv2d; the forward is the plain convolution."""
+    from rwkvunet.layers import _depthwise_weight_grad
+
+    conv, x, pad = _depthwise_case(B, C, H, W, k, stride, channels_last)
     y = conv(x)
     gy = torch.randn_like(y)
     y.backward(gy)
@@ -252,16 +259,7 @@ def test_strided_depthwise_weight_grad_by_the_cpu_kernel(cpu_kernel_module, B, C
     """At a stride the depthwise convolution trains through its own backward when the CPU kernel is built; the
     kernel's weight gradient against float64 autograd (float32 accumulation over at most H x W / 64 pixels
     per part, parts added in float64: a few float32 ulps of the largest tap), the input gradient oneDNN's."""
-    import math
-
-    from rwkvunet.layers import DepthwiseConv2d
-
-    pad = math.ceil((k - stride) / 2)
-    conv = DepthwiseConv2d(C, C, k, stride, pad, groups=C, bias=False)
-    x = torch.randn(B, C, H, W)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(True)
+    conv, x, pad = _depthwise_case(B, C, H, W, k, stride, channels_last)
     assert conv._own_backward_applies(x)
     y = conv(x)
     assert type(y.grad_fn).__name__ == "_DepthwiseConvBackward"

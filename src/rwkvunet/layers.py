@@ -67,7 +67,7 @@ def _depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: Tup
     (sh, sw), (ph, pw) = stride, padding
     Ho, Wo = grad.shape[-2:]
     kernels = cpu_kernel() if (sh, sw) != (1, 1) else None  # at stride 1 the correlation below is faster
-    if kernels is not None and x.dtype == grad.dtype == torch.float32 and hasattr(kernels, "depthwise_weight_grad"):
+    if kernels is not None and x.dtype == grad.dtype == torch.float32:
         # the CPU kernel, on the maps as channels-last stores them (no copy when they are channels-last)
         taps = kernels.depthwise_weight_grad(x.permute(0, 2, 3, 1).contiguous(), grad.permute(0, 2, 3, 1).contiguous(),
                                              kh, kw, sh, sw, ph, pw)
@@ -451,8 +451,7 @@ def _packed_linear_applies(x: torch.Tensor, linear: nn.Linear) -> bool:
     if torch.is_grad_enabled() or cpu_autocast() or not cpu_fast_paths():  # autograd, autocast: the plain matmul
         return False
     return (x.device.type == "cpu" and x.dtype == torch.float32 and linear.weight.dtype == torch.float32
-            and not torch.is_grad_enabled() and not compiling() and not torch.jit.is_tracing()
-            and _HAVE_PACKED_LINEAR)
+            and not compiling() and not torch.jit.is_tracing() and _HAVE_PACKED_LINEAR)
 
 
 @torch.jit.ignore

@@ -41,6 +41,24 @@ def test_forward_matches_formula(cpu_kernel_module, B, T, C):
     assert (log_d.double() - torch.logsumexp(expo, dim=2)).abs().max() < 1e-5
 
 
+def test_forward_at_the_edge_of_its_domain(cpu_kernel_module):
+    """Spans near the caller's limit of 60 and values near float32's range: the sums are taken relative to each
+    token, so a side's ratio reaches exp(60); the output must still be finite and as exact as anywhere else."""
+    g = torch.Generator().manual_seed(1)
+    T, C = 600, 20
+    k = torch.randn(1, T, C, generator=g, dtype=torch.float64) * 2
+    k[0, 7] += 25  # one dominant token: every other token sits about exp(-30) below it
+    w = (torch.rand(C, generator=g, dtype=torch.float64) * 2 - 1) * 0.01
+    u = torch.randn(C, generator=g, dtype=torch.float64)
+    span = (k.max() - k.min()) + w.abs().max() * (T + 1) + u.abs().max()
+    assert 40 < span <= 60
+    for scale in (1.0, 1e30):
+        v = torch.randn(1, T, C, generator=g, dtype=torch.float64) * scale
+        y, _ = cpu_kernel_module.forward(*(x.float().contiguous() for x in (w, u, k, v)), True)
+        assert torch.isfinite(y).all()
+        assert rel_err(y, bi_wkv_reference(w, u, k, v)) < 1e-5
+
+
 @pytest.mark.parametrize("B,T,C", SHAPES[1:])
 def test_gradients_match_formula(cpu_kernel_module, B, T, C):
     w, u, k, v = make_inputs(B, T, C, seed=2 * T + C)

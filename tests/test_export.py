@@ -75,8 +75,13 @@ def test_exported_graph_has_no_batch_norm(exported):
     assert not [t for t in targets if "batch_norm" in t]
 
 
-def test_compile_fullgraph_matches_eager(model):
-    """Whole-segmenter capture without graph breaks; aot_eager keeps it quick on CPU (inductor: slow test)."""
+def test_compile_fullgraph_matches_eager(model, monkeypatch):
+    """Whole-segmenter capture without graph breaks; aot_eager keeps it quick on CPU (inductor: slow test).
+    The CPU kernel's lookup is forgotten first, as in a fresh process: the graph must not ask for it (finding a
+    build touches the file system, which breaks a full graph)."""
+    from rwkvunet.ops import cpu_kernel
+
+    monkeypatch.setattr(cpu_kernel, "_loaded", {})
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     x = torch.randn(1, 1, 40, 56)  # padded to 48 x 64 inside the graph

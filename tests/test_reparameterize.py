@@ -55,6 +55,7 @@ def test_reparameterized_segmenter_matches_authors(variant, fixture_file):
         unfused = model(pixel_values=x).logits
     assert max_rel(got, fx["logits"]) < FP32_TOL
     assert max_rel(got, unfused) < FP32_TOL
+    assert fused.encoder.stem_folded and not model.encoder.stem_folded  # the stem fold was part of it
     # the unfused model keeps its checkpoint layout: it saves and loads as before
     model.load_state_dict(model.state_dict())
 
@@ -70,3 +71,50 @@ def test_reparameterize_in_place_and_twice():
     reparameterize_model(model, inplace=True)  # nothing left to fold
     with torch.no_grad():
         assert max_rel(model(x), want) < 1e-5
+
+
+def _randomise_batch_norms(model):
+    """Statistics and affines far from the identity, so that every fold has something to fold."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+
+
+def test_segmenter_folds_the_stem_into_stage_one():
+    """The segmenter never reads the stem's output, so its projection (3 -> 24, linear) and stage I's first 1x1
+    conv become one 3 -> C conv; the logits stay those of the unfused model in float64."""
+    from rwkvunet.models.rwkv_unet import RWKVUNetConfig, RWKVUNetForSemanticSegmentation
+
+    torch.manual_seed(0)
+    model = RWKVUNetForSemanticSegmentation(RWKVUNetConfig(variant="t", num_labels=3)).eval()
+    _randomise_batch_norms(model)
+    x = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        want = model.double()(pixel_values=x.double()).logits
+        fused = reparameterize_model(model.float())
+        got = fused(pixel_values=x).logits
+    conv = fused.encoder.stage1[0].conv.conv
+    assert isinstance(fused.encoder.stem.proj, torch.nn.Identity)
+    assert (conv.in_channels, conv.out_channels) == (3, model.encoder.stage1[0].conv.conv.out_channels)
+    assert max_rel(got, want) < 1e-5
+    reparameterize_model(fused, inplace=True)  # a second pass folds nothing more
+    with torch.no_grad():
+        assert torch.equal(fused(pixel_values=x).logits, got)
+    with pytest.raises(ValueError, match="feature 0"):  # the stem's output no longer exists, and says so
+        fused.encoder.forward_intermediates(x, indices=[0])
+
+
+def test_encoder_keeps_its_stem_feature():
+    """A timm encoder returns the stem's output as feature 0, so reparameterizing it folds only BatchNorms."""
+    torch.manual_seed(0)
+    model = timm.create_model("rwkvunet_enc_t", features_only=True).eval()
+    _randomise_batch_norms(model)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+        got = reparameterize_model(model)(x)
+    assert [f.shape for f in got] == [f.shape for f in want]
+    assert max(max_rel(g, w) for g, w in zip(got, want)) < 1e-5

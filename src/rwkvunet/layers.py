@@ -22,7 +22,7 @@ register_notrace_module(BiWKV)  # opaque to FX, as bi_wkv_leaf is
 __all__ = [
     "ConvNormAct", "SqueezeExcite", "q_shift", "SpatialMix", "AttentionMix", "ChannelMix", "IRBlock", "vrwkv_init_values",
     "CrossChannelMix", "map_to_tokens", "tokens_to_map", "resize_bilinear", "SPATIAL_MIXERS", "DECODER_BLOCKS",
-    "DecoderBlock", "upsample2x",
+    "DecoderBlock", "upsample2x", "fold_projection",
 ]
 
 Grid = Tuple[int, int]
@@ -140,12 +140,14 @@ class DepthwiseConv2d(nn.Conv2d):
 
     @torch.jit.ignore
     def _own_backward_applies(self, x: torch.Tensor) -> bool:
-        # at a stride only with the CPU kernel (the phase-split correlation is no faster than oneDNN there)
-        strided_ok = self.stride == (1, 1) or (x.dtype == torch.float32 and cpu_kernel() is not None)
-        return (x.device.type == "cpu" and self.bias is None and strided_ok and self.dilation == (1, 1)
+        if not (x.device.type == "cpu" and self.bias is None and self.dilation == (1, 1)
                 and self.padding_mode == "zeros" and isinstance(self.padding, tuple) and torch.is_grad_enabled()
                 and self.weight.requires_grad and x.dtype == self.weight.dtype and not cpu_autocast()
-                and not compiling() and cpu_fast_paths())
+                and not compiling() and cpu_fast_paths()):
+            return False
+        # at a stride only with the CPU kernel (the phase-split correlation is no faster than oneDNN there); asked
+        # last, never while compiling: finding or building the kernel touches the file system
+        return self.stride == (1, 1) or (x.dtype == torch.float32 and cpu_kernel() is not None)
 
 
 class ConvNormAct(nn.Sequential):
@@ -688,6 +690,38 @@ class IRBlock(nn.Module):
         if self.residual:
             x = shortcut + self.drop_path(x)
         return x
+
+
+@torch.no_grad()
+def fold_projection(block: IRBlock, next_block: IRBlock) -> bool:
+    """Fold ``block``'s 1x1 projection (linear: no norm, no activation) into ``next_block``'s 1x1 expansion, in
+    place, when ``block`` has no shortcut (its output feeds nothing else) and ``next_block`` no norm left before
+    its conv: two linear maps in a row become one, with the narrower input, and the map between them (wide and,
+    after the stem, at full resolution) is never written. ``block.proj`` becomes an identity, so ``block``'s own
+    output changes: callers fold only where nobody reads it. Returns whether it folded."""
+    next_block.reparameterize()  # BatchNorms first (no-ops once folded)
+    next_block.conv.reparameterize()
+    proj, conv = block.proj, next_block.conv.conv
+    if block.residual or not isinstance(proj, nn.Conv2d) or not isinstance(next_block.norm, nn.Identity):
+        return False
+    if not isinstance(next_block.conv.norm, nn.Identity) or not next_block.conv.can_take_pre_norm():
+        return False
+    if proj.kernel_size != (1, 1) or proj.groups != 1 or proj.stride != (1, 1) or proj.padding != (0, 0):
+        return False
+    w1, w0 = conv.weight.double().flatten(1), proj.weight.double().flatten(1)
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64,
+                                                                        device=w1.device)
+    if proj.bias is not None:
+        bias = bias + w1 @ proj.bias.double()
+    fused = nn.Conv2d(proj.in_channels, conv.out_channels, 1, bias=True, device=conv.weight.device,
+                      dtype=conv.weight.dtype)
+    fused.weight = nn.Parameter((w1 @ w0).view_as(fused.weight).to(conv.weight.dtype),
+                                requires_grad=conv.weight.requires_grad)
+    fused.bias.copy_(bias)
+    fused.train(conv.training)
+    next_block.conv.conv = fused
+    block.proj = nn.Identity()
+    return True
 
 
 class CrossChannelMix(nn.Module):

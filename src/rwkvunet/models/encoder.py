@@ -20,7 +20,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ..hub import encoder_repo_id
-from ..layers import IRBlock
+from ..layers import IRBlock, fold_projection
 
 __all__ = ["RWKVUNetEncoder", "ENCODER_VARIANTS", "PRETRAINED_TAGS", "checkpoint_filter_fn", "register_variant",
            "unregister_variant", "released_variants"]
@@ -132,6 +132,10 @@ class RWKVUNetEncoder(nn.Module):
         self.drop_rate = drop_rate
         self.depths, self.dims, self.expansions = tuple(depths), tuple(dims), tuple(expansions)
         self.grad_checkpointing = False
+        # Set by a model that never reads feature 0 (the segmenter): reparameterize may then fold the stem's
+        # projection into stage I, and the stem's output stops being a feature.
+        self.fold_stem = False
+        self.stem_folded = False
 
         # timm factory kwargs: parameters are created on `device` (e.g. "meta" for a free structural check)
         with torch.device(device) if device is not None else nullcontext():
@@ -163,6 +167,15 @@ class RWKVUNetEncoder(nn.Module):
             self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if dtype is not None:
             self.to(dtype=dtype)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """With ``fold_stem``: the stem's last 1x1 conv and stage I's first one become one conv (see
+        :func:`rwkvunet.layers.fold_projection`), so the 24-channel map at full resolution is never computed.
+        Called by ``timm.utils.reparameterize_model`` before it folds the BatchNorms of the children."""
+        stage1 = getattr(self, "stage1", None)
+        if self.fold_stem and not self.stem_folded and isinstance(stage1, EncoderStage) and len(stage1) > 0:
+            self.stem_folded = fold_projection(self.stem, stage1[0])
 
     # --- timm model contract -------------------------------------------------------------------------
     @property
@@ -220,6 +233,9 @@ class RWKVUNetEncoder(nn.Module):
         x = self._prepare_input(x).contiguous(memory_format=torch.channels_last)
         modules = [self.stem] + self.stages
         take_indices, max_index = feature_take_indices(len(modules), indices)
+        if self.stem_folded and 0 in take_indices:
+            raise ValueError("feature 0 (the stem's output) no longer exists: reparameterize folded the stem's "
+                             "projection into stage I; take it from a model that was not reparameterized")
         if stop_early:
             modules = modules[:max_index + 1]
         intermediates = []

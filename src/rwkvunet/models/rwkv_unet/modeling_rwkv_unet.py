@@ -110,6 +110,7 @@ class RWKVUNetForSemanticSegmentation(RWKVUNetPreTrainedModel):
             mix_channel_mix=config.mix_channel_mix,
         )
         self.encoder.norm = nn.Identity()  # the classifier's norm; the decoder reads the raw stage IV map
+        self.encoder.fold_stem = True  # features 1-4 only: reparameterize may fold the stem into stage I
         dims: Sequence[int] = arch["dims"]
         skip_chs = list(dims[:config.num_skips])
         self.ccm = CrossChannelMix(skip_chs, drop_path=config.ccm_drop_path_rate) if (

@@ -7,11 +7,12 @@
 //       / ( sum_{i!=t} exp(-(|t-i|-1) w + k_i)     + exp(u + k_t) )
 //
 // The same max-shifted sums as the PyTorch implementation (rwkvunet/ops/bi_wkv.py): every term of a direction
-// is scaled by that direction's largest exponent over the sequence, the causal and anti-causal sums are
-// running sums accumulated in float64 (as torch.cumsum accumulates float32), and each output combines both
-// sides and the token itself on one common scale. Exact while range(k) + |w| (T + 1) + |u| stays within 60,
-// which the caller checks (other inputs go to the log-space scan). Fused, it reads k and v twice and writes y
-// once instead of the twenty-odd passes of the unfused form.
+// is scaled by that direction's largest exponent over the sequence, and the causal and anti-causal sums are
+// running sums accumulated in float64 (as torch.cumsum accumulates float32). Each output then combines both
+// sides relative to the token itself, which reuses the terms' own exponentials (see forward_group). Exact
+// while range(k) + |w| (T + 1) + |u| stays within 60, which the caller checks (other inputs go to the
+// log-space scan). Fused, it reads k and v twice and writes y once instead of the twenty-odd passes of the
+// unfused form.
 //
 // exp and log are Cephes-style polynomials (about 1 ulp on float32) written so that compilers vectorize the
 // channel loops. Float32 in and out; the Python side checks shapes, dtypes and devices.
@@ -167,20 +168,30 @@ void forward_group(const Group& g, int64_t T, int64_t C, const float* wp, const 
       mb[c] = std::max(mb[c], kt[c] + rf * w[c]);
     }
   }
-  // anti-causal sums over i > t, right to left: kept per token as (numerator, denominator)
+  // Every sum is taken relative to the token itself, exp(u + k_t): a term i of the causal side weighs
+  // exp(k_i - k_t - (t - 1 - i) w - u) = g e_f(i) / e_f(t), with e_f(i) = exp(k_i + i w - m_f) the max-shifted
+  // term the running sum adds anyway and g = exp(w - u); the anti-causal side alike with e_b. So
+  //   y_t = (v_t + g (N_f / e_f(t) + N_b / e_b(t))) / (1 + g (D_f / e_f(t) + D_b / e_b(t))),
+  // two exponentials per token and channel instead of five. Under the caller's span check every ratio is at
+  // most exp(60), so the denominator stays far inside float32, and each side enters the output as its share of
+  // the denominator times its numerator, which is bounded by max |v|.
+  float gw[GROUP];
+  for (int c = 0; c < GROUP; ++c) gw[c] = exp_f32(w[c] - u[c]);
+  // anti-causal sums over i > t, right to left: kept per token as (numerator, denominator, g / e_b(t))
   double na[GROUP], da[GROUP];
   for (int c = 0; c < GROUP; ++c) na[c] = da[c] = 0.0;
-  right.resize(static_cast<size_t>(T) * 2 * GROUP);
+  right.resize(static_cast<size_t>(T) * 3 * GROUP);
   for (int64_t t = T - 1; t >= 0; --t) {
     const float* kt = kp + base + t * C;
     const float* vt = vp + base + t * C;
-    float* r = right.data() + t * 2 * GROUP;
+    float* r = right.data() + t * 3 * GROUP;
     const float rf = static_cast<float>(T - 1 - t);
 #pragma omp simd
     for (int c = 0; c < n; ++c) {
+      const float e = exp_f32(kt[c] + rf * w[c] - mb[c]);
       r[c] = static_cast<float>(na[c]);
       r[GROUP + c] = static_cast<float>(da[c]);
-      const float e = exp_f32(kt[c] + rf * w[c] - mb[c]);
+      r[2 * GROUP + c] = gw[c] / e;
       na[c] += static_cast<double>(e * vt[c]);
       da[c] += static_cast<double>(e);
     }
@@ -191,23 +202,19 @@ void forward_group(const Group& g, int64_t T, int64_t C, const float* wp, const 
   for (int64_t t = 0; t < T; ++t) {
     const float* kt = kp + base + t * C;
     const float* vt = vp + base + t * C;
-    const float* r = right.data() + t * 2 * GROUP;
+    const float* r = right.data() + t * 3 * GROUP;
     float* yt = yp + base + t * C;
     float* dt = WITH_LOG_D ? dp + base + t * C : nullptr;
     const float tf = static_cast<float>(t);
-    const float log_b_shift = static_cast<float>(T - 2) - tf;  // log_b = mb - (T - 2 - t) w
 #pragma omp simd
     for (int c = 0; c < n; ++c) {
-      const float log_f = (mf[c] + w[c]) - tf * w[c];  // mf - (t - 1) w
-      const float log_b = mb[c] - log_b_shift * w[c];
-      const float log_s = u[c] + kt[c];
-      const float top = std::max(std::max(log_f, log_b), log_s);
-      const float sf = exp_f32(log_f - top), sb = exp_f32(log_b - top), ss = exp_f32(log_s - top);
-      const float num = ss * vt[c] + sf * static_cast<float>(nc[c]) + sb * r[c];
-      const float den = ss + sf * static_cast<float>(dc[c]) + sb * r[GROUP + c];
-      yt[c] = num / den;
-      if constexpr (WITH_LOG_D) dt[c] = top + log_f32(den);
       const float e = exp_f32(kt[c] + tf * w[c] - mf[c]);
+      const float sf = gw[c] / e, sb = r[2 * GROUP + c];
+      const float den = 1.0f + sf * static_cast<float>(dc[c]) + sb * r[GROUP + c];
+      const float inv = 1.0f / den;
+      // each side's share (sf / den) N_f stays within max |v| (N_f <= D_f max |v|), so nothing overflows
+      yt[c] = inv * vt[c] + (sf * inv) * static_cast<float>(nc[c]) + (sb * inv) * r[c];
+      if constexpr (WITH_LOG_D) dt[c] = (u[c] + kt[c]) + log_f32(den);
       nc[c] += static_cast<double>(e * vt[c]);
       dc[c] += static_cast<double>(e);
     }

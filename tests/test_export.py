@@ -129,3 +129,42 @@ def test_onnx_export_runs_in_onnxruntime_with_dynamic_shapes(model, exported, tm
         (got,) = session.run(None, {"pixel_values": x.numpy()})
         assert got.shape == (shape[0], 3) + shape[2:]
         assert close(torch.from_numpy(got), eager(model, x), rel=1e-4)
+
+
+def test_onnx_bi_wkv_takes_one_cumsum_per_sum():
+    """Exported Bi-WKV: each of its four exclusive cumulative sums is one ONNX CumSum (exclusive, and reverse for
+    the anti-causal side), with no flips or concatenations around it; ONNX Runtime gives the formula's values."""
+    optional("onnxscript")
+    onnx = optional("onnx")
+    ort = optional("onnxruntime")
+    from bi_wkv_reference import bi_wkv_reference
+    from rwkvunet.onnx_export import CUSTOM_TRANSLATIONS
+    from rwkvunet.ops import bi_wkv
+    from rwkvunet.ops.bi_wkv import exclusive_cumsum_as_one_op
+
+    class Mix(torch.nn.Module):
+        def forward(self, w, u, k, v):
+            return bi_wkv(w, u, k, v)
+
+    g = torch.Generator().manual_seed(0)
+    T, C = 37, 6
+    w, u = (torch.rand(C, generator=g) - 0.5) / 5, torch.randn(C, generator=g)
+    k, v = torch.randn(2, T, C, generator=g) * 3, torch.randn(2, T, C, generator=g)
+    with torch.no_grad(), exclusive_cumsum_as_one_op():
+        program = torch.export.export(Mix(), (w, u, k, v))
+        model = torch.onnx.export(program, (w, u, k, v), dynamo=True, opset_version=18,
+                                  custom_translation_table=CUSTOM_TRANSLATIONS).model_proto
+    cumsums = [n for n in model.graph.node if n.op_type == "CumSum"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in cumsums]
+    assert len(cumsums) == 4 and all(a.get("exclusive") == 1 for a in attrs)
+    assert sorted(a.get("reverse", 0) for a in attrs) == [0, 0, 1, 1]
+    assert not [n for n in model.graph.node if n.op_type == "Concat"]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    (got,) = session.run(None, dict(zip(names, (x.numpy() for x in (w, u, k, v)))))
+    ref = bi_wkv_reference(w, u, k, v)
+    assert ((torch.from_numpy(got).double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    # without the context an exported program keeps plain ATen operators (for consumers other than ONNX)
+    with torch.no_grad():
+        plain = torch.export.export(Mix(), (w, u, k, v))
+    assert "exclusive_cumsum" not in str(plain.graph) and "exclusive_cumsum" in str(program.graph)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .ops.bi_wkv import exclusive_cumsum_as_one_op
 
 __all__ = [
     "CHECK_RTOL", "INPUT_NAME", "METADATA_CONFIG", "METADATA_PIXELS", "MIN_SIZE", "OPSET", "OUTPUT_NAME",
@@ -100,6 +101,17 @@ def _quiet():
         yield
 
 
+def _onnx_exclusive_cumsum(x, reverse: bool):
+    """rwkvunet::exclusive_cumsum (sums along dim 1) as ONNX's CumSum with its exclusive and reverse attributes."""
+    from onnxscript import opset18 as op
+
+    return op.CumSum(x, op.Constant(value_int=1), exclusive=1, reverse=1 if reverse else 0)
+
+
+#: the translations of this package's own operators for ``torch.onnx.export``
+CUSTOM_TRANSLATIONS = {torch.ops.rwkvunet.exclusive_cumsum.default: _onnx_exclusive_cumsum}
+
+
 def to_onnx(model: nn.Module, in_channels: int, opset: int = OPSET):
     """The model as an in-memory ``onnx.ModelProto`` with dynamic batch, height and width (unchecked)."""
     from torch.export import Dim
@@ -110,10 +122,11 @@ def to_onnx(model: nn.Module, in_channels: int, opset: int = OPSET):
     x = torch.randn(batch, in_channels, height, width)
     dynamic = {0: Dim("batch", min=1), 2: SIZE_MULTIPLE * Dim("height_16", min=MIN_SIZE // SIZE_MULTIPLE),
                3: SIZE_MULTIPLE * Dim("width_16", min=MIN_SIZE // SIZE_MULTIPLE)}
-    with torch.no_grad(), _quiet():
+    with torch.no_grad(), _quiet(), exclusive_cumsum_as_one_op():
         program = torch.export.export(module, (x,), dynamic_shapes=({0: dynamic[0], 2: dynamic[2], 3: dynamic[3]},))
         onnx_program = torch.onnx.export(program, (x,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                                         output_names=[OUTPUT_NAME], verbose=False)
+                                         output_names=[OUTPUT_NAME], verbose=False,
+                                         custom_translation_table=CUSTOM_TRANSLATIONS)
     return onnx_program.model_proto
 
 

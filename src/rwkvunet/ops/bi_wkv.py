@@ -21,6 +21,8 @@ built (see :mod:`rwkvunet.ops.cpu_kernel`; the same sums, where they are exact),
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -65,6 +67,33 @@ def _exclusive_cumsum(x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
         return torch.cat([c[:, 1:], torch.zeros_like(c[:, :1])], dim=1)
     c = x.cumsum(1)
     return torch.cat([torch.zeros_like(c[:, :1]), c[:, :-1]], dim=1)
+
+
+@torch.library.custom_op("rwkvunet::exclusive_cumsum", mutates_args=())
+def exclusive_cumsum(x: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """:func:`_exclusive_cumsum` as one operator, which ONNX export writes as one CumSum (whose exclusive and
+    reverse forms are attributes) instead of flips, a cumulative sum, a slice and a concatenation."""
+    return _exclusive_cumsum(x, reverse)
+
+
+@exclusive_cumsum.register_fake
+def _(x: torch.Tensor, reverse: bool) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+_CUMSUM_AS_ONE_OP = False  # set while an ONNX export that translates exclusive_cumsum runs
+
+
+@contextlib.contextmanager
+def exclusive_cumsum_as_one_op():
+    """Within: exported graphs take :func:`exclusive_cumsum` as one operator. For exporters that translate it
+    (``rwkvunet.onnx_export``); other consumers of an exported program keep plain ATen operators."""
+    global _CUMSUM_AS_ONE_OP
+    previous, _CUMSUM_AS_ONE_OP = _CUMSUM_AS_ONE_OP, True
+    try:
+        yield
+    finally:
+        _CUMSUM_AS_ONE_OP = previous
 
 
 def _bi_wkv_no_grad(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -120,8 +149,8 @@ def bi_wkv_torch(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Ten
     compiling = torch.compiler.is_compiling()
     if not compiling and not (_host_reads_are_free(k) and _fast_path_is_exact(w, u, k)):
         return bi_wkv_scan(w, u, k, v)
-    if not compiling and not (torch.is_grad_enabled() and any(x.requires_grad for x in (w, u, k, v))):
-        return _bi_wkv_no_grad(w, u, k, v)
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (w, u, k, v))):
+        return _bi_wkv_relative(w, u, k, v) if compiling else _bi_wkv_no_grad(w, u, k, v)
     return _bi_wkv_cumsum(w, u, k, v)
 
 
@@ -163,6 +192,33 @@ def _bi_wkv_cumsum(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.T
     num = s_f * num_f + s_b * num_b + s_s * v
     den = s_f * den_f + s_b * den_b + s_s
     return (num / den).to(out_dtype)
+
+
+def _bi_wkv_relative(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The max-shifted sums for compiled and exported inference graphs, with both sides taken relative to the
+    token itself.
+
+    A causal term i weighs exp(k_i - k_t - (t - 1 - i) w - u) = g e_f(i) / e_f(t) against the token's own
+    exp(u + k_t), with g = exp(w - u) and e_f the max-shifted term the cumulative sum adds anyway (the
+    anti-causal side alike), so y_t = (v_t + s_f N_f + s_b N_b) / (1 + s_f D_f + s_b D_b) with s = g / e(t):
+    no common scale to find and three fewer exponentials than :func:`_bi_wkv_cumsum`, the same values to
+    float rounding. Under :func:`_fast_path_is_exact` every s is at most exp(60), so the denominator stays far
+    inside float32, and each side enters as its share of the denominator times its sum, bounded by max |v|.
+    Inference only: 1 / e(t) would give gradients far larger than the values.
+    """
+    out_dtype = v.dtype
+    acc = _accumulate_dtype(torch.promote_types(k.dtype, v.dtype))
+    w, u, k, v = w.to(acc), u.to(acc), k.to(acc), v.to(acc)
+    iw = torch.arange(k.shape[1], device=k.device, dtype=acc).unsqueeze(-1) * w  # (T, C)
+    x_f, x_b = k + iw, k - iw
+    e_f = torch.exp(x_f - x_f.amax(dim=1, keepdim=True))
+    e_b = torch.exp(x_b - x_b.amax(dim=1, keepdim=True))
+    g = torch.exp(w - u)
+    s_f, s_b = g / e_f, g / e_b
+    cumsum = exclusive_cumsum if (_CUMSUM_AS_ONE_OP and torch.compiler.is_exporting()) else _exclusive_cumsum
+    inv = 1.0 / (1.0 + s_f * cumsum(e_f, False) + s_b * cumsum(e_b, True))
+    y = inv * v + (s_f * inv) * cumsum(e_f * v, False) + (s_b * inv) * cumsum(e_b * v, True)
+    return y.to(out_dtype)
 
 
 # --- the log-space scan: exact for every finite input ----------------------------------------------------

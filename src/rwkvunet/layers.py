@@ -569,6 +569,7 @@ class ChannelMix(nn.Module):
         rows = max(1, self.hidden_chunk_elements // (W * self.key.out_features))
         if B == 1 and rows >= H:
             return self._mix(x, xx, grid)
+        rows = -(-H // -(-H // rows))  # slices of equal height (a thin last slice runs its matmuls slowly)
         x4, xx4 = x.contiguous().view(B, H, W, C), xx.contiguous().view(B, H, W, C)
         out4 = torch.empty_like(x4)
         for b in range(B):
@@ -582,15 +583,21 @@ class ChannelMix(nn.Module):
     def _mix(self, x: torch.Tensor, xx: torch.Tensor, grid: Grid) -> torch.Tensor:
         """The mix of (1, n, C) tokens in inference: each intermediate freed once used, the shifted tokens
         (not needed afterwards) mixed in place into the receptance's input."""
-        k = torch.relu_(token_linear(torch.lerp(xx, x, self.spatial_mix_k.to(x.dtype)), self.key.weight,
-                                     self.key.bias, grid))
-        r = token_linear(xx.lerp_(x, self.spatial_mix_r.to(x.dtype)), self.receptance.weight, self.receptance.bias,
-                         grid)
+        k = torch.relu_(_inference_linear(self.key, torch.lerp(xx, x, self.spatial_mix_k.to(x.dtype)), grid))
+        r = _inference_linear(self.receptance, xx.lerp_(x, self.spatial_mix_r.to(x.dtype)), grid)
         hidden = self.key_norm(k.mul_(k))
         del k
-        value = token_linear(hidden, self.value.weight, self.value.bias, grid)
+        value = _inference_linear(self.value, hidden, grid)
         del hidden
         return torch.sigmoid_(r).mul_(value)
+
+
+def _inference_linear(linear: nn.Linear, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """A channel mix's matmul in eager inference: the packed oneDNN matmul where it applies, else
+    :func:`token_linear`."""
+    if _packed_linear_applies(x, linear):
+        return _packed_linear(linear, x)
+    return token_linear(x, linear.weight, linear.bias, grid)
 
 
 #: Eager inference mixes channels in slices of about this many hidden values (16 MiB of float32), see

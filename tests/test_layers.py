@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rwkvunet.layers import ConvNormAct, q_shift
+from rwkvunet.layers import ConvNormAct, IRBlock, q_shift
 
 
 def _randomise_bn(module: nn.Module, seed: int = 0) -> None:
@@ -318,3 +318,23 @@ def test_packed_linear_matches_float64_and_follows_weight_changes():
     del lin, y3  # y3's graph holds the weight too
     gc.collect()
     assert key not in L._PACKED_WEIGHTS
+
+
+@pytest.mark.parametrize("mixer", [None, "rwkv"])
+def test_inference_adds_residuals_in_place_with_the_same_values(mixer):
+    """In inference an IR block adds each residual into its branch's fresh output: bit for bit the out-of-place
+    sums of the training-mode graph, and under CPU autocast (bfloat16 branches, float32 residuals after the
+    LayerNorm) the sums keep the out-of-place result's dtype."""
+    torch.manual_seed(0)
+    block = IRBlock(32, 32, 64, mixer=mixer, norm="ln" if mixer else "bn").eval().requires_grad_(False)
+    x = torch.randn(2, 32, 8, 12).contiguous(memory_format=torch.channels_last)
+    with torch.enable_grad():  # no parameter needs a gradient: the same kernels, out-of-place sums
+        want = block(x)
+    with torch.inference_mode():
+        got = block(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = block(x)
+    with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low_want = block(x)
+    assert torch.equal(got, want)
+    assert low.dtype == low_want.dtype and torch.equal(low, low_want)

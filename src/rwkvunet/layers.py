@@ -422,7 +422,10 @@ class SpatialMix(nn.Module):
         k, v, r = (token_mixer_linear(self.key, xk), token_mixer_linear(self.value, xv),
                    token_mixer_linear(self.receptance, xr))
         y = self.bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v)
-        return token_mixer_linear(self.output, torch.sigmoid(r) * self.key_norm(y))
+        if torch.is_grad_enabled() or compiling():
+            return token_mixer_linear(self.output, torch.sigmoid(r) * self.key_norm(y))
+        # inference: the gate in the receptance's fresh buffer (large new allocations cost page faults on the CPU)
+        return token_mixer_linear(self.output, torch.sigmoid_(r).mul_(self.key_norm(y)))
 
 
 class AttentionMix(nn.Module):
@@ -622,6 +625,15 @@ def _make_mixer(kind: Optional[str], dim: int) -> Optional[nn.Module]:
     return None if factory is None else factory(dim)
 
 
+@register_notrace_function  # chooses by dtype and shape
+def add_residual(branch: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + branch`` for inference, written into the branch's fresh output where that holds the sum's
+    dtype and shape (addition commutes exactly, so the values are those of the out-of-place sum)."""
+    if branch.dtype == torch.promote_types(branch.dtype, residual.dtype) and branch.shape == residual.shape:
+        return branch.add_(residual)
+    return residual + branch
+
+
 class IRBlock(nn.Module):
     """Inverted residual block; with a spatial mixer it is the IR-RWKV block.
 
@@ -679,12 +691,18 @@ class IRBlock(nn.Module):
             self.norm = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # inference adds each residual into the branch's fresh output (addition commutes exactly): fewer large
+        # allocations, the same values
+        in_place = not (self.training or torch.is_grad_enabled() or compiling())
         shortcut = x
         x = self.conv(self.norm(x))
         if self.mix is not None:
             grid = (x.shape[2], x.shape[3])
             t = map_to_tokens(x)
-            t = t + self.drop_path(self.mix_norm(self.mix(t, grid)))
+            if in_place:
+                t = add_residual(self.mix_norm(self.mix(t, grid)), t)
+            else:
+                t = t + self.drop_path(self.mix_norm(self.mix(t, grid)))
             if self.channel_mix is not None:
                 t = t + self.drop_path(self.channel_mix_norm(self.channel_mix(t, grid)))
             x = tokens_to_map(t, grid)
@@ -692,10 +710,15 @@ class IRBlock(nn.Module):
             y = self.conv_dw(x)
             if self.se is not None:
                 y = self.se(y)
-            x = x + y if self.residual else y
+            if not self.residual:
+                x = y
+            elif in_place:
+                x = add_residual(y, x)
+            else:
+                x = x + y
         x = self.proj(x)
         if self.residual:
-            x = shortcut + self.drop_path(x)
+            x = add_residual(x, shortcut) if in_place else shortcut + self.drop_path(x)
         return x
 
 

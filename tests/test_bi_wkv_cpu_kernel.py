@@ -165,6 +165,21 @@ def test_missing_toolchain_is_silent(monkeypatch):
         assert ck.cpu_kernel() is None
 
 
+def test_kernels_use_torchs_threads(cpu_kernel_module):
+    """at::parallel_for is inline code around an OpenMP pragma: a build without -fopenmp ran every kernel on one
+    thread. With two of torch's threads, two tasks must run on two."""
+    if not ck.uses_openmp():
+        pytest.skip("torch's threads are not OpenMP's here: the kernel is built without it")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cpu_kernel_module.parallel_threads(64) == 2
+        torch.set_num_threads(1)
+        assert cpu_kernel_module.parallel_threads(64) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_build_flags_follow_torchs_instruction_set(monkeypatch):
     import platform
 

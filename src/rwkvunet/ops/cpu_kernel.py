@@ -51,8 +51,12 @@ def kernel_setting() -> str:
 
 
 def build_flags() -> list[str]:
-    """Compiler flags: optimised, vectorizable loops (no fast-math), for the SIMD level torch runs at here."""
+    """Compiler flags: optimised, vectorizable loops (no fast-math), for the SIMD level torch runs at here, and
+    OpenMP where torch's threads are OpenMP's (``at::parallel_for`` is inline code around ``#pragma omp
+    parallel``: compiled without ``-fopenmp`` it runs on one thread)."""
     flags = ["-O3", "-fno-math-errno", "-fopenmp-simd"]
+    if uses_openmp():
+        flags.append("-fopenmp")
     if platform.machine().lower() in ("x86_64", "amd64"):
         capability = torch.backends.cpu.get_cpu_capability()
         if capability == "AVX512":
@@ -61,6 +65,13 @@ def build_flags() -> list[str]:
         elif capability == "AVX2":
             flags += ["-mavx2", "-mfma"]
     return flags
+
+
+def uses_openmp() -> bool:
+    """Whether the kernel is built with OpenMP: on Linux (GCC, and the libgomp torch ships and has loaded, which
+    the extension then shares) when torch's intra-op threads are OpenMP's."""
+    return sys.platform.startswith("linux") and torch.backends.openmp.is_available() and (
+        "OpenMP" in torch.__config__.parallel_info())
 
 
 def _cache_root() -> Path:
@@ -106,7 +117,8 @@ def _build() -> ModuleType:
     if not any(folder.glob(f"{name}*.so")) and not any(folder.glob(f"{name}*.pyd")):
         print("rwkvunet: building the Bi-WKV CPU kernel for this machine (once, about half a minute; "
               f"{ENV_VAR}=off skips it)", file=sys.stderr, flush=True)
-    return load(name, [str(_source_in(folder))], extra_cflags=flags, build_directory=str(folder), verbose=False)
+    return load(name, [str(_source_in(folder))], extra_cflags=flags, build_directory=str(folder), verbose=False,
+                extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else None)
 
 
 def _source_in(folder: Path) -> Path:

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 namespace {
@@ -397,9 +398,20 @@ torch::Tensor depthwise_weight_grad(torch::Tensor x, torch::Tensor g, int64_t kh
   return partial.to(at::kDouble).sum(0).to(at::kFloat);  // (K, C)
 }
 
+// How many of torch's threads at::parallel_for gives n tasks here: a build without OpenMP runs them all on one.
+int64_t parallel_threads(int64_t n) {
+  std::vector<int> seen(static_cast<size_t>(std::max(1, at::get_num_threads())) + 1, 0);
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int t = at::get_thread_num();
+    if (t >= 0 && t < static_cast<int>(seen.size())) seen[t] = 1;
+  });
+  return std::accumulate(seen.begin(), seen.end(), int64_t{0});
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("depthwise_weight_grad", &depthwise_weight_grad,
           "weight gradient of a depthwise convolution on channels-last float32 maps: (kh * kw, C)");
+  mod.def("parallel_threads", &parallel_threads, "threads at::parallel_for uses for n tasks (a build check)");
   mod.def("forward", &bi_wkv_forward, "Bi-WKV forward on the CPU (float32): y and, if asked, log D");
   mod.def("backward", &bi_wkv_backward, "Bi-WKV backward on the CPU (float32): dw, du (per batch), dk, dv");
 }

@@ -155,6 +155,27 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
         bi_wkv(w, u, k, v)  # once per process
 
 
+def test_compiler_without_openmp_builds_the_kernel_on_one_thread(monkeypatch):
+    """A compiler that refuses -fopenmp still gets the kernel (single-threaded), with one warning saying so."""
+    monkeypatch.setattr(ck, "build_flags", lambda: ["-O3", "-fopenmp"])
+    tried = []
+
+    def load(flags):
+        tried.append(list(flags))
+        if "-fopenmp" in flags:
+            raise RuntimeError("Error building extension: unrecognized command-line option '-fopenmp'")
+        return "module"
+
+    monkeypatch.setattr(ck, "_load", load)
+    with pytest.warns(RuntimeWarning, match=r"without OpenMP.*one thread.*-fopenmp"):
+        assert ck._build() == "module"
+    assert tried == [["-O3", "-fopenmp"], ["-O3"]]
+    monkeypatch.setattr(ck, "build_flags", lambda: ["-O3"])  # without OpenMP in the flags a failure is final
+    monkeypatch.setattr(ck, "_load", lambda flags: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    with pytest.raises(RuntimeError, match="no compiler"):
+        ck._build()
+
+
 def test_missing_toolchain_is_silent(monkeypatch):
     monkeypatch.setenv(ck.ENV_VAR, "auto")
     monkeypatch.setattr(ck, "_loaded", {})

@@ -98,6 +98,12 @@ def _toolchain_missing() -> Optional[str]:
     return None
 
 
+def _first_line(err: Exception) -> str:
+    """A build error's first line (compiler output follows it), or its type when it has no message."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _build() -> ModuleType:
     """The kernel built with :func:`build_flags`; where the compiler refuses ``-fopenmp``, built without it (on one
     thread it is still several times faster than the PyTorch form), with a warning."""
@@ -108,7 +114,7 @@ def _build() -> ModuleType:
         if "-fopenmp" not in flags:
             raise
         module = _load([f for f in flags if f != "-fopenmp"])
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = _first_line(err)
         warnings.warn(f"Bi-WKV: the CPU kernel was built without OpenMP, so it runs on one thread ({reason})",
                       RuntimeWarning, stacklevel=4)
         return module
@@ -159,7 +165,7 @@ def cpu_kernel() -> Optional[ModuleType]:
         try:
             module = _build()
         except Exception as err:  # any build or load failure means: use the PyTorch implementation
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = _first_line(err)
             warnings.warn(f"Bi-WKV: the CPU kernel could not be built, so the PyTorch implementation runs instead "
                           f"({reason}); set {ENV_VAR}=off to skip the attempt", RuntimeWarning, stacklevel=3)
     _loaded[setting] = module

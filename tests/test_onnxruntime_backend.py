@@ -96,6 +96,21 @@ def test_export_writes_a_graph_with_dynamic_batch_height_and_width(model, export
         assert rel_error(torch.from_numpy(got), eager_logits(model, x)) <= 1e-4
 
 
+def test_onnxruntime_keeps_the_layer_norms_unfused(exported, tmp_path):
+    """ONNX Runtime rewrites an Add feeding a LayerNormalization as SkipLayerNormalization, whose CPU kernel is
+    several times slower than the pair (1.32); the exported spatial mixes must not offer it that pattern, in any
+    session (ours and a user's own, with every optimisation on)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # portable: no NCHWc ops
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(exported), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "SkipLayerNormalization" not in ops
+    assert ops.count("LayerNormalization") >= 2  # the spatial mixes' key norms are still there, as ONNX's own op
+
+
 def test_runtime_model_pads_other_sizes_as_the_model_does(model, exported):
     runtime = OnnxRuntimeSegmenter.from_file(exported)
     assert runtime.config.num_labels == NUM_LABELS and runtime.pixels.image_mean == (0.25,)

@@ -341,41 +341,6 @@ def test_inference_adds_residuals_in_place_with_the_same_values(mixer):
     assert low.dtype == low_want.dtype and torch.equal(low, low_want)
 
 
-@pytest.mark.parametrize("decoder_block,num_skips,use_ccm", [("c-d-c", 3, True), ("c-c-d", 2, False),
-                                                             ("conv", 3, True), ("c-d-c", 1, True)])
-def test_inference_joins_skips_at_low_resolution_with_the_same_function(decoder_block, num_skips, use_ccm,
-                                                                       monkeypatch):
-    """Inference splits each decoder block's first 1x1 conv over the upsampled map and the skip (the map's share
-    runs before the upsampling); in float64 the logits equal the concatenated form's, with and without folded
-    BatchNorms, and blocks that cannot split (a dense first conv) keep the concatenation."""
-    from timm.utils import reparameterize_model
-
-    from rwkvunet import RWKVUNetConfig, RWKVUNetForSemanticSegmentation
-    from rwkvunet.layers import DecoderBlock
-
-    torch.manual_seed(0)
-    model = RWKVUNetForSemanticSegmentation(RWKVUNetConfig(
-        variant="t", num_labels=3, decoder_block=decoder_block, num_skips=num_skips, use_ccm=use_ccm,
-        decoder_kernel_size=3)).eval().double()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
-    calls = []
-    joined = DecoderBlock.forward_joined
-    monkeypatch.setattr(DecoderBlock, "forward_joined", lambda self, *a, **k: calls.append(1) or joined(self, *a, **k))
-    x = torch.randn(2, 3, 48, 80, dtype=torch.float64)
-    with torch.enable_grad():  # training's path: concatenation
-        want = model(pixel_values=x).logits.detach()
-    assert not calls
-    for m in (model, reparameterize_model(model)):
-        with torch.no_grad():
-            got = m(pixel_values=x).logits
-        assert (got - want).abs().max() <= 1e-12 * want.abs().max()
-    assert len(calls) == (0 if decoder_block == "conv" else 2 * num_skips)
-
-
 @pytest.mark.parametrize("threads", [1, 2])
 def test_pointwise_convs_match_float64_on_any_thread_count(threads):
     """1x1 convolutions: on one thread float32 inference calls oneDNN itself (PyTorch would take its own GEMM

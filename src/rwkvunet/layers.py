@@ -871,25 +871,6 @@ class DecoderBlock(nn.Module):
             x = self.proj(x)
         return upsample2x(x) if upsample else x
 
-    def can_join_at_low_resolution(self) -> bool:
-        """Whether :meth:`forward_joined` applies: the block starts with an unpadded 1x1 conv."""
-        conv = getattr(self, "conv", None)
-        return isinstance(conv, ConvNormAct) and isinstance(conv.conv, nn.Conv2d) and conv.can_take_pre_norm()
-
-    def forward_joined(self, low: torch.Tensor, skip: torch.Tensor, upsample: bool = True) -> torch.Tensor:
-        """``forward(cat([upsample2x(low), skip]))`` with the first 1x1 conv split over the two inputs: the part
-        that reads ``low`` runs before the upsampling, at a quarter of the pixels (a 1x1 conv with bias and a
-        bilinear resize, whose weights sum to one, commute), and the concatenation is never made. Same function
-        up to float rounding."""
-        first = self.conv.conv
-        c = low.shape[1]
-        x = upsample2x(pointwise_conv(low, first.weight[:, :c], first.bias))
-        from_skip = pointwise_conv(skip, first.weight[:, c:], None)
-        x = x + from_skip if (torch.is_grad_enabled() or compiling()) else x.add_(from_skip)
-        x = self.conv.act(self.conv.norm(x))
-        x = self.proj(self.conv_dw(x)) if self.kind == "c-d-c" else self.conv_dw(self.proj(x))
-        return upsample2x(x) if upsample else x
-
 
 def upsample2x(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)

@@ -236,28 +236,12 @@ class RWKVUNetForSemanticSegmentation(RWKVUNetPreTrainedModel):
         last = len(self.decoder) - 1
         supervise = self.aux_heads is not None and labels is not None and self.training
         stages = []  # decoder stage outputs for deep supervision (kept only when it is on)
-        # inference joins each skip through the next block's first 1x1 conv, split so that its share of the
-        # upsampled map runs before the upsampling (see DecoderBlock.forward_joined): the same function
-        split = not (self.training or torch.is_grad_enabled())
-        low = False  # whether d still awaits the x2 upsampling of the block that made it
         for j, block in enumerate(self.decoder):
             level = 3 - j  # index into skips [e1', e2', e3'] joined before block j (none before block 0)
-            joins = j > 0 and level < len(skips)
-            # whether the next block joins its skip at this block's resolution
-            next_low = (split and j < last and 2 - j < len(skips)
-                        and self.decoder[j + 1].can_join_at_low_resolution())
-            upsample = j < last and not next_low
-            if joins and low:
-                d = block.forward_joined(d, skips[level], upsample=upsample)
+            if j > 0 and level < len(skips):
+                d = torch.cat([d, skips[level]], dim=1)
                 skips[level] = None
-            else:
-                if low:
-                    d = upsample2x(d)
-                if joins:
-                    d = torch.cat([d, skips[level]], dim=1)
-                    skips[level] = None
-                d = self._decode(block, d, upsample=upsample)
-            low = next_low
+            d = self._decode(block, d, upsample=j < last)
             if supervise and j < last:
                 stages.append(d)
         # the 1x1 head and the last block's bilinear x2 upsampling commute: upsampling the few class maps

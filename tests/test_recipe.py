@@ -243,3 +243,39 @@ def test_runs_from_pretrained_weights_default_to_the_fine_tuning_lr(tmp_path):
     assert parse_arguments(["--pretrained", str(tmp_path)]).peak_lr == FINETUNE_LR
     assert parse_arguments(["--pretrained", str(tmp_path), "--lr", "5e-4"]).peak_lr == 5e-4
     assert parse_arguments([]).peak_lr == DEFAULT_LR["rwkvunet"]
+
+
+def test_rwkv_lr_scale_defaults_to_the_scratch_multiplier_and_to_one_from_pretrained_weights(tmp_path):
+    """From scratch the RWKV decay, bonus and mixes train at SCRATCH_RWKV_LR_SCALE x the lr; from pretrained weights
+    every parameter shares one lr (the paper's fine-tuning); a given --rwkv-lr-scale wins, and the run records the
+    multiplier it trained at."""
+    from rwkvunet.training.arguments import SCRATCH_RWKV_LR_SCALE, parse_arguments
+
+    assert 0 < SCRATCH_RWKV_LR_SCALE < 1
+    scratch = parse_arguments([])
+    assert scratch.rwkv_lr_scale is None and scratch.rwkv_lr_multiplier == SCRATCH_RWKV_LR_SCALE
+    assert scratch.to_dict()["rwkv_lr_scale"] == SCRATCH_RWKV_LR_SCALE
+    weights = tmp_path / "encoder.safetensors"
+    weights.write_bytes(b"")
+    assert parse_arguments(["--encoder-pretrained", str(weights)]).rwkv_lr_multiplier == 1.0
+    assert parse_arguments(["--pretrained", str(tmp_path)]).rwkv_lr_multiplier == 1.0
+    assert parse_arguments(["--pretrained", str(tmp_path), "--rwkv-lr-scale", "0.5"]).rwkv_lr_multiplier == 0.5
+    assert parse_arguments(["--rwkv-lr-scale", "1"]).to_dict()["rwkv_lr_scale"] == 1.0
+    assert parse_arguments(["--rwkv-lr-scale", "none"]).rwkv_lr_multiplier == SCRATCH_RWKV_LR_SCALE
+
+
+def test_a_default_scratch_run_trains_the_rwkv_mixes_at_the_scratch_multiplier(tmp_path, monkeypatch):
+    from rwkvunet.training import finetune
+    from rwkvunet.training.arguments import DEFAULT_LR, SCRATCH_RWKV_LR_SCALE
+
+    built = []
+    monkeypatch.setattr(finetune, "build_optimizer",
+                        lambda *a, **k: built.append(build_optimizer(*a, **k)) or built[-1])
+    tiny = ["--img-size", "32", "--batch-size", "4", "--synthetic-size", "32", "--synthetic-train", "4",
+            "--synthetic-eval", "2", "--overlay-samples", "0", "--eval-every", "0", "--num-threads", "1",
+            "--max-steps", "1", "--warmup-steps", "0", "--output-dir", str(tmp_path / "run")]
+    assert finetune.train(tiny) == 0
+    peaks = {round(g["initial_lr"], 12) for g in built[0].param_groups}
+    assert peaks == {DEFAULT_LR["rwkvunet"], round(DEFAULT_LR["rwkvunet"] * SCRATCH_RWKV_LR_SCALE, 12)}
+    settings = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
+    assert settings["rwkv_lr_scale"] == SCRATCH_RWKV_LR_SCALE

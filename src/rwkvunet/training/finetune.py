@@ -174,7 +174,8 @@ def train(args: TrainArguments | Sequence[str] | None = None) -> int:
 
     train_loader, sampler, samples = make_train_loader(data["train"], args, num_labels, in_channels)
     # no decay on norms, biases, RWKV mixes; the lr multipliers split the groups further
-    optimizer = build_optimizer(model, args.peak_lr, args.weight_decay, args.rwkv_lr_scale, args.decoder_lr_scale)
+    optimizer = build_optimizer(model, args.peak_lr, args.weight_decay, args.rwkv_lr_multiplier,
+                                args.decoder_lr_scale)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     total_steps = args.max_steps or args.epochs * steps_per_epoch

@@ -262,6 +262,7 @@ def test_rwkv_lr_scale_defaults_to_the_scratch_multiplier_and_to_one_from_pretra
     assert parse_arguments(["--pretrained", str(tmp_path), "--rwkv-lr-scale", "0.5"]).rwkv_lr_multiplier == 0.5
     assert parse_arguments(["--rwkv-lr-scale", "1"]).to_dict()["rwkv_lr_scale"] == 1.0
     assert parse_arguments(["--rwkv-lr-scale", "none"]).rwkv_lr_multiplier == SCRATCH_RWKV_LR_SCALE
+    assert parse_arguments(["--model", "smp-unet-r34"]).to_dict()["rwkv_lr_scale"] == 1.0  # no RWKV parameters
 
 
 def test_a_default_scratch_run_trains_the_rwkv_mixes_at_the_scratch_multiplier(tmp_path, monkeypatch):

@@ -787,7 +787,7 @@ def fold_projection(block: IRBlock, next_block: IRBlock) -> bool:
     if proj.bias is not None:
         bias = bias + w1 @ proj.bias.double()
     fused = pointwise_conv2d(proj.in_channels, conv.out_channels, bias=True, device=conv.weight.device,
-                      dtype=conv.weight.dtype)
+                             dtype=conv.weight.dtype)
     fused.weight = nn.Parameter((w1 @ w0).view_as(fused.weight).to(conv.weight.dtype),
                                 requires_grad=conv.weight.requires_grad)
     fused.bias.copy_(bias)

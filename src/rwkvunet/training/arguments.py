@@ -136,11 +136,12 @@ class TrainArguments:
 
     @property
     def rwkv_lr_multiplier(self) -> float:
-        """``rwkv_lr_scale``, or when it is not given 1 for runs from pretrained weights and otherwise
-        ``SCRATCH_RWKV_LR_SCALE``."""
+        """``rwkv_lr_scale``, or when it is not given ``SCRATCH_RWKV_LR_SCALE`` for RWKV-UNet from scratch and 1
+        otherwise (runs from pretrained weights; the smp reference, which has no RWKV parameters)."""
         if self.rwkv_lr_scale is not None:
             return self.rwkv_lr_scale
-        return 1.0 if (self.encoder_pretrained or self.pretrained) else SCRATCH_RWKV_LR_SCALE
+        scratch = self.model == "rwkvunet" and not (self.encoder_pretrained or self.pretrained)
+        return SCRATCH_RWKV_LR_SCALE if scratch else 1.0
 
     def to_dict(self) -> dict:
         """The settings of the run (not how this invocation behaves: debugging, overwriting, test hooks), with the

@@ -39,15 +39,18 @@ def test_every_model_and_seed_ran_with_the_same_settings(comparison):
             config = yaml.safe_load((comparison / "runs" / label / f"seed{seed}" / "training_config.yaml").read_text())
             assert config["seed"] == config["split_seed"] == seed
             configs[label, seed] = config
-    per_run = {"model", "variant", "seed", "split_seed", "output_dir", "lr"}  # lr: each model's own (no --lr)
+    # lr and the RWKV lr multiplier: each model's own (no --lr; smp has no RWKV parameters)
+    per_run = {"model", "variant", "seed", "split_seed", "output_dir", "lr", "rwkv_lr_scale"}
     first = {k: v for k, v in configs["rwkvunet-t", 0].items() if k not in per_run}
     for config in configs.values():
         assert {k: v for k, v in config.items() if k not in per_run} == first
     assert configs["smp-unet-r34", 1]["model"] == "smp-unet-r34" and configs["rwkvunet-t", 1]["model"] == "rwkvunet"
-    from rwkvunet.training.arguments import DEFAULT_LR
+    from rwkvunet.training.arguments import DEFAULT_LR, SCRATCH_RWKV_LR_SCALE
 
     assert configs["smp-unet-r34", 1]["lr"] == DEFAULT_LR["smp-unet-r34"] != configs["rwkvunet-t", 0]["lr"]
     assert configs["rwkvunet-t", 0]["lr"] == DEFAULT_LR["rwkvunet"]
+    assert configs["rwkvunet-t", 0]["rwkv_lr_scale"] == SCRATCH_RWKV_LR_SCALE
+    assert configs["smp-unet-r34", 0]["rwkv_lr_scale"] == 1.0
 
 
 def test_table_numbers_are_each_runs_metrics(comparison):

@@ -280,13 +280,12 @@ def test_strided_depthwise_weight_grad_by_the_cpu_kernel(cpu_kernel_module, B, C
 
 def test_depthwise_conv_is_a_plain_conv_elsewhere():
     """Same parameters (state-dict keys) as nn.Conv2d; eval, no-grad and frozen weights run F.conv2d itself."""
-    from rwkvunet.layers import ConvNormAct, DepthwiseConv2d, PointwiseConv2d
+    from rwkvunet.layers import ConvNormAct, DepthwiseConv2d
 
     block = ConvNormAct(8, 8, 5, groups=8)
     assert isinstance(block.conv, DepthwiseConv2d) and set(block.state_dict()) == {
         "conv.weight", "norm.weight", "norm.bias", "norm.running_mean", "norm.running_var", "norm.num_batches_tracked"}
-    assert type(ConvNormAct(8, 16, 3).conv) is nn.Conv2d and type(ConvNormAct(8, 8, 3, groups=4).conv) is nn.Conv2d
-    assert type(ConvNormAct(8, 16, 1).conv) is PointwiseConv2d
+    assert type(ConvNormAct(8, 16, 1).conv) is nn.Conv2d and type(ConvNormAct(8, 8, 3, groups=4).conv) is nn.Conv2d
     x = torch.randn(1, 8, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(block.conv(x), F.conv2d(x, block.conv.weight, None, 1, 2, 1, 8), rtol=0, atol=0)
@@ -339,32 +338,3 @@ def test_inference_adds_residuals_in_place_with_the_same_values(mixer):
         low_want = block(x)
     assert torch.equal(got, want)
     assert low.dtype == low_want.dtype and torch.equal(low, low_want)
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-def test_pointwise_convs_match_float64_on_any_thread_count(threads):
-    """1x1 convolutions: on one thread float32 inference calls oneDNN itself (PyTorch would take its own GEMM
-    path there); both agree with float64 to float32 rounding, on channels-last and plain maps, and training keeps
-    PyTorch's own convolution (with its gradient)."""
-    from rwkvunet.layers import PointwiseConv2d, _onednn_pointwise_applies
-
-    torch.manual_seed(0)
-    conv = PointwiseConv2d(48, 96, 1)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for memory_format in (torch.channels_last, torch.contiguous_format):
-            x = torch.randn(2, 48, 20, 28).contiguous(memory_format=memory_format)
-            want = F.conv2d(x.double(), conv.weight.double(), conv.bias.double())
-            with torch.no_grad():
-                got = conv(x)
-                applies = _onednn_pointwise_applies(x, conv.weight)
-            assert applies == (threads == 1 and memory_format == torch.channels_last)
-            assert got.dtype == torch.float32 and got.shape == want.shape
-            assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
-            assert not _onednn_pointwise_applies(x, conv.weight)  # grad mode: PyTorch's own
-            conv(x).sum().backward()
-            assert conv.weight.grad is not None
-            conv.zero_grad()
-    finally:
-        torch.set_num_threads(before)

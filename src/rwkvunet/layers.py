@@ -150,45 +150,6 @@ class DepthwiseConv2d(nn.Conv2d):
         return self.stride == (1, 1) or (x.dtype == torch.float32 and cpu_kernel() is not None)
 
 
-def _onednn_pointwise_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`pointwise_conv` calls oneDNN itself: float32 CPU inference on one thread, channels-last
-    maps, where PyTorch would otherwise take its own 1x1 path."""
-    if compiling() or torch.jit.is_tracing() or torch.is_grad_enabled():  # asked first: nothing else is traceable
-        return False
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() == 4
-            and x.shape[0] < 16 and x.is_contiguous(memory_format=torch.channels_last) and _HAVE_ONEDNN_CONV
-            and torch.backends.mkldnn.enabled and not cpu_autocast() and torch.get_num_threads() == 1
-            and cpu_fast_paths())
-
-
-_HAVE_ONEDNN_CONV = torch.backends.mkldnn.is_available() and hasattr(torch, "mkldnn_convolution")
-
-
-@torch.jit.ignore
-def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias)`` for a 1x1 kernel. On one CPU thread PyTorch runs small-batch 1x1 convolutions
-    through its own GEMM path instead of oneDNN (which it uses from two threads on); on this model's channels-last
-    maps oneDNN is up to 20% faster there (RWKV-UNet-T's inference on one thread 6% faster), so float32 inference
-    on one thread calls it directly. Same values up to float32 rounding."""
-    if _onednn_pointwise_applies(x, weight):
-        return torch.mkldnn_convolution(x, weight, bias, [0, 0], [1, 1], [1, 1], 1)
-    return F.conv2d(x, weight, bias)
-
-
-@register_notrace_module  # chooses its path by device, dtype, layout and thread count
-class PointwiseConv2d(nn.Conv2d):
-    """``nn.Conv2d`` with a 1x1 kernel (same parameters and forward) that runs through :func:`pointwise_conv`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self.stride == (1, 1) and self.padding == (0, 0) and self.groups == 1:
-            return pointwise_conv(x, self.weight, self.bias)
-        return self._conv_forward(x, self.weight, self.bias)
-
-
-def pointwise_conv2d(in_chs: int, out_chs: int, bias: bool = True, **kwargs) -> nn.Conv2d:
-    return PointwiseConv2d(in_chs, out_chs, 1, bias=bias, **kwargs)
-
-
 class ConvNormAct(nn.Sequential):
     """Conv2d (no bias, padding ceil((k - stride) / 2)) -> BatchNorm2d(eps=1e-6) -> activation.
 
@@ -201,9 +162,8 @@ class ConvNormAct(nn.Sequential):
         super().__init__()
         padding = math.ceil((kernel_size - stride) / 2)
         depthwise = groups > 1 and groups == in_chs == out_chs
-        pointwise = kernel_size == 1 and stride == 1 and groups == 1
-        self.conv = (DepthwiseConv2d if depthwise else PointwiseConv2d if pointwise else nn.Conv2d)(
-            in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False)
+        self.conv = (DepthwiseConv2d if depthwise else nn.Conv2d)(in_chs, out_chs, kernel_size, stride, padding,
+                                                                  groups=groups, bias=False)
         self.norm = nn.BatchNorm2d(out_chs, eps=1e-6)
         self.act = act_layer(inplace=True) if act_layer is not None else nn.Identity()
 
@@ -224,9 +184,9 @@ class ConvNormAct(nn.Sequential):
             raise ValueError("pre_norm can only be folded into an unpadded, ungrouped, stride-1 1x1 conv")
         conv = self.conv
         weight, bias = _fold_conv_bn(conv.weight, conv.bias, self.norm, pre_norm)
-        fused = (PointwiseConv2d if self.can_take_pre_norm() else nn.Conv2d)(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-            conv.groups, bias=True, padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                          conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
+                          device=conv.weight.device, dtype=conv.weight.dtype)
         fused.weight = nn.Parameter(torch.empty_like(conv.weight).copy_(weight),  # keeps the memory format
                                     requires_grad=conv.weight.requires_grad)
         fused.bias.copy_(bias)
@@ -556,7 +516,7 @@ def token_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         return F.linear(x, weight, bias)  # exported graphs keep tokens in rows: a plain matmul, no transposes
     B, T, C = x.shape
     maps = x.view(B, grid[0], grid[1], C).permute(0, 3, 1, 2)
-    y = pointwise_conv(maps, weight[:, :, None, None], bias)
+    y = F.conv2d(maps, weight[:, :, None, None], bias)
     return y.permute(0, 2, 3, 1).reshape(B, T, weight.shape[0])
 
 
@@ -718,7 +678,7 @@ class IRBlock(nn.Module):
         self.conv_dw = ConvNormAct(mid_chs, mid_chs, dw_kernel_size, stride, groups=mid_chs,
                                    act_layer=nn.SiLU) if dw_conv else None
         self.se = SqueezeExcite(mid_chs, mid_chs) if se else None
-        self.proj = pointwise_conv2d(mid_chs, out_chs, bias=False)
+        self.proj = nn.Conv2d(mid_chs, out_chs, 1, bias=False)
         self.residual = residual and stride == 1 and in_chs == out_chs
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -786,8 +746,8 @@ def fold_projection(block: IRBlock, next_block: IRBlock) -> bool:
                                                                         device=w1.device)
     if proj.bias is not None:
         bias = bias + w1 @ proj.bias.double()
-    fused = pointwise_conv2d(proj.in_channels, conv.out_channels, bias=True, device=conv.weight.device,
-                             dtype=conv.weight.dtype)
+    fused = nn.Conv2d(proj.in_channels, conv.out_channels, 1, bias=True, device=conv.weight.device,
+                      dtype=conv.weight.dtype)
     fused.weight = nn.Parameter((w1 @ w0).view_as(fused.weight).to(conv.weight.dtype),
                                 requires_grad=conv.weight.requires_grad)
     fused.bias.copy_(bias)
@@ -809,11 +769,11 @@ class CrossChannelMix(nn.Module):
         c1 = skip_chs[0]
         self.skip_chs = skip_chs
         deep_first = skip_chs[::-1]
-        self.projections = nn.ModuleList([pointwise_conv2d(c, c1) for c in deep_first])
+        self.projections = nn.ModuleList([nn.Conv2d(c, c1, 1, bias=True) for c in deep_first])
         dim = c1 * len(skip_chs)
         self.channel = ChannelMix(dim)
         self.ln1 = nn.LayerNorm(dim)
-        self.final_projections = nn.ModuleList([pointwise_conv2d(c1, c) for c in deep_first])
+        self.final_projections = nn.ModuleList([nn.Conv2d(c1, c, 1, bias=True) for c in deep_first])
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, skips):

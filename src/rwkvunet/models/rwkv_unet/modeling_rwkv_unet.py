@@ -16,8 +16,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from ...layers import (ChannelMix, CrossChannelMix, DecoderBlock, IRBlock, SpatialMix, pointwise_conv2d, upsample2x,
-                      vrwkv_init_values)
+from ...layers import ChannelMix, CrossChannelMix, DecoderBlock, IRBlock, SpatialMix, upsample2x, vrwkv_init_values
 from ..encoder import ENCODER_VARIANTS, MODEL_PREFIX, STEM_CHS, RWKVUNetEncoder
 from .configuration_rwkv_unet import RWKVUNetConfig
 
@@ -126,7 +125,7 @@ class RWKVUNetForSemanticSegmentation(RWKVUNetPreTrainedModel):
             decoder.append(DecoderBlock(cin, out_chs, config.decoder_block, config.decoder_kernel_size))
             in_chs = out_chs
         self.decoder = nn.ModuleList(decoder)
-        self.segmentation_head = pointwise_conv2d(STEM_CHS, config.num_labels)
+        self.segmentation_head = nn.Conv2d(STEM_CHS, config.num_labels, 1, bias=True)
         # deep supervision: a head on each decoder stage but the last (only when the config asks for it, so the
         # released checkpoints hold none)
         self.aux_heads = nn.ModuleList([nn.Conv2d(c, config.num_labels, 1, bias=True) for c in outs[:-1]]) if (

@@ -22,8 +22,8 @@ from ..errors import UserError
 DEFAULT_LR = {"rwkvunet": 2e-2, "smp-unet-r34": 1e-3}  # from scratch: each model's best at equal budget
 FINETUNE_LR = 1e-3  # from pretrained weights (--encoder-pretrained, --pretrained): a from-scratch lr would erase them
 #: lr multiplier of the RWKV decay, bonus and token-shift mixes when ``--rwkv-lr-scale`` is not given, from scratch:
-#: at 2e-2 these few per-channel parameters move far from their Vision-RWKV start within a few steps (measured at
-#: 96 x 96: BUSI 0.591 against 0.564 mean test Dice over seeds 0-2, higher on seeds 1 and 2; DSB2018 0.821 against
+#: at 2e-2 AdamW may move each of these per-channel parameters by up to 0.02 a step, units over a short run, away
+#: from their Vision-RWKV start (measured at 96 x 96: BUSI 0.591 against 0.564 mean test Dice over seeds 0-2, higher on seeds 1 and 2; DSB2018 0.821 against
 #: 0.819; at 64 x 64 DSB2018 0.713 against 0.707 and BUSI 0.560 against 0.579). Runs from pretrained weights keep
 #: one lr for every parameter, as the paper trained.
 SCRATCH_RWKV_LR_SCALE = 0.25

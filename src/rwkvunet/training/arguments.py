@@ -23,9 +23,9 @@ DEFAULT_LR = {"rwkvunet": 2e-2, "smp-unet-r34": 1e-3}  # from scratch: each mode
 FINETUNE_LR = 1e-3  # from pretrained weights (--encoder-pretrained, --pretrained): a from-scratch lr would erase them
 #: lr multiplier of the RWKV decay, bonus and token-shift mixes when ``--rwkv-lr-scale`` is not given, from scratch:
 #: at 2e-2 AdamW may move each of these per-channel parameters by up to 0.02 a step, units over a short run, away
-#: from their Vision-RWKV start (measured at 96 x 96: BUSI 0.591 against 0.564 mean test Dice over seeds 0-2, higher on seeds 1 and 2; DSB2018 0.821 against
-#: 0.819; at 64 x 64 DSB2018 0.713 against 0.707 and BUSI 0.560 against 0.579). Runs from pretrained weights keep
-#: one lr for every parameter, as the paper trained.
+#: from their Vision-RWKV start (measured at 96 x 96: BUSI 0.591 against 0.564 mean test Dice over seeds 0-2,
+#: higher on seeds 1 and 2; DSB2018 0.821 against 0.819; at 64 x 64 DSB2018 0.713 against 0.707 and BUSI 0.560
+#: against 0.579). Runs from pretrained weights keep one lr for every parameter, as the paper trained.
 SCRATCH_RWKV_LR_SCALE = 0.25
 
 
@@ -124,6 +124,11 @@ class TrainArguments:
         return f"{model}-{data}".replace("/", "-")
 
     @property
+    def from_pretrained(self) -> bool:
+        """Whether the run starts from pretrained weights (``--encoder-pretrained`` or ``--pretrained``)."""
+        return bool(self.encoder_pretrained or self.pretrained)
+
+    @property
     def peak_lr(self) -> Optional[float]:
         """``lr``, or when it is not given ``FINETUNE_LR`` for runs from pretrained weights and otherwise the model's
         own (``DEFAULT_LR``; ``None`` for an unknown model, which
@@ -131,7 +136,7 @@ class TrainArguments:
         compare``) takes that model's own."""
         if self.lr is not None:
             return self.lr
-        if self.encoder_pretrained or self.pretrained:
+        if self.from_pretrained:
             return FINETUNE_LR
         return DEFAULT_LR.get(self.model)
 
@@ -141,8 +146,7 @@ class TrainArguments:
         otherwise (runs from pretrained weights; the smp reference, which has no RWKV parameters)."""
         if self.rwkv_lr_scale is not None:
             return self.rwkv_lr_scale
-        scratch = self.model == "rwkvunet" and not (self.encoder_pretrained or self.pretrained)
-        return SCRATCH_RWKV_LR_SCALE if scratch else 1.0
+        return SCRATCH_RWKV_LR_SCALE if (self.model == "rwkvunet" and not self.from_pretrained) else 1.0
 
     def to_dict(self) -> dict:
         """The settings of the run (not how this invocation behaves: debugging, overwriting, test hooks), with the
@@ -314,7 +318,7 @@ def check_arguments(args: TrainArguments) -> None:
 
     if args.model not in ("rwkvunet", *BASELINES):
         raise UserError(f"--model must be one of rwkvunet, {', '.join(BASELINES)}, got {args.model!r}")
-    if args.model != "rwkvunet" and (args.encoder_pretrained or args.pretrained):
+    if args.model != "rwkvunet" and args.from_pretrained:
         raise UserError(f"--model {args.model} is a reference trained from scratch; --encoder-pretrained and "
                         "--pretrained start RWKV-UNet runs (drop them, or drop --model)")
     if args.variant not in ENCODER_VARIANTS:

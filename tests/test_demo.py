@@ -283,3 +283,23 @@ def test_old_downloads_are_deleted(demo, inputs):
     os.utime(old.parent, (0, 0))  # made long ago
     new = demo.segment(inputs / "small.bmp", Options()).download
     assert not old.parent.exists() and new.is_file()
+
+
+def test_own_work_folder_is_removed_and_a_given_one_kept(model_dir, inputs, tmp_path):
+    """A demo that made its own temporary folder removes it when it goes (also at exit: weakref.finalize), so
+    repeated `rwkvunet demo` runs leave nothing in /tmp; a folder the user gave is never deleted."""
+    import gc
+
+    own = DemoModel.from_pretrained(model_dir, device="cpu")
+    folder = own.workdir
+    assert own.segment(inputs / "small.bmp", Options()).download.is_file()
+    del own
+    gc.collect()
+    assert not folder.exists()
+
+    given = DemoModel.from_pretrained(model_dir, device="cpu", workdir=tmp_path / "mine")
+    given.workdir.mkdir()
+    (given.workdir / "keep.txt").write_text("user data")
+    del given
+    gc.collect()
+    assert (tmp_path / "mine" / "keep.txt").read_text() == "user data"

@@ -16,6 +16,7 @@ import tempfile
 import time
 import traceback
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -111,7 +112,10 @@ class DemoModel:
                  max_whole_pixels: int = MAX_WHOLE_PIXELS):
         self.segmenter = segmenter
         self.name = name
-        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="rwkvunet-demo-"))
+        if workdir is None:  # a folder of our own: removed with this object, or when the process exits
+            workdir = tempfile.mkdtemp(prefix="rwkvunet-demo-")
+            self._remove_workdir = weakref.finalize(self, shutil.rmtree, workdir, ignore_errors=True)
+        self.workdir = Path(workdir)
         self.max_whole_pixels = int(max_whole_pixels)
 
     @classmethod

@@ -3,6 +3,7 @@ weight decay, deep supervision; none of them changes what a saved model computes
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 
@@ -137,6 +138,34 @@ def test_head_init():
         assert bool((head.bias == 0).all())
     with pytest.raises(ValueError, match="head_init"):
         RWKVUNetConfig(variant="t", head_init="zeros")
+
+
+
+def test_head_bias_starts_a_binary_head_at_the_foreground_prior():
+    """The config's default 0 leaves a model built directly as it was; finetune.py's -2 reaches a one-logit head
+    and its auxiliary heads, while heads of several labels start at 0 and the smp reference keeps smp's start."""
+    from rwkvunet.training.arguments import parse_arguments
+    from rwkvunet.training.inputs import build_model
+
+    assert RWKVUNetConfig(variant="t").head_bias == 0.0
+    assert _model().segmentation_head.bias.tolist() == [0.0]
+    model = _model(head_bias=-2.0, deep_supervision=True)
+    for head in [model.segmentation_head, *model.aux_heads]:
+        assert head.bias.tolist() == [-2.0]
+    torch.manual_seed(0)
+    multi = RWKVUNetForSemanticSegmentation(RWKVUNetConfig(variant="t", num_labels=3, head_bias=-2.0))
+    assert multi.segmentation_head.bias.tolist() == [0.0, 0.0, 0.0]
+
+    args = parse_arguments([])
+    assert args.head_bias == -2.0
+    built = build_model(args, 1, 3, ["foreground"])
+    assert built.segmentation_head.bias.tolist() == [-2.0] and built.config.head_bias == -2.0
+    assert torch.sigmoid(torch.tensor(args.head_bias)) == pytest.approx(0.119, abs=1e-3)
+    flat = build_model(parse_arguments(["--head-bias", "0"]), 1, 3, ["foreground"])
+    assert flat.segmentation_head.bias.tolist() == [0.0]
+    if importlib.util.find_spec("segmentation_models_pytorch"):  # the reference's own start (smp's head: bias 0)
+        reference = build_model(parse_arguments(["--model", "smp-unet-r34"]), 1, 3, ["foreground"])
+        assert reference.unet.segmentation_head[0].bias.tolist() == [0.0]
 
 
 def _reference_scale(name: str, rwkv: float, decoder: float) -> float:

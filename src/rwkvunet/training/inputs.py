@@ -145,7 +145,8 @@ def build_model(args, num_labels: int, in_channels: int, names: list[str]):
     common = dict(num_labels=num_labels, in_channels=in_channels, ce_weight=args.ce_weight,
                   dice_weight=args.dice_weight, drop_path_rate=args.drop_path_rate, image_size=args.img_size,
                   rwkv_init=args.rwkv_init, zero_init_residual=args.zero_init_residual,
-                  deep_supervision=args.deep_supervision, head_init=args.head_init, **labels)
+                  deep_supervision=args.deep_supervision, head_init=args.head_init,
+                  head_bias=args.head_bias, **labels)
     if args.pretrained:
         from ..hub import load_segmentation_model
 
@@ -163,7 +164,8 @@ def build_model(args, num_labels: int, in_channels: int, names: list[str]):
     if args.model != "rwkvunet":
         from ..models.baselines import build_baseline
 
-        for name in ("drop_path_rate", "rwkv_init", "zero_init_residual", "deep_supervision", "head_init"):
+        for name in ("drop_path_rate", "rwkv_init", "zero_init_residual", "deep_supervision", "head_init",
+                     "head_bias"):
             common.pop(name)
         return build_baseline(args.model, **common)
     if args.encoder_pretrained:

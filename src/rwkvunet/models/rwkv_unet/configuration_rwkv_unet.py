@@ -48,6 +48,10 @@ class RWKVUNetConfig(PreTrainedConfig):
         head_init (`str`, defaults to `"xavier"`): start of the 1x1 classification head(s) of a model built
             from scratch: `"xavier"` (Xavier uniform: logits of about unit scale, as a plain CNN head; trains
             markedly faster from scratch) or `"small"` (normal, std `initializer_range`: near-zero logits).
+        head_bias (`float`, defaults to 0.0): start of the bias of a one-logit (binary, sigmoid) head built from
+            scratch, the logit of the foreground probability every pixel starts at (`finetune.py` uses -2: about
+            0.12, so the first steps are not spent pulling background down from 0.5). Heads of several labels
+            start at 0. Loaded weights replace it.
     """
 
     model_type = "rwkv_unet"
@@ -76,6 +80,7 @@ class RWKVUNetConfig(PreTrainedConfig):
             deep_supervision: bool = False,
             deep_supervision_weight: float = 0.4,
             head_init: str = "xavier",
+            head_bias: float = 0.0,
             **kwargs,
     ):
         if encoder_name is not None:
@@ -119,6 +124,7 @@ class RWKVUNetConfig(PreTrainedConfig):
         self.deep_supervision = bool(deep_supervision)
         self.deep_supervision_weight = float(deep_supervision_weight)
         self.head_init = head_init
+        self.head_bias = float(head_bias)
         super().__init__(**kwargs)
 
 

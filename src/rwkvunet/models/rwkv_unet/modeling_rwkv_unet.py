@@ -46,7 +46,8 @@ class RWKVUNetPreTrainedModel(PreTrainedModel):
                 init.xavier_uniform_(module.weight)
             else:  # small logits at the start
                 init.trunc_normal_(module.weight, std=self.config.initializer_range)
-            init.zeros_(module.bias)
+            # a one-logit head starts at the foreground prior config.head_bias; several labels at 0
+            init.constant_(module.bias, self.config.head_bias if module.out_channels == 1 else 0.0)
         elif isinstance(module, nn.Conv2d):
             fan_out = module.out_channels * module.kernel_size[0] * module.kernel_size[1] // module.groups
             init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))

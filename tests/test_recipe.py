@@ -143,7 +143,8 @@ def test_head_init():
 
 def test_head_bias_starts_a_binary_head_at_the_foreground_prior():
     """The config's default 0 leaves a model built directly as it was; finetune.py's -2 reaches a one-logit head
-    and its auxiliary heads, while heads of several labels start at 0 and the smp reference keeps smp's start."""
+    and its auxiliary heads and the smp reference's head (a property of the data and the loss, so both models get
+    it), while heads of several labels start at 0."""
     from rwkvunet.training.arguments import parse_arguments
     from rwkvunet.training.inputs import build_model
 
@@ -163,9 +164,14 @@ def test_head_bias_starts_a_binary_head_at_the_foreground_prior():
     assert torch.sigmoid(torch.tensor(args.head_bias)) == pytest.approx(0.119, abs=1e-3)
     flat = build_model(parse_arguments(["--head-bias", "0"]), 1, 3, ["foreground"])
     assert flat.segmentation_head.bias.tolist() == [0.0]
-    if importlib.util.find_spec("segmentation_models_pytorch"):  # the reference's own start (smp's head: bias 0)
+    if importlib.util.find_spec("segmentation_models_pytorch"):  # the reference (smp's own start: bias 0)
         reference = build_model(parse_arguments(["--model", "smp-unet-r34"]), 1, 3, ["foreground"])
-        assert reference.unet.segmentation_head[0].bias.tolist() == [0.0]
+        assert reference.unet.segmentation_head[0].bias.tolist() == [-2.0]
+        assert reference.config.head_bias == -2.0
+        own = build_model(parse_arguments(["--model", "smp-unet-r34", "--head-bias", "0"]), 1, 3, ["foreground"])
+        assert own.unet.segmentation_head[0].bias.tolist() == [0.0]
+        three = build_model(parse_arguments(["--model", "smp-unet-r34"]), 3, 3, ["a", "b", "c"])
+        assert three.unet.segmentation_head[0].bias.tolist() == [0.0, 0.0, 0.0]  # smp's start
 
 
 def _reference_scale(name: str, rwkv: float, decoder: float) -> float:

@@ -35,18 +35,21 @@ def import_smp():
 
 class SMPUNetConfig(PreTrainedConfig):
     r"""Configuration of [`SMPUNetForSemanticSegmentation`]: the smp encoder, the channels and classes, and the
-    loss weights (the fields of :class:`RWKVUNetConfig` that :func:`segmentation_loss` reads)."""
+    loss weights (the fields of :class:`RWKVUNetConfig` that :func:`segmentation_loss` reads), and the start of a
+    binary head's bias (``head_bias``, as RWKV-UNet's; 0: smp's own start)."""
 
     model_type = "rwkvunet_smp_unet"
 
     def __init__(self, encoder_name: str = "resnet34", in_channels: int = 3, ce_weight: float = 0.5,
-                 dice_weight: float = 0.5, semantic_loss_ignore_index: int = 255, image_size: int = 224, **kwargs):
+                 dice_weight: float = 0.5, semantic_loss_ignore_index: int = 255, image_size: int = 224,
+                 head_bias: float = 0.0, **kwargs):
         self.encoder_name = encoder_name
         self.in_channels = int(in_channels)
         self.ce_weight = float(ce_weight)
         self.dice_weight = float(dice_weight)
         self.semantic_loss_ignore_index = int(semantic_loss_ignore_index)
         self.image_size = int(image_size)
+        self.head_bias = float(head_bias)
         super().__init__(**kwargs)
 
 
@@ -68,6 +71,9 @@ class SMPUNetForSemanticSegmentation(PreTrainedModel):
         smp = import_smp()
         self.unet = smp.Unet(config.encoder_name, encoder_weights=None, in_channels=config.in_channels,
                              classes=config.num_labels)
+        if config.num_labels == 1 and config.head_bias:  # the foreground prior, as RWKV-UNet's binary head
+            with torch.no_grad():
+                self.unet.segmentation_head[0].bias.fill_(config.head_bias)
         self.post_init()
 
     def _init_weights(self, module) -> None:

@@ -66,8 +66,9 @@ class TrainArguments:
     zero_init_residual: bool = _opt(False, "start the encoder's residual branches at zero (blocks start as identities)")
     head_init: str = _opt("xavier", "start of the classification head from scratch: xavier (logits of unit "
                                     "scale) or small (near-zero logits)")
-    head_bias: float = _opt(-2.0, "start of a binary (one-logit) head's bias from scratch: the logit of the "
-                                  "foreground probability every pixel starts at (-2: about 0.12; 0: one half)")
+    head_bias: float = _opt(-2.0, "start of a binary (one-logit) head's bias from scratch, for every --model: "
+                                  "the logit of the foreground probability every pixel starts at (-2: about "
+                                  "0.12; 0: one half)")
     deep_supervision: bool = _opt(False, "add a loss on each decoder stage (training only; the logits are unchanged)")
     # schedule
     epochs: int = _opt(20, "training epochs", minimum=1)

@@ -164,8 +164,7 @@ def build_model(args, num_labels: int, in_channels: int, names: list[str]):
     if args.model != "rwkvunet":
         from ..models.baselines import build_baseline
 
-        for name in ("drop_path_rate", "rwkv_init", "zero_init_residual", "deep_supervision", "head_init",
-                     "head_bias"):
+        for name in ("drop_path_rate", "rwkv_init", "zero_init_residual", "deep_supervision", "head_init"):
             common.pop(name)
         return build_baseline(args.model, **common)
     if args.encoder_pretrained:

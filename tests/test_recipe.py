@@ -174,6 +174,23 @@ def test_head_bias_starts_a_binary_head_at_the_foreground_prior():
         assert three.unet.segmentation_head[0].bias.tolist() == [0.0, 0.0, 0.0]  # smp's start
 
 
+
+def test_a_run_recorded_before_head_bias_existed_resumes_at_the_bias_it_started_with(tmp_path):
+    """Such a run started its head at 0: resuming it with the new default is refused by name, and with
+    --head-bias 0 it continues (the weights come from the checkpoint either way)."""
+    from rwkvunet.errors import UserError
+    from rwkvunet.training.arguments import parse_arguments
+    from rwkvunet.training.run_folder import _check_same_settings
+
+    recorded = {k: v for k, v in parse_arguments([]).to_dict().items() if k != "head_bias"}
+    with pytest.raises(UserError, match=r"--head-bias 0.0 -> -2.0"):
+        _check_same_settings({"settings": recorded}, parse_arguments([]).to_dict(), 1, tmp_path)
+    _check_same_settings({"settings": recorded}, parse_arguments(["--head-bias", "0"]).to_dict(), 1, tmp_path)
+    with pytest.raises(UserError, match=r"--head-bias -2.0 -> 0.0"):  # a recorded value counts as recorded
+        _check_same_settings({"settings": parse_arguments([]).to_dict()},
+                             parse_arguments(["--head-bias", "0"]).to_dict(), 1, tmp_path)
+
+
 def _reference_scale(name: str, rwkv: float, decoder: float) -> float:
     """Independent of optim.py: the RWKV mixes by their attribute names, the decoder side by the module tree."""
     if name.rsplit(".", 1)[-1] in ("spatial_decay", "spatial_first", "spatial_mix_k", "spatial_mix_v",

@@ -37,6 +37,10 @@ RESUME_FREE = frozenset({
     "save_every_steps", "overlay_samples", "eval_batch_size", "push_to_hub", "hub_model_id", "cache_dir",
 })
 
+#: Options added after runs were recorded without them, with the value such runs trained at: resuming one of them
+#: with that value continues it exactly, and any other value is refused by name like any other change.
+VALUE_BEFORE_THE_OPTION = {"head_bias": 0.0}
+
 
 @dataclass
 class RunPlan:
@@ -190,7 +194,7 @@ def _latest_checkpoint(folder: Path, record: Optional[dict]) -> Path:
 
 def _check_same_settings(meta: dict, settings: dict, num_processes: int, checkpoint: Path) -> None:
     """Refuse a resume whose options would make it another run (other data, model, schedule or seed)."""
-    old = meta.get("settings") or {}
+    old = {**VALUE_BEFORE_THE_OPTION, **(meta.get("settings") or {})}
     changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {settings.get(k)!r}"
                for k in sorted(set(old) | set(settings))
                if k not in RESUME_FREE and old.get(k) != settings.get(k)]

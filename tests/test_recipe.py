@@ -140,7 +140,6 @@ def test_head_init():
         RWKVUNetConfig(variant="t", head_init="zeros")
 
 
-
 def test_head_bias_starts_a_binary_head_at_the_foreground_prior():
     """The config's default 0 leaves a model built directly as it was; finetune.py's -2 reaches a one-logit head
     and its auxiliary heads and the smp reference's head (a property of the data and the loss, so both models get
@@ -172,7 +171,6 @@ def test_head_bias_starts_a_binary_head_at_the_foreground_prior():
         assert own.unet.segmentation_head[0].bias.tolist() == [0.0]
         three = build_model(parse_arguments(["--model", "smp-unet-r34"]), 3, 3, ["a", "b", "c"])
         assert three.unet.segmentation_head[0].bias.tolist() == [0.0, 0.0, 0.0]  # smp's start
-
 
 
 def test_a_run_recorded_before_head_bias_existed_resumes_at_the_bias_it_started_with(tmp_path):

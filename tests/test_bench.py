@@ -100,6 +100,12 @@ def test_cpu_targets_are_judged_from_the_measured_ratios():
     assert lines[2].strip() == "s onnxruntime infer: 1.25 x smp (target <= 1.2): missed"
     assert len(lines) == 3
     assert bench.format_targets([result("t", "compile", "infer", 0.5)]) == ""
+    # without smp in the run the ratio is to another model (here to b itself): no verdict, and the fix named
+    alone = result("b", "eager", "infer", 1.0)
+    alone.reference = "b"
+    lines = bench.format_targets([alone]).splitlines()
+    assert len(lines) == 2 and "no verdict" in lines[1] and "add smp to --models" in lines[1]
+    assert "met" not in lines[1]
     # the preset measures every target
     measured = {(m, g["backend"], t) for g in bench.PRESETS["cpu"] for m in g["models"].split(",")
                 for t in g["tasks"].split(",")}

@@ -114,11 +114,16 @@ def format_targets(results: List["Result"]) -> str:
     lines = []
     for model, backend, task, limit in CPU_TARGETS:
         for r in results:
-            if (r.model, r.backend, r.task, r.device, r.size, r.batch, r.precision) == (
-                    model, backend, task, "cpu", 256, 1, "fp32") and r.ratio_to_reference is not None:
-                verdict = "met" if r.ratio_to_reference <= limit else "missed"
-                lines.append(f"  {model} {backend} {task}: {r.ratio_to_reference:.2f} x smp (target <= {limit}): "
-                             f"{verdict}")
+            if (r.model, r.backend, r.task, r.device, r.size, r.batch, r.precision) != (
+                    model, backend, task, "cpu", 256, 1, "fp32") or r.error is not None:
+                continue
+            if r.reference != SMP_MODEL or r.ratio_to_reference is None:  # a ratio to another model is no verdict
+                lines.append(f"  {model} {backend} {task}: no verdict, smp was not measured beside it (add smp to "
+                             f"--models, with segmentation-models-pytorch installed)")
+                continue
+            verdict = "met" if r.ratio_to_reference <= limit else "missed"
+            lines.append(f"  {model} {backend} {task}: {r.ratio_to_reference:.2f} x smp (target <= {limit}): "
+                         f"{verdict}")
     return ("CPU targets, ratios from this run:\n" + "\n".join(lines)) if lines else ""
 
 

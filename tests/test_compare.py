@@ -113,6 +113,17 @@ def test_mistakes_are_one_line(tmp_path, capsys, argv, words):
     assert not (tmp_path / "cmp").exists()
 
 
+def test_a_seed_numpy_cannot_take_is_a_usage_error(tmp_path, capsys):
+    # it was a traceback from numpy's seeding, after compare.json was written
+    with pytest.raises(SystemExit) as done:
+        cli_main(["compare", *TINY, "--output-dir", str(tmp_path / "cmp"), "--seeds", "-3"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("rwkvunet compare: error: argument --seeds: must be from 0 to "
+                                            "4294967295, got -3")
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_a_folder_of_other_files_is_refused(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert cli_main(["compare", *TINY, "--output-dir", str(tmp_path)]) == 2

@@ -283,3 +283,16 @@ def test_wrong_number_of_levels_for_num_labels_is_refused(tmp_path, capsys, cach
     source = _image_folder(tmp_path / "set", mask_of=_three_level_mask)
     status, _, err = _run(capsys, source, tmp_path / "out", "--num-labels", "4", *cache)
     _assert_one_line_error(status, err, "3 grey levels (0, 128, 255)", "4 classes", "--num-labels 3")
+
+
+def test_negative_split_seed_is_a_usage_error(tmp_path, capsys):
+    # numpy's generator refused it deep inside, reported as a bug in rwkvunet
+    src = tmp_path / "src"
+    _save(np.zeros((8, 8), np.uint8), src / "images" / "a.png")
+    _save(np.zeros((8, 8), np.uint8), src / "masks" / "a.png")
+    with pytest.raises(SystemExit) as done:
+        main(["data", str(src), str(tmp_path / "out"), "--split-seed", "-2"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "rwkvunet data: error: argument --split-seed: must be at least 0, got -2"
+    assert not (tmp_path / "out").exists()

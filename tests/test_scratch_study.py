@@ -105,6 +105,7 @@ def test_run_seeds_train_each_model_again_on_every_split_and_pool_the_runs(study
 
 @pytest.mark.parametrize("argv, message", [
     (["--run-seeds", "one"], "neither an integer nor 'split'"),
+    (["--run-seeds", "-1"], "not a seed"),
     (["--", "--seed", "3"], "--run-seeds"),
 ])
 def test_run_seed_mistakes_are_usage_errors(study, tmp_path, capsys, argv, message):

@@ -101,6 +101,9 @@ def _assert_one_line_error(code, err, prog, *words):
     ("--lr", "nan", ["--lr", "finite"]),
     ("--max-steps", "0", ["--max-steps", "at least 1"]),
     ("--keep-checkpoints", "0", ["--keep-checkpoints", "at least 1"]),
+    ("--seed", "-5", ["--seed", "at least 0"]),  # numpy's seeding refused it deep inside, reported as a bug
+    ("--seed", str(2 ** 32), ["--seed", "below 4294967296"]),
+    ("--split-seed", "-1", ["--split-seed", "at least 0"]),
 ])
 def test_bad_finetune_options_are_usage_errors(finetune, tmp_path, capsys, option, value, words):
     out = tmp_path / "run"

@@ -52,9 +52,12 @@ def _run_seed(text: str):
     if text == SPLIT_SEED:
         return text
     try:
-        return int(text)
+        seed = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is neither an integer nor 'split'") from None
+    if not 0 <= seed < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"{seed} is not a seed (0 to 2**32 - 1)")
+    return seed
 
 
 def run_folder(work: Path, dataset: str, model: str, seed: int, run_seed=SPLIT_SEED) -> Path:

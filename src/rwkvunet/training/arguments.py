@@ -40,7 +40,8 @@ class TrainArguments:
                                      "images/ + masks/ folder, or a Synapse / ACDC root")
     image_column: str = _opt("image", "image column of Hub / save_to_disk sets")
     mask_column: str = _opt("mask", "mask column of Hub / save_to_disk sets")
-    split_seed: int = _opt(0, "seed of the 8:1:1 split of sets without their own splits (paper: 0, 1, 2)")
+    split_seed: int = _opt(0, "seed of the 8:1:1 split of sets without their own splits (paper: 0, 1, 2)",
+                           minimum=0)
     num_labels: Optional[int] = _opt(None, "classes including background (1 = binary with a sigmoid); "
                                            "default: from the data", minimum=1)
     in_channels: Optional[int] = _opt(None, "input channels; default: from the data (1 grey, 3 colour)",
@@ -94,7 +95,7 @@ class TrainArguments:
     max_grad_norm: Optional[float] = _opt(1.0, "gradient clipping norm (0 or none: off)", minimum=0)
     gradient_accumulation_steps: int = _opt(1, "batches per optimizer step", minimum=1)
     mixed_precision: str = _opt("no", "no, fp16 or bf16")
-    seed: int = _opt(0, "seed of the model, the data order and the augmentation")
+    seed: int = _opt(0, "seed of the model, the data order and the augmentation", minimum=0, below=2 ** 32)
     num_workers: int = _opt(0, "data loader workers", minimum=0)
     cpu: bool = _opt(False, "train on the CPU even when a GPU is available")
     num_threads: Optional[int] = _opt(None, "CPU threads of each process (default: torch's choice)", minimum=1)

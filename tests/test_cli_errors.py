@@ -64,6 +64,22 @@ def test_bench_mistakes_are_one_line_errors(argv, expected, capsys, monkeypatch)
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("option, value, expected", [
+    ("--repeats", "-1", "must be at least 1, got -1"),  # was a traceback: no median of no steps
+    ("--steps", "0", "must be at least 1, got 0"),
+    ("--warmup", "-2", "must be at least 0, got -2"),
+    ("--threads", "0", "must be at least 1, got 0"),
+    ("--num-labels", "0", "must be at least 1, got 0"),
+    ("--steps", "x", "'x' is not a whole number"),
+])
+def test_bench_counts_out_of_range_are_usage_errors(option, value, expected, capsys):
+    with pytest.raises(SystemExit) as done:
+        cli_main(["bench", "--models", "t", "--sizes", "64", option, value])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"rwkvunet bench: error: argument {option}: {expected}"
+
+
 def test_every_command_takes_debug(capsys):
     from rwkvunet.cli import COMMANDS
 

@@ -101,6 +101,34 @@ def test_finetune_and_evaluate_subcommands_end_to_end(tmp_path, capsys):
     assert scored["mean_dice"] == pytest.approx(trained["mean_dice"], abs=0.02)
 
 
+def test_evaluate_scores_the_synthetic_set_its_run_trained_on(tmp_path, capsys):
+    """``--dataset synthetic`` makes the set as the run did (size, counts and split seed from training_config.yaml):
+    the same test cases, the score the run reported. It was refused as 'not a local folder or Hub data set'."""
+    run = tmp_path / "run"
+    assert cli_main(["finetune", *TINY, "--split-seed", "2", "--synthetic-eval", "3", "--output-dir", str(run)]) == 0
+    trained = json.loads((run / "metrics.json").read_text())["test"]
+    out = tmp_path / "eval"
+    assert cli_main(["evaluate", str(run), "--dataset", "synthetic", "--output-dir", str(out), "--no-progress"]) == 0
+    scored = json.loads((out / "metrics.json").read_text())
+    assert [c["case_id"] for c in scored["cases"]] == [c["case_id"] for c in trained["cases"]]
+    assert scored["num_cases"] == 3
+    assert scored["mean_dice"] == pytest.approx(trained["mean_dice"], abs=0.02)  # BatchNorm folded, as above
+    # another split seed is another set of images
+    assert cli_main(["evaluate", str(run), "--dataset", "synthetic", "--split-seed", "0", "--output-dir",
+                     str(tmp_path / "eval0"), "--no-progress"]) == 0
+    other = json.loads((tmp_path / "eval0" / "metrics.json").read_text())
+    assert other["mean_dice"] != scored["mean_dice"]
+    capsys.readouterr()
+    # a run trained on other data is refused by name, before any prediction
+    config = yaml.safe_load((run / "training_config.yaml").read_text())
+    config["dataset"] = "/data/busi"
+    (run / "training_config.yaml").write_text(yaml.safe_dump(config))
+    assert cli_main(["evaluate", str(run), "--dataset", "synthetic", "--output-dir", str(tmp_path / "e2")]) == 2
+    err = capsys.readouterr().err
+    assert "trained on /data/busi, not on the synthetic set; pass --dataset /data/busi" in err
+    assert not (tmp_path / "e2").exists()
+
+
 def test_missing_train_extra_is_one_line(monkeypatch, capsys):
     import importlib.util
 

@@ -5,7 +5,9 @@
     python training/evaluate.py runs/acdc_b --dataset /data/ACDC                                  # from a clone
 
 MODEL is a ``save_pretrained`` folder or a Hub id. Synapse and ACDC are scored per 3-D volume (Dice and HD95
-per class), binary sets per image (Dice and IoU). Writes ``metrics.json``, ``per_class.csv`` and
+per class), binary sets per image (Dice and IoU). ``--dataset synthetic`` scores the built-in synthetic set that
+``finetune`` trains on by default, made as the run folder's ``training_config.yaml`` made it (its size, image counts
+and split seed; the defaults for a model without one). Writes ``metrics.json``, ``per_class.csv`` and
 ``per_case.csv`` to ``--output-dir`` and prints the table.
 
 A model whose classes do not fit the masks (binary masks for a multi-class model, labels above its classes, a
@@ -38,6 +40,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _split_seed(text: str) -> int:
+    """argparse type: a whole number from 0 (numpy's generator refuses negative seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     add_arguments(parser)
@@ -50,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options but ``--debug`` (``rwkvunet`` adds its own)."""
     parser.add_argument("model", help="save_pretrained folder or Hub id of the segmenter")
     parser.add_argument("--dataset", required=True,
-                        help="Hub id, save_to_disk folder, image/mask folder, Synapse or ACDC root")
+                        help="Hub id, save_to_disk folder, image/mask folder, Synapse or ACDC root, or 'synthetic' "
+                             "(the built-in set, as the model's run made it)")
     parser.add_argument("--split", default="test", help="split to score (default: test)")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     parser.add_argument("--output-dir", default=None, help="where to write metrics (default: MODEL/eval-SPLIT "
@@ -58,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=positive_int, default=None,
                         help="input size (default: the image processor's)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images or slices per forward pass")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of 8:1:1 splits (binary sets)")
+    parser.add_argument("--split-seed", type=_split_seed, default=None,
+                        help="seed of 8:1:1 splits (binary sets; default 0, for the synthetic set its run's)")
     parser.add_argument("--image-column", default="image")
     parser.add_argument("--mask-column", default="mask")
     parser.add_argument("--cache-dir", default=None, help="datasets cache folder")
@@ -92,15 +107,53 @@ def output_folder(args) -> Path:
     return out
 
 
+SYNTHETIC = "synthetic"
+
+
+def synthetic_settings(model: str, split_seed) -> dict:
+    """How the run of ``model`` made the synthetic set: its ``training_config.yaml`` (a local run folder), else
+    finetune's defaults; ``split_seed`` when given overrides the run's."""
+    import dataclasses
+
+    import yaml
+
+    from rwkvunet.training.arguments import TrainArguments
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainArguments)}
+    keys = ("synthetic_size", "synthetic_train", "synthetic_eval", "split_seed")
+    settings = {k: defaults[k] for k in keys}
+    recorded = Path(model) / "training_config.yaml"
+    if recorded.is_file():
+        try:
+            saved = yaml.safe_load(recorded.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"{recorded} is not readable YAML ({err}); restore it, or score another --dataset")
+        if saved.get("dataset", SYNTHETIC) != SYNTHETIC:
+            raise UserError(f"{model} was trained on {saved['dataset']}, not on the synthetic set; pass "
+                            f"--dataset {saved['dataset']}")
+        settings.update({k: saved[k] for k in keys if isinstance(saved.get(k), int)})
+    if split_seed is not None:
+        settings["split_seed"] = split_seed
+    return settings
+
+
 def load_data(args, num_labels: int):
     """The data set read for the model's classes. Masks it cannot read that way are read once more as a binary
     set or a label map, so that the message names the labels found and the model's classes."""
     from rwkvunet.data import DataError, load_segmentation_dataset
     from rwkvunet.evaluation import check_model_fits_labels, split_labels
 
+    if args.dataset == SYNTHETIC:
+        from rwkvunet.data.synthetic import make_synthetic_dataset
+
+        s = synthetic_settings(args.model, args.split_seed)
+        return make_synthetic_dataset(seed=s["split_seed"], size=s["synthetic_size"], num_train=s["synthetic_train"],
+                                      num_validation=s["synthetic_eval"], num_test=s["synthetic_eval"])
+
     def load(labels):
         return load_segmentation_dataset(args.dataset, image_column=args.image_column,
-                                         mask_column=args.mask_column, split_seed=args.split_seed,
+                                         mask_column=args.mask_column,
+                                         split_seed=0 if args.split_seed is None else args.split_seed,
                                          num_labels=labels, cache_dir=args.cache_dir)
     try:
         return load(num_labels)
@@ -134,7 +187,10 @@ def run(args) -> int:
     from rwkvunet.training.processes import main_process_first
 
     # every check that can refuse comes before the processes wait for each other
-    detect_layout(args.dataset)
+    if args.dataset == SYNTHETIC:
+        synthetic_settings(args.model, args.split_seed)  # a model trained on other data is refused here
+    else:
+        detect_layout(args.dataset)
     out = output_folder(args)
     model, pixels = load_model(args.model)
     accelerator = Accelerator()

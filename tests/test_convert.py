@@ -332,3 +332,13 @@ def test_converter_written_but_not_published_is_partial(checkpoint_t, tmp_path, 
     err = capsys.readouterr().err
     assert "was written but not uploaded to someone/model" in err and "Traceback" not in err
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_image_size_below_one_encoder_step_is_a_usage_error(tmp_path, capsys):
+    # -5 was written into config.json and the image processor as given
+    with pytest.raises(SystemExit) as done:
+        run_convert(tmp_path / "any.safetensors", tmp_path / "out", "--image-size", "-5")
+    assert done.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "argument --image-size: must be at least 16 pixels, got -5")
+    assert not (tmp_path / "out").exists()

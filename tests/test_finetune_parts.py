@@ -35,6 +35,27 @@ def test_bad_options_are_clear_errors(tmp_path):
         parse_arguments(["--config", str(tmp_path / "missing.yaml")])
 
 
+@pytest.mark.parametrize("text, words", [
+    ("epochs: [1\n", ["not valid YAML", "expected ',' or ']'", "line 2, column 1", "fix the file"]),  # was a bug
+    ("a: b: c\n", ["not valid YAML", "mapping values are not allowed here at line 1, column 5"]),
+    (b"\xff\xfe\x00binary", ["is not a text file"]),
+    ("lrr: 0.1\n", ["unknown option 'lrr' (did you mean 'lr'?)"]),
+])
+def test_config_file_mistakes_are_one_line(tmp_path, text, words):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(UserError) as err:
+        parse_arguments(["--config", str(cfg)])
+    message = str(err.value)
+    assert "\n" not in message and all(w in message for w in words), message
+    assert "crash_at_step" not in message  # a test hook, not an option to offer
+
+
+def test_a_mistyped_shipped_config_name_gets_the_close_one():
+    with pytest.raises(UserError, match=r"config file kvasir not found \(did you mean kvasir_seg\?\)"):
+        parse_arguments(["--config", "kvasir"])
+
+
 def _paper(name: str) -> dict:
     if name.startswith("synapse"):
         return dict(img_size=224, epochs=30, batch_size=24, lr=1e-3, min_lr=0.0, ce_weight=0.5, dice_weight=0.5,

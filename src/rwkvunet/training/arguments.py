@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,7 +266,9 @@ def find_config(name):
     stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
     if str(path) in (stem, path.name) and stem in shipped:
         return shipped[stem]
-    raise UserError(f"config file {name} not found; pass --config with an existing YAML file or the name of a "
+    close = difflib.get_close_matches(stem, list(shipped), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise UserError(f"config file {name} not found{hint}; pass --config with an existing YAML file or the name of a "
                     f"shipped config: {', '.join(shipped)}")
 
 
@@ -275,15 +278,27 @@ def load_config(path) -> dict:
     import yaml
 
     path = find_config(path)
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file; pass --config with a YAML file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = (f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}"
+                 if mark is not None and getattr(err, "problem", None) else " ".join(str(err).split()))
+        raise UserError(f"{path} is not valid YAML ({where}); fix the file") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of option: value, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(TrainArguments)}
+    fields = dataclasses.fields(TrainArguments)
+    known = {f.name for f in fields}
+    listed = sorted(f.name for f in fields if f.metadata.get("help") is not argparse.SUPPRESS)  # not test hooks
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise UserError(f"{path}: unknown option {key!r}; valid options: {', '.join(sorted(known))}")
+            close = difflib.get_close_matches(name, listed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"{path}: unknown option {key!r}{hint}; valid options: {', '.join(listed)}")
         out[name] = value
     return out
 

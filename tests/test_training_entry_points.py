@@ -137,3 +137,11 @@ def test_missing_train_extra_is_one_line(monkeypatch, capsys):
     assert cli_main(["finetune", "--max-steps", "1"]) == 2
     line = _one_error_line(capsys.readouterr().err, "rwkvunet finetune")
     assert "accelerate" in line and 'pip install "rwkvunet[train]"' in line
+
+
+@pytest.mark.parametrize("text", ["[unclosed\n", "- a list\n"])
+def test_evaluate_synthetic_with_a_damaged_run_record_is_one_line(tmp_path, capsys, text):
+    (tmp_path / "training_config.yaml").write_text(text)
+    assert cli_main(["evaluate", str(tmp_path), "--dataset", "synthetic"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training_config.yaml" in err[0] and "restore it" in err[0], err

@@ -72,7 +72,8 @@ def parse_args(argv=None):
     parser.add_argument("--sets", nargs="+", default=["dsb2018_96", "busi_224:busi"],
                         help="data set folders under --source, each NAME or NAME:LAYOUT (rwkvunet data --layout)")
     parser.add_argument("--models", nargs="+", default=["rwkvunet-t", "smp-unet-r34"], choices=sorted(MODELS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="split seeds (each also the run seed of its split's 'split' run)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                        help="split seeds (each also the run seed of its split's 'split' run)")
     parser.add_argument("--run-seeds", nargs="+", type=_run_seed, default=[SPLIT_SEED], metavar="SEED",
                         help="run seeds to train with on every split: integers, or 'split' for the split's own "
                              "seed (default: split, one run per split)")

@@ -591,10 +591,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default="infer,train", help="infer, train, comma list; default %(default)s")
     parser.add_argument("--num-labels", type=_at_least(1), default=9, help="output classes (default %(default)s)")
     parser.add_argument("--in-channels", type=_at_least(1), default=3, help="input channels (default %(default)s)")
-    parser.add_argument("--steps", type=_at_least(1), default=None, help="timed steps per round (default 5 CPU, 30 CUDA)")
-    parser.add_argument("--repeats", type=_at_least(1), default=None, help="rounds; on the CPU the models take turns "
-                        "each round (default 5 CPU, 1 CUDA)")
-    parser.add_argument("--warmup", type=_at_least(0), default=None, help="untimed steps first (default 2 CPU, 10 CUDA)")
+    parser.add_argument("--steps", type=_at_least(1), default=None,
+                        help="timed steps per round (default 5 CPU, 30 CUDA)")
+    parser.add_argument("--repeats", type=_at_least(1), default=None,
+                        help="rounds; on the CPU the models take turns each round (default 5 CPU, 1 CUDA)")
+    parser.add_argument("--warmup", type=_at_least(0), default=None,
+                        help="untimed steps first (default 2 CPU, 10 CUDA)")
     parser.add_argument("--threads", type=_at_least(1), default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--cpu-memory", choices=("subprocess", "in-process"), default="subprocess",
                         help="CPU peak memory: measured per case in a fresh process (default; exact, costs a "

@@ -126,8 +126,12 @@ def synthetic_settings(model: str, split_seed) -> dict:
     if recorded.is_file():
         try:
             saved = yaml.safe_load(recorded.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise UserError(f"{recorded} is not readable YAML ({err}); restore it, or score another --dataset")
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            reason = " ".join(str(err).split())
+            raise UserError(f"{recorded} is not readable YAML ({reason}); restore it, or score another "
+                            "--dataset") from None
+        if not isinstance(saved, dict):
+            raise UserError(f"{recorded} holds no option: value mapping; restore it, or score another --dataset")
         if saved.get("dataset", SYNTHETIC) != SYNTHETIC:
             raise UserError(f"{model} was trained on {saved['dataset']}, not on the synthetic set; pass "
                             f"--dataset {saved['dataset']}")

@@ -17,6 +17,7 @@ Exit status, for all commands:
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import traceback
@@ -27,6 +28,23 @@ EXIT_PARTIAL = 1
 EXIT_NOTHING_DONE = 2
 EXIT_BUG = 3
 EXIT_INTERRUPTED = 130
+
+
+def whole_number(minimum: int, maximum: int | None = None, unit: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number from ``minimum`` (to ``maximum``), so that a count or seed out of range is a
+    usage error naming the option (``must be at least 1, got 0``) instead of a failure deep inside (numpy's seeding,
+    a median of no steps)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if maximum is not None and not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be from {minimum} to {maximum}, got {value}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}{unit}, got {value}")
+        return value
+    return parse
 
 
 class UserError(ValueError):

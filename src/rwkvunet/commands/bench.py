@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from timm.utils import reparameterize_model
 
-from ..errors import UserError
+from ..errors import UserError, whole_number
 from ..ops.cpu_memory import cpu_allocator_state, keep_freed_cpu_memory
 from .profiling import format_shares, profile_steps, rows_for_file
 
@@ -558,19 +558,6 @@ def _csv(value: str) -> List[str]:
     return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
-def _at_least(minimum: int):
-    """An argparse type: a whole number of at least ``minimum`` (a step count of 0 or -1 had no median to report)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a prepared set of groups (overrides the "
                         "model/size/batch/precision/backend/task options): 'cpu' the CPU targets (eager and ONNX Runtime inference of T, S, B and T's training step beside smp, each ratio with its verdict), 'h100' "
@@ -589,15 +576,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "against eager, run by ONNX Runtime with --threads threads), comma list; every model, "
                              "smp's too, runs through each; default %(default)s")
     parser.add_argument("--tasks", default="infer,train", help="infer, train, comma list; default %(default)s")
-    parser.add_argument("--num-labels", type=_at_least(1), default=9, help="output classes (default %(default)s)")
-    parser.add_argument("--in-channels", type=_at_least(1), default=3, help="input channels (default %(default)s)")
-    parser.add_argument("--steps", type=_at_least(1), default=None,
+    parser.add_argument("--num-labels", type=whole_number(1), default=9, help="output classes (default %(default)s)")
+    parser.add_argument("--in-channels", type=whole_number(1), default=3, help="input channels (default %(default)s)")
+    parser.add_argument("--steps", type=whole_number(1), default=None,
                         help="timed steps per round (default 5 CPU, 30 CUDA)")
-    parser.add_argument("--repeats", type=_at_least(1), default=None,
+    parser.add_argument("--repeats", type=whole_number(1), default=None,
                         help="rounds; on the CPU the models take turns each round (default 5 CPU, 1 CUDA)")
-    parser.add_argument("--warmup", type=_at_least(0), default=None,
+    parser.add_argument("--warmup", type=whole_number(0), default=None,
                         help="untimed steps first (default 2 CPU, 10 CUDA)")
-    parser.add_argument("--threads", type=_at_least(1), default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=whole_number(1), default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--cpu-memory", choices=("subprocess", "in-process"), default="subprocess",
                         help="CPU peak memory: measured per case in a fresh process (default; exact, costs a "
                         "process start per case) or from this process's peak RSS (approximate)")

@@ -12,21 +12,11 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import whole_number
 from ..training.arguments import add_arguments as _add_train_arguments
 
 #: Chosen per run by compare itself.
 PER_RUN = ("debug", "model", "seed", "output_dir", "resume")
-
-
-def _seed(text: str) -> int:
-    """A run seed: numpy's seeding takes 0 to 2**32 - 1."""
-    try:
-        seed = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= seed < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 4294967295, got {seed}")
-    return seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=["rwkvunet", "smp-unet-r34"], metavar="MODEL",
                         help=f"models to train, each with the same options: {', '.join(model_choices())} "
                              "(rwkvunet: at --variant; default: rwkvunet smp-unet-r34)")
-    parser.add_argument("--seeds", nargs="+", type=_seed, default=[0], metavar="SEED",
+    parser.add_argument("--seeds", nargs="+", type=whole_number(0, 2 ** 32 - 1), default=[0], metavar="SEED",
                         help="one run per model and seed: its --seed, and its --split-seed unless --split-seed is "
                              "given (default: 0); with several seeds the table gives each model's mean and spread")
     parser.add_argument("--output-dir", default=None,

@@ -23,7 +23,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from ..errors import EXIT_OK, EXIT_PARTIAL, UserError, print_error, run_main
+from ..errors import EXIT_OK, EXIT_PARTIAL, UserError, print_error, run_main, whole_number
 from ..hub import HUB_ORG, load_weights_file, quiet_transformers
 from ..inference_io import check_output_folder
 from ..models.encoder import ENCODER_VARIANTS, MODEL_PREFIX, _unwrap, released_variants
@@ -269,18 +269,6 @@ def write_segmenter(args, dst: Path) -> Path:
     return dst
 
 
-def _image_size(text: str) -> int:
-    """argparse type of --image-size: whole pixels, at least one 16-pixel step of the encoder (a size of -5 was
-    written into the config and the image processor as given)."""
-    try:
-        size = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
-    if size < 16:
-        raise argparse.ArgumentTypeError(f"must be at least 16 pixels, got {size}")
-    return size
-
-
 def _parse_labels(text: str) -> Dict[int, str]:
     path = Path(text)
     if path.is_file():
@@ -385,8 +373,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "first conv is summed over RGB, which equals repeating a grey image; default: the "
                         "checkpoint's)")
     parser.add_argument("--id2label", help="class names: a JSON file (list or {id: name}) or 'a,b,c'")
-    parser.add_argument("--image-size", type=_image_size, help="training resolution for the config and the image "
-                        "processor (default 224; at least 16)")
+    parser.add_argument("--image-size", type=whole_number(16, unit=" pixels"),
+                        help="training resolution for the config and the image processor (default 224; at least 16)")
     parser.add_argument("--encoder", action="store_true", help="SRC is an ImageNet encoder checkpoint: write a timm "
                         "folder (model.safetensors + config.json) instead of a segmenter")
     parser.add_argument("--with-code", action="store_true", help="also copy the model code into DST (auto_map), so "

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from ..errors import UserError
+from ..errors import UserError, whole_number
 
 LAYOUT_CHOICES = ("auto", "folder", "kvasir", "cvc", "busi", "glas", "isic", "synapse", "acdc")
 
@@ -33,23 +33,12 @@ OUTPUT_MARKER = "rwkvunet_data.json"
 MARKER_FORMAT = "rwkvunet-data"
 
 
-def _split_seed(text: str) -> int:
-    """A split seed: any whole number from 0 (numpy's generator refuses negative ones)."""
-    try:
-        seed = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if seed < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {seed}")
-    return seed
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="data set root folder (or a Hub id / save_to_disk folder to re-split)")
     parser.add_argument("destination", help="output folder for DatasetDict.save_to_disk (new, or empty; outside "
                                             "the source)")
     parser.add_argument("--layout", choices=LAYOUT_CHOICES, default="auto", help="source layout (default: detect)")
-    parser.add_argument("--split-seed", type=_split_seed, default=0,
+    parser.add_argument("--split-seed", type=whole_number(0), default=0,
                         help="seed of the 8:1:1 split of sets without their own splits (paper: 0, 1, 2)")
     parser.add_argument("--num-labels", type=int, default=None,
                         help="classes; default binary for image folders, 9 for Synapse, 4 for ACDC. Masks with "

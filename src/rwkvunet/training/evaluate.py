@@ -21,34 +21,12 @@ import json
 import sys
 from pathlib import Path
 
-from rwkvunet.errors import UserError, run_main
+from rwkvunet.errors import UserError, run_main, whole_number
 from rwkvunet.ops.cpu_memory import keep_freed_cpu_memory
 
 
 #: The program name in messages when run as ``python -m rwkvunet.evaluate`` (``accelerate launch -m ...``).
 PROG = "rwkvunet.evaluate"
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number of at least 1 (a usage error, exit status 2, otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _split_seed(text: str) -> int:
-    """argparse type: a whole number from 0 (numpy's generator refuses negative seeds)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
 
 
 def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
@@ -69,10 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     parser.add_argument("--output-dir", default=None, help="where to write metrics (default: MODEL/eval-SPLIT "
                                                            "for a local folder, ./eval-SPLIT otherwise)")
-    parser.add_argument("--img-size", type=positive_int, default=None,
+    parser.add_argument("--img-size", type=whole_number(1), default=None,
                         help="input size (default: the image processor's)")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="images or slices per forward pass")
-    parser.add_argument("--split-seed", type=_split_seed, default=None,
+    parser.add_argument("--batch-size", type=whole_number(1), default=8, help="images or slices per forward pass")
+    parser.add_argument("--split-seed", type=whole_number(0), default=None,
                         help="seed of 8:1:1 splits (binary sets; default 0, for the synthetic set its run's)")
     parser.add_argument("--image-column", default="image")
     parser.add_argument("--mask-column", default="mask")

@@ -87,3 +87,39 @@ def test_every_command_takes_debug(capsys):
         with pytest.raises(SystemExit) as done:
             cli_main([command, "--help"])
         assert done.value.code == 0 and "--debug" in capsys.readouterr().out, command
+
+
+@pytest.mark.parametrize("command", [["predict", "model", "a.png"], ["bench", "--models", "t"], ["demo", "model"]])
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "cpu:3"])
+def test_unknown_devices_are_usage_errors(command, device, capsys):
+    """``--device tpu`` was torch's RuntimeError when the model moved, reported as a bug in rwkvunet."""
+    with pytest.raises(SystemExit) as done:
+        cli_main(command + ["--device", device])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"rwkvunet {command[0]}: error: argument --device: {device!r} is not a "
+                                            "device this command runs on; use cpu, cuda or cuda:N")
+
+
+@pytest.mark.parametrize("text, expected", [("cpu", "cpu"), ("CPU", "cpu"), ("cuda", "cuda"), ("cuda:1", "cuda:1")])
+def test_device_names_are_normalised(text, expected, monkeypatch):
+    import torch
+
+    from rwkvunet.errors import device_name
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the index is checked only where CUDA exists
+    assert device_name(text) == expected
+
+
+def test_a_missing_gpu_index_is_refused(monkeypatch):
+    import argparse
+
+    import torch
+
+    from rwkvunet.errors import device_name
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device_name("cuda:1") == "cuda:1"
+    with pytest.raises(argparse.ArgumentTypeError, match=r"has 2 CUDA device\(s\), numbered from 0 to 1"):
+        device_name("cuda:2")

@@ -47,6 +47,25 @@ def whole_number(minimum: int, maximum: int | None = None, unit: str = "") -> Ca
     return parse
 
 
+def device_name(text: str) -> str:
+    """An argparse type for ``--device``: ``cpu``, ``cuda`` or ``cuda:N``, so that ``--device tpu`` or ``cuda:x`` is
+    a usage error instead of torch's failure when the model moves; a GPU index the machine lacks is refused too."""
+    import torch
+
+    try:
+        device = torch.device(text.strip().lower())
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device this command runs on; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and device.index is not None and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has {count} CUDA device(s), numbered from 0 to {count - 1}")
+    return str(device)
+
+
 class UserError(ValueError):
     """A mistake in arguments, paths, files or data that the user can fix; the message names the problem and
     the fix. Commands print it as one line and exit with status 2."""

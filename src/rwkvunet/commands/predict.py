@@ -24,7 +24,7 @@ import torch
 
 from .. import inference_io as io
 from ..backends import BACKENDS, is_onnx_file
-from ..errors import EXIT_NOTHING_DONE, EXIT_OK, EXIT_PARTIAL, UserError, print_error
+from ..errors import EXIT_NOTHING_DONE, EXIT_OK, EXIT_PARTIAL, UserError, device_name, print_error
 from ..inference import (CT_AIR_THRESHOLD, CT_WINDOW, InputConversionWarning, Segmenter, choose_intensity,
                          match_channels, prepare_volume)
 from ..pixels import clean_volume
@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--overlap", type=int, default=64, help="pixels shared by neighbouring tiles (default 64)")
     run = parser.add_argument_group("running")
     run.add_argument("--tta", action="store_true", help="average over left-right and up-down flips")
-    run.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
+    run.add_argument("--device", default=None, type=device_name, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     run.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                      help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
     run.add_argument("--batch-size", type=int, default=8, help="slices or tiles per forward pass (default 8)")

@@ -3,6 +3,7 @@ model card whose metadata huggingface_hub parses (with the paper's numbers marke
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -171,6 +172,26 @@ def test_publish_script_assembles_a_hub_folder(tmp_path, monkeypatch, capsys):
     rc = script["main"]([str(checkpoint), str(HUB_CONFIGS / "rwkvunet-s-synapse"), "--out", str(tmp_path / "x"),
                          "--prefix", "sd."])
     assert rc == 2 and "predicts 4 classes" in capsys.readouterr().err
+
+
+def test_publish_script_keeps_what_is_in_a_non_empty_folder(tmp_path, capsys):
+    """A folder with other files is refused, naming an option the script takes (it named --overwrite, which the
+    script did not take); with it, or the older --force, the release is written and the other files are kept."""
+    import runpy
+
+    from conftest import require_shared
+
+    checkpoint = require_shared("fixtures", "official_s.safetensors")
+    script = runpy.run_path(str(HUB_CONFIGS.parent / "training" / "publish_hub.py"))
+    out = tmp_path / "release"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = [str(checkpoint), str(HUB_CONFIGS / "rwkvunet-s-acdc"), "--out", str(out), "--prefix", "sd."]
+    assert script["main"](argv) == 2
+    assert "pass --overwrite" in capsys.readouterr().err and sorted(os.listdir(out)) == ["notes.txt"]
+    for flag in ("--overwrite", "--force"):
+        assert script["main"](argv + [flag]) == 0
+        assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").is_file()
 
 
 def test_publish_script_refuses_a_card_that_claims_a_licence_for_the_weights(tmp_path):

@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repo-id", help="Hub repo (default: HUB_ORG/<hub config folder name>)")
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--prefix", default="", help="only use checkpoint keys under this prefix")
-    parser.add_argument("--force", action="store_true", help="assemble into a folder that is not empty")
+    parser.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
+                        help="assemble into a folder that is not empty (the files it writes are replaced, others kept)")
     args = parser.parse_args(argv)
 
     hub_config = args.hub_config.resolve()
@@ -68,8 +69,8 @@ def main(argv=None) -> int:
     cli += ["--encoder"] if encoder else ["--with-code"]
     if args.prefix:
         cli += ["--prefix", args.prefix]
-    if args.force:
-        cli += ["--force"]
+    if args.overwrite:
+        cli += ["--overwrite"]
     if args.push:
         cli += ["--publish", convert.hub_repo_id(str(hub_config), args.repo_id)]
         if args.private:

@@ -129,3 +129,16 @@ def test_a_folder_of_other_files_is_refused(tmp_path, capsys):
     assert cli_main(["compare", *TINY, "--output-dir", str(tmp_path)]) == 2
     assert "not a comparison" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_data_set_that_cannot_load_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    """A mistyped --dataset fails in the first run; what compare wrote for it (compare.json, and the folder if it
+    made it) is removed; an empty folder given as --output-dir is kept, empty."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    missing = str(tmp_path / "no-such-data")
+    assert cli_main(["compare", *TINY, "--output-dir", str(tmp_path / "cmp"), "--dataset", missing]) == 2
+    assert "no-such-data" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["compare", *TINY, "--output-dir", str(tmp_path / "empty"), "--dataset", missing]) == 2
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())

@@ -223,6 +223,22 @@ def read_curves(run: PlannedRun) -> dict:
 
 # --- the command ----------------------------------------------------------------------------------------------
 
+def _train_runs(runs: Sequence[PlannedRun], states: dict, state) -> None:
+    """Train the planned runs in order: keep the finished ones, resume the unfinished ones."""
+    from .finetune import train
+
+    for number, run in enumerate(runs, start=1):
+        what = states[id(run)]
+        if state.is_main_process:
+            doing = {"finished": "kept (finished)", "unfinished": "resumed"}.get(what, "training")
+            print(f"[{number}/{len(runs)}] {run.label} seed {run.seed}: {doing} -> {run.folder}", flush=True)
+        if what == "finished":
+            continue
+        args = dataclasses.replace(run.args, resume="latest" if what == "unfinished" else None,
+                                   overwrite_output_dir=what in ("other", "restart"))
+        train(args)
+
+
 def compare(base: TrainArguments, models: Sequence[str], seeds: Sequence[int], output_dir,
             fixed_split: bool = False) -> list[dict]:
     """Train every planned run (keeping finished ones, resuming unfinished ones), then write the table and the
@@ -230,7 +246,6 @@ def compare(base: TrainArguments, models: Sequence[str], seeds: Sequence[int], o
     from accelerate import PartialState
 
     from ..models.baselines import BASELINES, import_smp
-    from .finetune import train
     from .plots import plot_comparison
 
     runs = plan_runs(base, models, seeds, output_dir, fixed_split)
@@ -246,19 +261,19 @@ def compare(base: TrainArguments, models: Sequence[str], seeds: Sequence[int], o
                         "--overwrite-output-dir to train it again")
     state = PartialState()
     folder = Path(output_dir)
+    created, new_marker = not folder.exists(), not (folder / MARKER).exists()
     if state.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / MARKER).write_text(json.dumps(settings, indent=2))
-    for number, run in enumerate(runs, start=1):
-        what = states[id(run)]
-        if state.is_main_process:
-            doing = {"finished": "kept (finished)", "unfinished": "resumed"}.get(what, "training")
-            print(f"[{number}/{len(runs)}] {run.label} seed {run.seed}: {doing} -> {run.folder}", flush=True)
-        if what == "finished":
-            continue
-        args = dataclasses.replace(run.args, resume="latest" if what == "unfinished" else None,
-                                   overwrite_output_dir=what in ("other", "restart"))
-        train(args)
+    try:
+        _train_runs(runs, states, state)
+    except BaseException:
+        # the first run failed before writing anything (e.g. a mistyped --dataset): leave nothing this call made
+        if new_marker and state.is_main_process and [p.name for p in folder.iterdir()] == [MARKER]:
+            (folder / MARKER).unlink()
+            if created:
+                folder.rmdir()
+        raise
     rows = [read_result(run) for run in runs]
     if state.is_main_process:
         csv_path, md_path = write_table(rows, folder)

@@ -203,6 +203,15 @@ def test_weights_file_garbage_and_legacy_format(tmp_path):
                     "not a complete safetensors file")
 
 
+def test_weights_file_that_is_an_image(tmp_path):
+    """An image given as the checkpoint was said to hold "pickled objects other than tensors ()"."""
+    from PIL import Image
+
+    Image.new("L", (4, 4)).save(tmp_path / "scan.png")
+    _one_line_error(lambda: load_weights_file(tmp_path / "scan.png"), "scan.png is not a PyTorch weights file",
+                    "Unsupported operand", "not a pickle")
+
+
 def test_weights_file_with_pickled_code(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=1)}, tmp_path / "code.pth")
     _one_line_error(lambda: load_weights_file(tmp_path / "code.pth"), "code.pth", "argparse.Namespace",

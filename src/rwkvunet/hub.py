@@ -170,9 +170,11 @@ def check_safetensors(path) -> None:
 
 def _unpickler_detail(err: BaseException) -> str:
     """The line of a weights_only failure that names the offending global."""
-    for line in str(err).splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        after = text.split("WeightsUnpickler error:", 1)[1].strip()
+        if after:
+            return after.splitlines()[0].split(". ")[0]
     return _first_line(err)
 
 
@@ -193,12 +195,15 @@ def load_weights_file(path):
     _check_file(path)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "weights only load failed" in str(err).lower():
+    except pickle.UnpicklingError as err:  # "Unsupported operand": not a pickle at all (an image, a text file)
+        if "weights only load failed" in str(err).lower() and "Unsupported operand" not in str(err):
             raise UserError(f"{path} holds pickled objects other than tensors ({_unpickler_detail(err)}), so it "
                             "cannot be read with torch.load(weights_only=True); load it where you trust it and "
                             "re-save only its state_dict (torch.save(model.state_dict(), ...)) or as .safetensors"
                             ) from err
+        if "Unsupported operand" in str(err):
+            raise UserError(f"{path} is not a PyTorch weights file ({_unpickler_detail(err)}: its bytes are not a "
+                            "pickle); check that this is the checkpoint, or download it again") from err
         raise _damaged(path, err) from err
     except (RuntimeError, EOFError, KeyError, ValueError, OSError, IndexError, TypeError) as err:
         raise _damaged(path, err) from err

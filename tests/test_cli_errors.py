@@ -2,6 +2,8 @@
 a traceback for a bug, 130 for Ctrl-C, and --debug (or RWKVUNET_DEBUG=1) for the traceback."""
 from __future__ import annotations
 
+import json
+
 
 import pytest
 
@@ -52,6 +54,9 @@ def test_debug_shows_the_traceback(monkeypatch):
     (["bench", "--sizes", "0"], "--sizes takes positive whole numbers"),
     (["bench", "--tasks", "fly"], "unknown task 'fly'"),
     (["bench", "--device", "cuda"], "no CUDA device"),
+    # a batch of one whose deepest map is 1 x 1: BatchNorm's ValueError after the first cases had run
+    (["bench", "--device", "cpu", "--models", "t", "--sizes", "16"], "use --sizes 17 or more, --batch-sizes 2"),
+    (["bench", "--device", "cpu", "--models", "t", "--json", "."], "--json . is a folder"),
 ])
 def test_bench_mistakes_are_one_line_errors(argv, expected, capsys, monkeypatch):
     import torch
@@ -123,3 +128,21 @@ def test_a_missing_gpu_index_is_refused(monkeypatch):
     assert device_name("cuda:1") == "cuda:1"
     with pytest.raises(argparse.ArgumentTypeError, match=r"has 2 CUDA device\(s\), numbered from 0 to 1"):
         device_name("cuda:2")
+
+
+def test_bench_json_replaces_only_its_own_results(tmp_path, capsys):
+    """--json of a file that is not an earlier result is refused before anything is measured; a missing folder too
+    (both ended the whole run in an error about NAME.tmp)."""
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    argv = ["bench", "--device", "cpu", "--models", "t", "--sizes", "32", "--tasks", "infer", "--steps", "1",
+            "--repeats", "1", "--warmup", "0", "--cpu-memory", "in-process"]
+    assert cli_main(argv + ["--json", str(notes)]) == EXIT_NOTHING_DONE
+    assert "is not an earlier bench result" in capsys.readouterr().err and notes.read_text() == '{"mine": 1}'
+    assert cli_main(argv + ["--json", str(tmp_path / "no" / "b.json")]) == EXIT_NOTHING_DONE
+    assert "does not exist" in capsys.readouterr().err
+    result = tmp_path / "bench.json"
+    for _ in range(2):  # written, then replaced by the re-run
+        assert cli_main(argv + ["--json", str(result)]) == 0
+        assert json.loads(result.read_text())["results"][0]["model"] == "t"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "notes.json"]

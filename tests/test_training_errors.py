@@ -112,6 +112,20 @@ def test_bad_finetune_options_are_usage_errors(finetune, tmp_path, capsys, optio
     assert not out.exists()
 
 
+@pytest.mark.parametrize("model, size, ok_size", [("rwkvunet", "16", "17"), ("smp-unet-r34", "32", "33")])
+def test_batch_of_one_at_a_size_without_room_for_batchnorm(finetune, tmp_path, capsys, model, size, ok_size):
+    """--batch-size 1 where the deepest map is 1 x 1 was BatchNorm's ValueError in the first step, reported as a bug
+    after the run folder was made."""
+    if model != "rwkvunet":
+        pytest.importorskip("segmentation_models_pytorch")
+    out = tmp_path / "run"
+    code, err = _run(finetune.main, TINY + ["--output-dir", out, "--model", model, "--img-size", size,
+                                            "--batch-size", "1"], capsys)
+    _assert_one_line_error(code, err, "finetune.py", f"--img-size {size}", "1 x 1", "--batch-size 2",
+                           f"--img-size {ok_size} or more")
+    assert not out.exists()
+
+
 def test_bad_option_in_a_config_file_is_one_line(finetune, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("lr: .nan\n")

@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -625,6 +626,8 @@ def run(args) -> int:
             keep_freed_cpu_memory()  # as in the parent process, which this one stands in for
         return _memory_probe(args.memory_probe, args.warmup or 0)
 
+    if args.json:
+        check_json_path(args.json)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
@@ -665,6 +668,8 @@ def run(args) -> int:
                                 continue
                             cases = [Case(m, _positive(size, "--sizes"), _positive(batch, "--batch-sizes"), prec,
                                           comp, task, device, args.num_labels, args.in_channels) for m in models]
+                            for c in cases:
+                                _check_trainable(c)
                             if cases:
                                 plan.append((g, cases))
     if skipped:
@@ -713,6 +718,37 @@ def run(args) -> int:
         _write_json(args.json, env, results)
         print(f"results written to {args.json}")
     return 1 if any(r.error for r in results) else 0
+
+
+def _check_trainable(case: Case) -> None:
+    """A training step at batch 1 whose deepest map is 1 x 1 fails in BatchNorm; say so before anything runs."""
+    from ..models.baselines import SMP_SIZE_DIVISOR
+    from ..models.rwkv_unet.modeling_rwkv_unet import SIZE_DIVISOR
+
+    stride = SMP_SIZE_DIVISOR if case.model == SMP_MODEL else SIZE_DIVISOR
+    if case.task == "train" and case.batch == 1 and case.size <= stride:
+        raise UserError(f"a training step of {case.model} at size {case.size} and batch 1 leaves BatchNorm one value "
+                        f"per channel (its deepest map is 1 x 1); use --sizes {stride + 1} or more, --batch-sizes 2 "
+                        "or more, or --tasks infer")
+
+
+def check_json_path(path: str) -> None:
+    """Refuse, before measuring anything, a --json that cannot be written or would replace another kind of file
+    (an earlier bench result is replaced: re-running a benchmark into the same file is the usual case)."""
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"--json {path} is a folder; give a file name (e.g. {target / 'bench.json'})")
+    if not target.parent.is_dir():
+        raise UserError(f"--json {path}: the folder {target.parent} does not exist; create it or give another path")
+    if target.exists():
+        try:
+            data = json.loads(target.read_text(encoding="utf-8"))
+            earlier = isinstance(data, dict) and set(data) == {"environment", "results"}
+        except (UnicodeDecodeError, ValueError):
+            earlier = False
+        if not earlier:
+            raise UserError(f"--json {path} exists and is not an earlier bench result; give another file name "
+                            "(bench replaces only its own results)")
 
 
 def _write_json(path: str, env: dict, results: List[Result]) -> None:

@@ -330,6 +330,14 @@ def arguments_from(given: dict) -> TrainArguments:
     return args
 
 
+def total_stride(model: str) -> int:
+    """How far the model's deepest feature map is downsampled (inputs are padded to a multiple of it)."""
+    from ..models.baselines import BASELINES, SMP_SIZE_DIVISOR
+    from ..models.rwkv_unet.modeling_rwkv_unet import SIZE_DIVISOR
+
+    return SMP_SIZE_DIVISOR if model in BASELINES else SIZE_DIVISOR
+
+
 def check_arguments(args: TrainArguments) -> None:
     """Refuse settings that cannot go together or name nothing known (one-line errors)."""
     from ..models.baselines import BASELINES
@@ -355,6 +363,11 @@ def check_arguments(args: TrainArguments) -> None:
     if args.encoder_pretrained and args.pretrained:
         raise UserError("give either --encoder-pretrained (a timm encoder) or --pretrained (a whole segmenter), "
                         "not both")
+    stride = total_stride(args.model)
+    if args.batch_size == 1 and args.img_size <= stride:
+        raise UserError(f"at --img-size {args.img_size} the deepest feature map of {args.model} is 1 x 1, and with "
+                        f"--batch-size 1 BatchNorm has one value per channel to normalise; use --batch-size 2 or "
+                        f"more, or --img-size {stride + 1} or more")
     if args.resume and args.overwrite_output_dir:
         raise UserError("--resume continues the run in --output-dir and --overwrite-output-dir deletes it; "
                         "give one of them")

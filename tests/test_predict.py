@@ -385,6 +385,36 @@ def test_find_inputs_skips_the_output_folder(tmp_path):
     assert [f.name for f, _ in found] == ["a.png", "vol.nii.gz"]  # a.png named twice, segmented once
 
 
+def test_find_inputs_skips_earlier_outputs(tmp_path):
+    """A folder holding predict's labels.json below a searched folder is an earlier run's output: its label maps
+    and overlays were segmented again as inputs (into <name>_labels_labels.png) by a second run to another --out."""
+    import json
+
+    from rwkvunet.inference_io import find_inputs
+
+    for name in ("a.png", "pred/a_labels.png", "pred/a_overlay.png", "masks/a.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / name)
+    (tmp_path / "pred" / "labels.json").write_text(json.dumps({"0": {"name": "background", "color": [0, 0, 0]}}))
+    (tmp_path / "masks" / "labels.json").write_text(json.dumps({"classes": ["a"]}))  # a user's file: not predict's
+    skipped = []
+    found = find_inputs([tmp_path], skipped=skipped)
+    assert [str(f.relative_to(tmp_path)) for f, _ in found] == ["a.png", "masks/a.png"]
+    assert skipped == [tmp_path / "pred"]
+    # named as the input itself, an output folder is segmented: the user asked for it
+    assert [f.name for f, _ in find_inputs([tmp_path / "pred"])] == ["a_labels.png", "a_overlay.png"]
+
+
+def test_cli_a_second_run_to_another_out_skips_the_first_runs_outputs(model_dir, tmp_path, capsys):
+    src = tmp_path / "in"
+    _png(src / "a.png")
+    assert cli_main(["predict", str(model_dir), str(src), "--out", str(src / "pred")]) == 0
+    capsys.readouterr()
+    assert cli_main(["predict", str(model_dir), str(src), "--out", str(src / "pred2")]) == 0
+    assert f"note: skipped {src / 'pred'}: it holds an earlier rwkvunet predict output" in capsys.readouterr().err
+    assert sorted(p.name for p in (src / "pred2").iterdir()) == ["a_labels.png", "a_overlay.png", "labels.json"]
+
+
 def test_predict_function_routes_arrays_paths_and_volumes(segmenter, tmp_path):
     image = np.random.default_rng(9).integers(0, 256, (24, 20), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "img.png")

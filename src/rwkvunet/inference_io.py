@@ -48,11 +48,28 @@ def supported_formats() -> str:
     return ", ".join(IMAGE_EXTENSIONS + NIFTI_EXTENSIONS)
 
 
-def find_inputs(paths: Iterable[os.PathLike | str], exclude: Optional[os.PathLike | str] = None
-                ) -> List[Tuple[Path, Path]]:
+LEGEND = "labels.json"  # what predict writes beside its outputs: label value -> name and colour
+
+
+def is_legend(path: Path) -> bool:
+    """True for a labels.json written by ``rwkvunet predict`` (label values -> name and colour)."""
+    import json
+
+    try:
+        legend = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(legend, dict) and bool(legend) and all(
+        key.isdigit() and isinstance(value, dict) and set(value) == {"name", "color"}
+        for key, value in legend.items())
+
+
+def find_inputs(paths: Iterable[os.PathLike | str], exclude: Optional[os.PathLike | str] = None,
+                skipped: Optional[List[Path]] = None) -> List[Tuple[Path, Path]]:
     """Files to segment as ``(file, root)`` pairs; folders are searched recursively (sorted, hidden files and
-    files under ``exclude`` skipped, other formats ignored). A named file that is missing or of an unsupported
-    format raises :class:`InputError`, before any work starts."""
+    files under ``exclude`` skipped, other formats ignored). Subfolders that hold predict's ``labels.json`` are
+    earlier outputs, not inputs: they are skipped and listed in ``skipped``. A named file that is missing or of an
+    unsupported format raises :class:`InputError`, before any work starts."""
     exclude_dir = Path(exclude).resolve() if exclude is not None else None
     found: List[Tuple[Path, Path]] = []
     seen: set = set()
@@ -66,11 +83,18 @@ def find_inputs(paths: Iterable[os.PathLike | str], exclude: Optional[os.PathLik
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
+            outputs = sorted(legend.parent for legend in path.rglob(LEGEND)
+                             if legend.parent != path and is_legend(legend))
+            if skipped is not None:  # --out itself is excluded anyway: not worth a note
+                skipped.extend(f for f in outputs if exclude_dir is None or
+                               not (f.resolve() == exclude_dir or exclude_dir in f.resolve().parents))
             for file in sorted(p for p in path.rglob("*") if p.is_file()):
                 rel = file.relative_to(path)
                 if any(part.startswith(".") for part in rel.parts) or file_kind(file) is None:
                     continue
                 if exclude_dir is not None and exclude_dir in file.resolve().parents:
+                    continue
+                if any(folder in file.parents for folder in outputs):
                     continue
                 add(file, path)
         elif path.is_file():

@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 PROG = "rwkvunet predict"
-LEGEND = "labels.json"
+LEGEND = io.LEGEND
 #: How many clashing paths an error message lists before giving the count.
 SHOWN = 3
 
@@ -155,17 +155,6 @@ def _check_inputs_outside_out(args) -> None:
                             "earlier outputs; give an --out outside the inputs (e.g. a new folder beside them)")
 
 
-def _is_legend(path: Path) -> bool:
-    """True for a labels.json written by this command (label values -> name and colour)."""
-    try:
-        legend = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(legend, dict) and bool(legend) and all(
-        key.isdigit() and isinstance(value, dict) and set(value) == {"name", "color"}
-        for key, value in legend.items())
-
-
 def _check_clashes(plan, files: List[Tuple[Path, Path]], args) -> None:
     """Refuse to replace an input (ever) or an existing file (without --overwrite), listing the first few."""
     inputs = {file.resolve(): file for file, _ in files}
@@ -178,7 +167,7 @@ def _check_clashes(plan, files: List[Tuple[Path, Path]], args) -> None:
         return
     existing = [str(path) for _, _, names in plan for path in names.values() if path.exists()]
     legend = args.out / LEGEND
-    if legend.exists() and not _is_legend(legend):
+    if legend.exists() and not io.is_legend(legend):
         existing.append(f"{legend} (not written by rwkvunet predict)")
     if existing:
         raise UserError(f"{len(existing)} output file(s) already exist: {_listing(existing)}; pass --overwrite to "
@@ -272,7 +261,11 @@ def _prepare(args) -> Tuple[List[Tuple[Path, Path]], list]:
         raise UserError(problem)
     io.check_output_folder(args.out, "--out")
     _check_inputs_outside_out(args)
-    files = io.find_inputs(args.inputs, exclude=args.out)
+    earlier_outputs: List[Path] = []
+    files = io.find_inputs(args.inputs, exclude=args.out, skipped=earlier_outputs)
+    for folder in earlier_outputs:
+        print(f"note: skipped {folder}: it holds an earlier rwkvunet predict output ({LEGEND}), not inputs",
+              file=sys.stderr)
     if not files:
         raise UserError(f"no images or NIfTI volumes found in {' '.join(map(str, args.inputs))} "
                         f"(formats: {io.supported_formats()})")

@@ -249,6 +249,26 @@ def test_datasets_source_columns_renamed_and_split(tmp_path, monkeypatch):
         load_segmentation_dataset(str(tmp_path / "Kvasir-SEG"))
 
 
+def test_names_that_cannot_be_hub_ids_are_not_sent_to_the_hub(tmp_path, monkeypatch):
+    """'data/bu si' was huggingface_hub's HFValidationError (reported as a bug); 'data/busi224' beside a local
+    data/busi_224 waited for the Hub (a minute offline) before saying it was not found."""
+    import datasets
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "busi_224").mkdir(parents=True)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: pytest.fail("the Hub was asked"))
+    with pytest.raises(DataError, match=r"data/busi224 does not exist \(did you mean data/busi_224\?\)"):
+        load_segmentation_dataset("data/busi224")
+    with pytest.raises(DataError, match="is not a Hub id either"):
+        load_segmentation_dataset("my data")
+    calls = []  # a valid id with no close local folder still goes to the Hub
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, **kw: calls.append(name) or (_ for _ in ()).throw(
+        OSError("offline")))
+    with pytest.raises(DataError, match="loading it as a Hub data set failed"):
+        load_segmentation_dataset("data/other")
+    assert calls == ["data/other"]
+
+
 def test_converter_command_writes_a_standalone_dataset(tmp_path):
     import shutil
 

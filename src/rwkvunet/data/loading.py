@@ -18,6 +18,26 @@ logger = logging.getLogger(__name__)
 LAYOUTS = ("auto", "hub", "disk") + FOLDER_LAYOUTS + ("synapse", "acdc")
 
 
+def _check_hub_id(source: str) -> None:
+    """A name that is not a local path must be a valid Hub id; one that is a near miss of a local folder (the
+    parent exists and holds a close name) is a mistyped path, said at once instead of after the Hub is asked."""
+    import difflib
+
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    parent = Path(source).parent
+    if str(parent) not in ("", ".") and parent.is_dir():
+        names = [p.name for p in parent.iterdir() if p.is_dir()]
+        close = difflib.get_close_matches(Path(source).name, names, n=1)
+        if close:
+            raise DataError(f"{source} does not exist (did you mean {parent / close[0]}?)")
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise DataError(f"{source} does not exist, and is not a Hub id either (those are 'name' or 'org/name' of "
+                        "letters, digits, '-', '_' and '.'); check the path") from None
+
+
 def detect_layout(source: str) -> str:
     """Name the layout of ``source``: ``hub`` (not a local path), ``disk`` (``save_to_disk`` folder),
     ``synapse``, ``acdc``, ``glas`` (``_anno`` masks) or ``folder`` (any image/mask folder)."""
@@ -25,6 +45,7 @@ def detect_layout(source: str) -> str:
     if not root.exists():
         if source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source:
             raise DataError(f"{source} does not exist (and is not a Hub id of the form 'org/name').")
+        _check_hub_id(source)
         return "hub"
     if not root.is_dir():
         raise DataError(f"{source} is a file; pass a folder or a Hub data set id.")

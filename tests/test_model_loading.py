@@ -232,3 +232,17 @@ def test_remote_code_folder_and_subfolder(saved, tmp_path):
     (tmp_path / "repo" / "seg" / "model.safetensors").write_bytes(b"")
     _one_line_error(lambda: load_segmentation_model(tmp_path / "repo", subfolder="seg"), "seg/model.safetensors",
                     "is empty")
+
+
+def test_a_mistyped_model_folder_gets_a_did_you_mean(saved, tmp_path, monkeypatch):
+    """runs/rwkvunet-t-synthtic (one letter off a local run folder) was sent to the Hub and reported as "no local
+    folder and cannot be loaded as a Hub id"; now it names the folder, without asking the Hub."""
+    import transformers
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(saved, tmp_path / "runs" / "rwkvunet-t-synthetic")
+    monkeypatch.setattr(transformers.PretrainedConfig, "get_config_dict",
+                        lambda *a, **k: pytest.fail("the Hub was asked"))
+    _one_line_error(lambda: load_segmentation_model("runs/rwkvunet-t-synthtic"),
+                    "runs/rwkvunet-t-synthtic does not exist (did you mean runs/rwkvunet-t-synthetic?)")
+    _one_line_error(lambda: load_segmentation_model("./runs/rwkvunet-t-synthtic"), "did you mean")

@@ -66,6 +66,22 @@ def device_name(text: str) -> str:
     return str(device)
 
 
+def near_miss_folder(source: str) -> str | None:
+    """A folder beside the missing path ``source`` whose name is close to it (``runs/rwkvunet-t-synthtic`` ->
+    ``runs/rwkvunet-t-synthetic``), for a did-you-mean; None when there is none."""
+    import difflib
+    from pathlib import Path
+
+    path = Path(source)
+    parent = path.parent
+    try:
+        names = [p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except OSError:
+        return None
+    close = difflib.get_close_matches(path.name, names, n=1)
+    return str(parent / close[0]) if close else None
+
+
 class UserError(ValueError):
     """A mistake in arguments, paths, files or data that the user can fix; the message names the problem and
     the fix. Commands print it as one line and exit with status 2."""

@@ -6,7 +6,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, near_miss_folder
 
 HUB_ORG = "rwkv-unet"
 KERNEL_REPO_ID = f"{HUB_ORG}/bi-wkv"
@@ -246,6 +246,8 @@ def _read_config(source: str, hub_kwargs: dict) -> dict:
             raise UserError(f"cannot read {os.path.join(source, 'config.json')} ({_first_line(err)}); save the "
                             "model again with save_pretrained") from err
         hint = f"; {where_weights_are(encoder=False)}" if _is_ours(source) else ""
+        close = near_miss_folder(source)
+        hint += f" (or did you mean the folder {close}?)" if close else ""
         raise UserError(f"{source} is no local folder and cannot be loaded as a Hub id ({_first_line(err)}); "
                         f"check the path or the id, and the network (or HF_HUB_OFFLINE and the cache){hint}"
                         ) from err
@@ -349,7 +351,11 @@ def load_segmentation_model(name_or_path, **from_pretrained_kwargs):
     if os.path.exists(source):
         _check_local_folder(os.path.join(source, hub_kwargs.get("subfolder") or ""))
     elif _looks_like_path(source):
-        raise UserError(f"{source} does not exist (and is not a Hub id of the form 'org/name'); check the path")
+        close = near_miss_folder(source)
+        raise UserError(f"{source} does not exist (and is not a Hub id of the form 'org/name'); "
+                        + (f"did you mean {close}?" if close else "check the path"))
+    elif "/" in source and near_miss_folder(source):  # a mistyped local path, not sent to the Hub
+        raise UserError(f"{source} does not exist (did you mean {near_miss_folder(source)}?)")
     _check_model_type(source, _read_config(source, hub_kwargs))
     resizing = bool(from_pretrained_kwargs.get("ignore_mismatched_sizes"))
     # shape mismatches are reported by _check_loading_info, with the shapes, instead of a RuntimeError

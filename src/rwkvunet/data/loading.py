@@ -21,16 +21,13 @@ LAYOUTS = ("auto", "hub", "disk") + FOLDER_LAYOUTS + ("synapse", "acdc")
 def _check_hub_id(source: str) -> None:
     """A name that is not a local path must be a valid Hub id; one that is a near miss of a local folder (the
     parent exists and holds a close name) is a mistyped path, said at once instead of after the Hub is asked."""
-    import difflib
-
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    parent = Path(source).parent
-    if str(parent) not in ("", ".") and parent.is_dir():
-        names = [p.name for p in parent.iterdir() if p.is_dir()]
-        close = difflib.get_close_matches(Path(source).name, names, n=1)
-        if close:
-            raise DataError(f"{source} does not exist (did you mean {parent / close[0]}?)")
+    from ..errors import near_miss_folder
+
+    close = near_miss_folder(source) if "/" in source else None
+    if close:
+        raise DataError(f"{source} does not exist (did you mean {close}?)")
     try:
         validate_repo_id(source)
     except HFValidationError:

@@ -13,7 +13,7 @@ from rwkvunet import pixels
 from rwkvunet.data.transforms import EvalTransform, TrainTransform
 from rwkvunet.inference import Segmenter, load_preprocessing
 from rwkvunet.models.rwkv_unet import RWKVUNetImageProcessor
-from rwkvunet.pixels import PixelConfig, PixelError
+from rwkvunet.pixels import PixelConfig, PixelError, read_pixels
 from rwkvunet.training.inputs import build_image_processor
 
 RNG = np.random.default_rng(0)
@@ -157,6 +157,15 @@ def test_non_finite_pixels_are_refused_with_the_count(bad):
         Segmenter(_Tiny(1), PixelConfig(), device="cpu").model_input(image)
     with pytest.raises(ValueError, match="NaN or infinite"):
         RWKVUNetImageProcessor(num_channels=1)(image)
+
+
+def test_complex_pixels_are_refused():
+    """Complex arrays (MRI reconstructions) were cast to float32 with a warning, silently dropping the imaginary
+    part."""
+    with pytest.raises(PixelError, match=r"complex \(complex64\).*np.abs"):
+        read_pixels(np.ones((8, 8), np.complex64))
+    with pytest.raises(PixelError, match="complex"):
+        read_pixels(torch.ones(1, 8, 8, dtype=torch.complex64))
 
 
 def test_volumes_clean_non_finite_voxels_and_say_so():

@@ -735,3 +735,19 @@ def test_segmenter_runs_a_fused_copy_and_keeps_the_model_loadable(segmenter, mod
     x = torch.rand(1, 1, 48, 48)
     got = segmenter.forward_probs(x).double()
     assert (got - _probs(model, x)).abs().max().item() < 1e-5
+
+
+def test_predict_image_takes_a_path_as_predict_reads_it(segmenter, tmp_path):
+    """A path was "unsupported image type str"; now it is read as `predict` reads files (16 bits kept)."""
+    from rwkvunet.inference_io import InputError, read_image
+
+    image = (np.random.default_rng(0).random((20, 24)) * 65535).astype(np.uint16)
+    Image.fromarray(image).save(tmp_path / "scan.png")
+    expected = segmenter.predict_image(read_image(tmp_path / "scan.png"))
+    assert np.array_equal(segmenter.predict_image(str(tmp_path / "scan.png")), expected)
+    assert np.array_equal(segmenter.predict_image(tmp_path / "scan.png"), expected)
+    with pytest.raises(InputError, match="no such file"):
+        segmenter.predict_image(tmp_path / "missing.png")
+    (tmp_path / "v.nii.gz").write_bytes(b"")
+    with pytest.raises(InputError, match="is a volume; segment it with predict_volume"):
+        segmenter.predict_image(tmp_path / "v.nii.gz")

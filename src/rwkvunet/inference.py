@@ -320,6 +320,8 @@ class Segmenter:
         resized back bilinearly), else run whole. ``native`` runs it whole at its own size; ``tile`` runs it
         at its own size in overlapping tiles.
         """
+        if isinstance(image, (str, os.PathLike)):
+            image = _read_image_file(image)
         pixels, note = self.to_pixels(image)
         if note:
             warnings.warn(note, InputConversionWarning, stacklevel=2)
@@ -333,7 +335,8 @@ class Segmenter:
 
     def predict_image(self, image: ImageLike, tile: Optional[int] = None, overlap: int = 64,
                       native: bool = False) -> np.ndarray:
-        """Label map (H, W) uint8 of one image (array (H, W) / (H, W, C), PIL image or (C, H, W) tensor)."""
+        """Label map (H, W) uint8 of one image (array (H, W) / (H, W, C), PIL image, (C, H, W) tensor or the path
+        of an image file)."""
         return labels_from_probs(self.predict_proba(image, tile=tile, overlap=overlap, native=native))
 
     def predict_volume(self, volume: np.ndarray, axis: int = 2, batch_size: Optional[int] = None,
@@ -429,6 +432,21 @@ def predict(model: Union[str, os.PathLike, Segmenter], inputs, *, device=None, d
     results = [_predict_one(seg, item, axis, intensity, tile, overlap, native, batch_size)
                for item in (inputs if many else [inputs])]
     return results if many else results[0]
+
+
+def _read_image_file(path: Union[str, os.PathLike]) -> np.ndarray:
+    """The pixels of an image file given to :meth:`Segmenter.predict_image` (read as ``predict`` reads it)."""
+    from . import inference_io
+
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such file; check the path")
+    kind = inference_io.file_kind(path)
+    if kind == "volume":
+        raise InputError(f"{path} is a volume; segment it with predict_volume(rwkvunet.inference_io.read_volume(path)"
+                         "[0]) or rwkvunet.predict(model, path)")
+    if kind is None:
+        raise InputError(f"{path}: unsupported format; use one of {inference_io.supported_formats()}")
+    return inference_io.read_image(path)
 
 
 def _predict_one(seg: Segmenter, item, axis, intensity, tile, overlap, native, batch_size) -> np.ndarray:

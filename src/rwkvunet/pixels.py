@@ -113,6 +113,9 @@ def read_pixels(image: ImageLike, channel_axis: Optional[int] = None) -> torch.T
     else:
         raise PixelError(f"unsupported image type {type(image).__name__}; give a PIL image, a numpy array or a "
                          "torch tensor")
+    if tensor.is_complex():  # e.g. raw MRI k-space reconstructions: casting would drop the imaginary part
+        raise PixelError(f"the image is complex ({str(tensor.dtype).replace('torch.', '')}); give real pixels, e.g. "
+                         "the magnitude (np.abs(image))")
     if tensor.ndim == 2:
         tensor = tensor[None]
     elif tensor.ndim == 3:

@@ -252,3 +252,15 @@ def test_evaluate_script_on_a_saved_segmenter(tmp_path):
     data = json.loads((out / "metrics.json").read_text())
     assert data["num_cases"] == 1 and data["binary"] and 0.0 <= data["mean_dice"] <= 1.0
     assert (out / "per_class.csv").is_file() and (out / "per_case.csv").is_file()
+    assert data["evaluated"] == {"model": str((tmp_path / "model").resolve()), "dataset": str(root.resolve()),
+                                 "split": "test", "split_seed": None, "tta": True, "img_size": [32, 32]}
+
+    # another evaluation into the same folder (here: without flips) was written over the first one's results
+    common = [str(tmp_path / "model"), "--dataset", str(root), "--img-size", "32", "--output-dir", str(out),
+              "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    before = (out / "metrics.json").read_text()
+    assert script.main(common) == 2
+    assert (out / "metrics.json").read_text() == before
+    assert script.main(common + ["--tta"]) == 0  # the same evaluation again replaces its own results
+    assert script.main(common + ["--overwrite"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["evaluated"]["tta"] is False

@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-column", default="mask")
     parser.add_argument("--cache-dir", default=None, help="datasets cache folder")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of another evaluation (other data, split or settings) in "
+                             "--output-dir; the same evaluation run again replaces its own without it")
 
 
 def load_model(name: str):
@@ -86,6 +89,35 @@ def output_folder(args) -> Path:
 
 
 SYNTHETIC = "synthetic"
+
+
+def evaluation_settings(args, size) -> dict:
+    """What an evaluation scored and how, recorded in its metrics.json: the model, the data (a local path made
+    absolute), the split and its seed, flips and the input size."""
+    def where(name: str) -> str:
+        return str(Path(name).resolve()) if name != SYNTHETIC and Path(name).exists() else name
+
+    return {"model": where(args.model), "dataset": where(args.dataset), "split": args.split,
+            "split_seed": args.split_seed, "tta": bool(args.tta), "img_size": list(size)}
+
+
+def check_earlier_results(out: Path, settings: dict, overwrite: bool) -> None:
+    """Keep another evaluation's results: a metrics.json in ``out`` from other data, split or settings (or from an
+    evaluation that did not record them) is replaced only with --overwrite."""
+    earlier = out / "metrics.json"
+    if overwrite or not earlier.is_file():
+        return
+    try:
+        recorded = json.loads(earlier.read_text(encoding="utf-8")).get("evaluated")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        recorded = None
+    if recorded == settings:
+        return  # the same evaluation again: its results are replaced
+    what = ("another evaluation's results (" + ", ".join(f"{k} {recorded.get(k)}" for k in settings
+                                                        if recorded.get(k) != settings[k]) + ")"
+            if isinstance(recorded, dict) else "results that do not say what they scored")
+    raise UserError(f"{earlier} holds {what}; give another --output-dir for this evaluation, or pass --overwrite "
+                    "to replace them")
 
 
 def synthetic_settings(model: str, split_seed) -> dict:
@@ -175,6 +207,9 @@ def run(args) -> int:
         detect_layout(args.dataset)
     out = output_folder(args)
     model, pixels = load_model(args.model)
+    pixels = eval_pixels(pixels, args.img_size, model.config)
+    settings = evaluation_settings(args, pixels.size)
+    check_earlier_results(out, settings, args.overwrite)
     accelerator = Accelerator()
     model.to(accelerator.device)
     num_labels = model.config.num_labels
@@ -184,14 +219,14 @@ def run(args) -> int:
         raise UserError(f"{args.dataset} has no cases in split {args.split!r} (its splits: {found}); pass "
                         "--split with one of them")
     check_model_fits_labels(num_labels, split_labels(data[args.split]), f"{args.dataset} ({args.split})")
-    pixels = eval_pixels(pixels, args.img_size, model.config)
     transform = EvalTransform(pixels=pixels)
     # inference only: BatchNorm folded into the convolutions (timm's reparameterize_model), in place
     model = reparameterize_model(model.eval(), inplace=True)
     result = evaluate(model, data[args.split], img_size=pixels.size, batch_size=args.batch_size, tta=args.tta,
                       accelerator=accelerator, progress=not args.no_progress, transform=transform)
     if accelerator.is_main_process:
-        result.write_json(out / "metrics.json")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({"evaluated": settings, **result.to_dict()}, indent=2))
         result.write_csv(out)
         print(result.format_table())
         print(json.dumps({"mean_dice": result.mean_dice, "mean_hd95": result.mean_hd95,

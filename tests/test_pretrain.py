@@ -48,10 +48,10 @@ def test_two_steps_then_export_loads_with_timm(pretrain, tmp_path):
     _image_folder(tmp_path / "data", "train", 4)
     _image_folder(tmp_path / "data", "val", 2)
     out = tmp_path / "run"
-    assert pretrain.main(["--config", str(REPO / "training" / "pretrain_imagenet.yaml"), "--data-dir",
-                          str(tmp_path / "data"), "--model", "rwkvunet_enc_t", "--num-classes", "2", "--img-size",
-                          "32", "--batch-size", "4", "--max-steps", "2", "--workers", "0", "--output", str(out),
-                          "--no-amp", "--model-ema-decay", "0.5", "--num-threads", "1"]) == 0
+    argv = ["--config", str(REPO / "training" / "pretrain_imagenet.yaml"), "--data-dir", str(tmp_path / "data"),
+            "--model", "rwkvunet_enc_t", "--num-classes", "2", "--img-size", "32", "--batch-size", "4", "--max-steps",
+            "2", "--workers", "0", "--output", str(out), "--no-amp", "--model-ema-decay", "0.5", "--num-threads", "1"]
+    assert pretrain.main(argv) == 0
     export = out / "export"
     config = json.loads((export / "config.json").read_text())
     assert config["architecture"] == "rwkvunet_enc_t" and config["num_classes"] == 2
@@ -73,6 +73,14 @@ def test_two_steps_then_export_loads_with_timm(pretrain, tmp_path):
         logits = model(torch.randn(1, 3, 32, 32))
     assert logits.shape == (1, 2) and torch.isfinite(logits).all()
 
+    # the same command again would have replaced checkpoint-00000002 and the export with a new run's
+    from rwkvunet.errors import UserError
+
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(UserError, match="holds an earlier pretraining.*pass --resume"):
+        pretrain.main(argv)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
 
 def test_export_starts_a_segmenter(pretrain, tmp_path):
     """The exported folder is what ``finetune.py --encoder-pretrained`` takes: the segmenter's encoder carries it."""
@@ -89,3 +97,42 @@ def test_export_starts_a_segmenter(pretrain, tmp_path):
     for key, value in model.encoder.state_dict().items():
         assert torch.equal(value, reference[key]), key
     assert model.config.num_labels == 3 and model.config.id2label[2] == "b"
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--epochs", "0", "--epochs must be at least 1, got 0"),  # timm's scheduler asserted
+    ("--lr", "-1", "--lr must be at least 0"),
+    ("--batch-size", "0", "--batch-size must be at least 1"),
+    ("--num-classes", "1", "--num-classes must be at least 2"),
+    ("--seed", "-1", "--seed must be from 0 to 4294967295"),
+    ("--workers", "-1", "--workers must be at least 0"),
+    ("--smoothing", "1", "--smoothing must be from 0 to 0.999"),
+    ("--lr", "nan", "--lr must be a finite number"),
+    ("--model", "rwkvunet_enc_x", "did you mean rwkvunet_enc_t?"),
+    ("--opt", "adamx", "not a timm optimizer (did you mean adamax?)"),
+    ("--sched", "cosin", "--sched must be one of cosine"),
+])
+def test_mistakes_are_one_line_errors_before_anything_runs(pretrain, tmp_path, option, value, words):
+    """Each of these was a traceback from timm or PyTorch, reported as a bug in rwkvunet."""
+    from rwkvunet.errors import UserError
+
+    _image_folder(tmp_path / "data", "train", 1)
+    with pytest.raises(UserError) as info:
+        pretrain.main(["--data-dir", str(tmp_path / "data"), "--output", str(tmp_path / "run"), option, value])
+    assert words in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_and_output_mistakes(pretrain, tmp_path):
+    from rwkvunet.errors import UserError
+
+    (tmp_path / "data" / "train" / "only").mkdir(parents=True)
+    with pytest.raises(UserError, match="holds 1 class folder"):
+        pretrain.main(["--data-dir", str(tmp_path / "data"), "--output", str(tmp_path / "run")])
+    _image_folder(tmp_path / "data2", "train", 1)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(UserError, match="--output .* is a file"):
+        pretrain.main(["--data-dir", str(tmp_path / "data2"), "--output", str(tmp_path / "file")])
+    with pytest.raises(UserError, match="no checkpoint in .* to resume from"):
+        pretrain.main(["--data-dir", str(tmp_path / "data2"), "--output", str(tmp_path / "new"), "--resume",
+                       "--img-size", "32", "--batch-size", "2", "--num-threads", "1", "--workers", "0"])

@@ -32,6 +32,7 @@ from accelerate.utils import set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import rwkvunet  # noqa: F401,E402  (registers rwkvunet_enc_{t,s,b} with timm)
+from rwkvunet.errors import UserError  # noqa: E402
 from rwkvunet.training.checkpoints import CheckpointManager  # noqa: E402
 from rwkvunet.training.state import TrainState  # noqa: E402
 
@@ -66,16 +67,74 @@ def parse_args(argv=None) -> argparse.Namespace:
     values = dict(DEFAULTS)
     if "config" in given:
         recipe = yaml.safe_load(Path(given.pop("config")).read_text()) or {}
+        if not isinstance(recipe, dict):
+            raise UserError("the --config recipe must hold a mapping of option: value")
         unknown = set(recipe) - set(DEFAULTS) - TIMM_ONLY
         if unknown:
-            raise ValueError(f"unknown keys in the recipe: {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+            raise UserError(f"unknown keys in the recipe: {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
         if recipe.get("mixup") or recipe.get("cutmix"):
-            raise ValueError("this script does not implement mixup/cutmix; use timm's train.py for them")
+            raise UserError("this script does not implement mixup/cutmix; use timm's train.py for them")
         values.update({k: v for k, v in recipe.items() if k in DEFAULTS})
     values.update(given)
     if not values["data_dir"]:
         parser.error("--data-dir is required (an ImageFolder root with train/)")
+    problem = check_values(values)
+    if problem:
+        raise UserError(problem)
     return argparse.Namespace(**values)
+
+
+#: (lowest, highest) allowed for numeric options (None: no bound); a value out of range is a one-line error.
+RANGES = dict(
+    num_classes=(2, None), img_size=(16, None), batch_size=(1, None), epochs=(1, None), max_steps=(1, None),
+    lr=(0, None), weight_decay=(0, None), warmup_epochs=(0, None), warmup_lr=(0, None), min_lr=(0, None),
+    cooldown_epochs=(0, None), color_jitter=(0, None), reprob=(0, 1), smoothing=(0, 0.999), drop_path=(0, 0.999),
+    model_ema_decay=(0, 1), workers=(0, None), seed=(0, 2 ** 32 - 1), keep_checkpoints=(1, None),
+    num_threads=(1, None),
+)
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly")
+
+
+def check_values(values: dict) -> str | None:
+    """What is wrong with the merged options (command line over recipe), or None: every mistake is found here,
+    before a model is built, instead of failing inside timm or PyTorch."""
+    import difflib
+    import math as _math
+
+    import timm
+    from timm.optim import list_optimizers
+
+    for name, (low, high) in RANGES.items():
+        value = values.get(name)
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not _math.isfinite(value):
+            return f"{flag} must be a finite number, got {value!r}"
+        if value < low or (high is not None and value > high):
+            return f"{flag} must be {f'from {low} to {high}' if high is not None else f'at least {low}'}, got {value}"
+    if not timm.is_model(values["model"]):
+        close = difflib.get_close_matches(values["model"], timm.list_models("rwkvunet_enc_*") + timm.list_models(),
+                                          n=1)
+        return (f"--model {values['model']} is not a timm model" + (f" (did you mean {close[0]}?)" if close else "")
+                + "; the encoders are " + ", ".join(timm.list_models("rwkvunet_enc_*")))
+    if values["opt"].lower() not in list_optimizers():
+        close = difflib.get_close_matches(values["opt"].lower(), list_optimizers(), n=1)
+        return f"--opt {values['opt']} is not a timm optimizer" + (f" (did you mean {close[0]}?)" if close else "")
+    if values["sched"] not in SCHEDULERS:
+        return f"--sched must be one of {', '.join(SCHEDULERS)}, got {values['sched']!r}"
+    return None
+
+
+def check_output(output: Path, resume) -> None:
+    """--output must be a folder; one holding an earlier pretraining is continued only with --resume (a new run
+    would replace its checkpoints of the same steps and its export)."""
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; give a folder (it is created if missing)")
+    earlier = [p for p in (output / "checkpoints", output / "export") if p.is_dir() and any(p.iterdir())]
+    if earlier and not resume:
+        raise UserError(f"--output {output} holds an earlier pretraining ({', '.join(p.name for p in earlier)}); "
+                        "pass --resume to continue it, or give another --output")
 
 
 def find_split(root: Path, names) -> Path | None:
@@ -129,10 +188,17 @@ def main(argv=None) -> int:
     root, output = Path(args.data_dir), Path(args.output)
     train_dir = find_split(root, ("train",))
     if train_dir is None:
-        raise FileNotFoundError(f"{root} has no train/ folder; expected an ImageFolder: train/<class>/<image>")
+        raise UserError(f"{root} has no train/ folder; expected an ImageFolder: train/<class>/<image>")
+    check_output(output, args.resume)
     val_dir = find_split(root, ("validation", "val"))
 
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise UserError(f"{train_dir} holds {len(classes)} class folder(s); an ImageFolder has one folder of images "
+                        "per class, at least two: train/<class>/<image>")
+    if args.num_classes is not None and args.num_classes < len(classes):
+        raise UserError(f"--num-classes {args.num_classes} is fewer than the {len(classes)} class folders in "
+                        f"{train_dir}; leave it out to use their number")
     num_classes = args.num_classes or len(classes)
     model = timm.create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path)
     data_config = resolve_data_config({"input_size": (3, args.img_size, args.img_size)}, model=model)
@@ -158,7 +224,8 @@ def main(argv=None) -> int:
     if args.resume:
         ckpt = checkpoints.latest() if args.resume == "latest" else Path(args.resume)
         if ckpt is None:
-            raise FileNotFoundError(f"no checkpoint in {checkpoints.directory} to resume from")
+            raise UserError(f"no checkpoint in {checkpoints.directory} to resume from; run without --resume to "
+                            "start, or give the --output of the run to continue")
         accelerator.load_state(str(ckpt))
         logger.info("resumed from %s (epoch %d, step %d)", ckpt, state.epoch, state.step)
 

@@ -1,9 +1,11 @@
 """`rwkvunet bench` on a tiny input: every case measured, table and JSON written, bad options refused."""
 import json
+from pathlib import Path
 
 import pytest
 
 from rwkvunet.commands import bench
+from rwkvunet.errors import UserError
 
 
 def test_bench_measures_inference_and_training_and_writes_json(tmp_path, capsys):
@@ -110,3 +112,21 @@ def test_cpu_targets_are_judged_from_the_measured_ratios():
     measured = {(m, g["backend"], t) for g in bench.PRESETS["cpu"] for m in g["models"].split(",")
                 for t in g["tasks"].split(",")}
     assert {(m, b, t) for m, b, t, _ in bench.CPU_TARGETS} <= measured
+
+
+def test_bi_wkv_benchmark_refuses_mistakes_before_measuring(tmp_path, capsys):
+    """training/bench_bi_wkv.py: --repeats 0 was statistics' "no median" and --channels -1 a negative-size tensor,
+    both tracebacks; --json over another file replaced it after the whole run."""
+    import runpy
+
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "training" / "bench_bi_wkv.py"))
+    for argv, words in ((["--repeats", "0"], "--repeats: must be at least 1"),
+                        (["--channels", "-1"], "--channels: must be at least 1")):
+        with pytest.raises(SystemExit) as done:
+            script["main"](argv)
+        assert done.value.code == 2 and words in capsys.readouterr().err
+    notes = tmp_path / "notes.json"
+    notes.write_text("{}")
+    with pytest.raises(UserError, match="not an earlier result"):
+        script["main"](["--json", str(notes)])
+    assert notes.read_text() == "{}"

@@ -98,14 +98,37 @@ def bench_encoders(repeats: int, sizes):
     return rows
 
 
+def check_json(path: str) -> None:
+    """Refuse before measuring a --json that is a folder, lies in a missing folder, or is some other file."""
+    from pathlib import Path
+
+    from rwkvunet.errors import UserError
+
+    target = Path(path)
+    if target.is_dir() or not target.parent.is_dir():
+        raise UserError(f"--json {path}: give a file in an existing folder")
+    if target.exists():
+        try:
+            earlier = set(json.loads(target.read_text(encoding="utf-8"))) == {"bi_wkv", "encoders"}
+        except (ValueError, TypeError, UnicodeDecodeError):
+            earlier = False
+        if not earlier:
+            raise UserError(f"--json {path} exists and is not an earlier result of this script; give another name")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--channels", type=int, default=576)
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    p.add_argument("--sizes", type=int, nargs="+", default=[224, 512])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--json", help="also write the figures to this JSON file")
+    from rwkvunet.errors import whole_number
+
+    p.add_argument("--channels", type=whole_number(1), default=576)
+    p.add_argument("--lengths", type=whole_number(1), nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--sizes", type=whole_number(16), nargs="+", default=[224, 512])
+    p.add_argument("--repeats", type=whole_number(1), default=5)
+    p.add_argument("--json", help="also write the figures to this JSON file (an earlier result of this script is "
+                                  "replaced, any other file kept)")
     args = p.parse_args(argv)
+    if args.json:
+        check_json(args.json)
 
     from rwkvunet.ops.cpu_memory import keep_freed_cpu_memory
 
@@ -129,4 +152,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rwkvunet.errors import run_main
+
+    sys.exit(run_main("bench_bi_wkv.py", main))  # one-line errors; RWKVUNET_DEBUG=1 for tracebacks

@@ -563,7 +563,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a prepared set of groups (overrides the "
                         "model/size/batch/precision/backend/task options): 'cpu' the CPU targets (eager and ONNX Runtime inference of T, S, B and T's training step beside smp, each ratio with its verdict), 'h100' "
                         "the GPU figures, 'h100-targets' only the GPU targets")
-    parser.add_argument("--device", default=None, type=device_name, help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--device", default=None, type=device_name,
+                        help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--models", default="t,s,b,smp",
                         help="comma list of encoder variants (rwkvunet.ENCODER_VARIANTS) and smp (smp "
                              "Unet(resnet34), when installed); default %(default)s")

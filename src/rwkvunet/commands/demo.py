@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 serves the "
                             "network, without any login)")
     run = parser.add_argument_group("running")
-    run.add_argument("--device", default=None, type=device_name, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
+    run.add_argument("--device", default=None, type=device_name,
+                     help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     run.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                      help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
     run.add_argument("--batch-size", type=int, default=8, help="slices or tiles per forward pass (default 8)")

@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--overlap", type=int, default=64, help="pixels shared by neighbouring tiles (default 64)")
     run = parser.add_argument_group("running")
     run.add_argument("--tta", action="store_true", help="average over left-right and up-down flips")
-    run.add_argument("--device", default=None, type=device_name, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
+    run.add_argument("--device", default=None, type=device_name,
+                     help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     run.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                      help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
     run.add_argument("--batch-size", type=int, default=8, help="slices or tiles per forward pass (default 8)")

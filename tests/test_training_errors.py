@@ -251,3 +251,42 @@ def test_label_above_num_labels_in_a_saved_data_set_is_refused_before_training(f
                      capsys)
     _assert_one_line_error(code, err, "finetune.py", "{0, 1, 2, 3, 4, 5}", "--num-labels 6")
     assert not out.exists()
+
+
+def test_push_to_hub_that_cannot_happen_is_refused_before_training(finetune, data, tmp_path, capsys, monkeypatch):
+    """Offline (or without a token, or with an id the Hub refuses) --push-to-hub trained the whole run and then
+    ended in huggingface_hub's traceback, reported as a bug."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    out = tmp_path / "run"
+    argv = TINY + ["--dataset", data["binary255"], "--cache-dir", data["cache"], "--output-dir", out, "--push-to-hub"]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    code, err = _run(finetune.main, argv, capsys)
+    _assert_one_line_error(code, err, "finetune.py", "--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    code, err = _run(finetune.main, argv, capsys)
+    _assert_one_line_error(code, err, "finetune.py", "needs a Hub token", "hf auth login")
+    code, err = _run(finetune.main, argv + ["--hub-model-id", "my model"], capsys)
+    _assert_one_line_error(code, err, "finetune.py", "'my model' is not a valid Hub repo id")
+    assert not out.exists()
+
+
+def test_a_failed_upload_keeps_the_run_and_exits_1(finetune, data, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import HfApi, constants
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    monkeypatch.setattr(HfApi, "create_repo", unreachable)
+    out = tmp_path / "run"
+    code, err = _run(finetune.main, TINY + ["--dataset", data["binary255"], "--cache-dir", data["cache"],
+                                            "--output-dir", out, "--push-to-hub", "--hub-model-id", "me/run"], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert (f"finetune.py: error: the run is complete in {out}, but the upload to me/run failed (ConnectionError: "
+            f"Name or service not known); upload it later with: hf upload me/run {out}") in err
+    assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()

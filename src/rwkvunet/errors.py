@@ -87,6 +87,10 @@ class UserError(ValueError):
     the fix. Commands print it as one line and exit with status 2."""
 
 
+class PartlyDone(UserError):
+    """The main work is done and written, a later step (an upload, say) failed; one line and exit status 1."""
+
+
 def debug_enabled(argv_debug: bool = False) -> bool:
     return bool(argv_debug) or os.environ.get("RWKVUNET_DEBUG", "").lower() in ("1", "true", "yes")
 
@@ -144,12 +148,12 @@ def run_main(prog: str, body: Callable[[], int], debug: bool = False) -> int:
             raise
         message = describe(err)
         if message is not None:
-            return fail(prog, message)
+            return fail(prog, message, EXIT_PARTIAL if isinstance(err, PartlyDone) else EXIT_NOTHING_DONE)
         traceback.print_exc()
         print_error(prog, f"unexpected {type(err).__name__}: this is a bug in rwkvunet; please report it with the "
                           "traceback above and the command you ran")
         return EXIT_BUG
 
 
-__all__ = ["EXIT_BUG", "EXIT_INTERRUPTED", "EXIT_NOTHING_DONE", "EXIT_OK", "EXIT_PARTIAL", "UserError",
+__all__ = ["EXIT_BUG", "EXIT_INTERRUPTED", "EXIT_NOTHING_DONE", "EXIT_OK", "EXIT_PARTIAL", "PartlyDone", "UserError",
            "debug_enabled", "describe", "fail", "print_error", "run_main"]

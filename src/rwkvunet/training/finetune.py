@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 import rwkvunet  # noqa: F401  (registers the model with transformers)
 from rwkvunet.data.transforms import SegmentationDataset, TrainTransform, collate_fn
-from rwkvunet.errors import UserError, run_main
+from rwkvunet.errors import PartlyDone, UserError, run_main
 from rwkvunet.ops.cpu_memory import keep_freed_cpu_memory
 from rwkvunet.evaluation import evaluate, foreground_class_names
 from rwkvunet.training import CheckpointManager, EpochSampler, SeededSamples, TrainState, cosine_schedule
@@ -132,6 +132,8 @@ def train(args: TrainArguments | Sequence[str] | None = None) -> int:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     output_dir = Path(args.output_dir or Path("runs") / args.run_name)
+    if args.push_to_hub:
+        check_push(hub_repo_id(output_dir, args))
     # processes started by torchrun (`accelerate launch --multi_gpu`) on a machine without GPUs join with gloo
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # every check that can refuse the run comes before the processes wait for each other
@@ -344,15 +346,44 @@ def write_outputs(output_dir: Path, args, model, processor, state, test, overlay
     logger.info("wrote the model and the results to %s", output_dir)
 
 
+def hub_repo_id(output_dir: Path, args) -> str:
+    return args.hub_model_id or output_dir.resolve().name
+
+
+def check_push(repo_id: str) -> None:
+    """Refuse --push-to-hub before training when the upload cannot happen: offline, no token, or a name the Hub
+    would refuse (it failed only after the whole run, with a traceback)."""
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UserError(f"--push-to-hub: {repo_id!r} is not a valid Hub repo id (NAME or ORG/NAME of letters, digits, "
+                        "'-', '_' and '.'); give --hub-model-id") from None
+    if constants.HF_HUB_OFFLINE:
+        raise UserError("--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set; unset it, or train without "
+                        "--push-to-hub and upload the run folder later (hf upload REPO FOLDER)")
+    if get_token() is None:
+        raise UserError("--push-to-hub needs a Hub token with write access; log in with `hf auth login` (or set "
+                        "HF_TOKEN) first")
+
+
 def push_to_hub(output_dir: Path, args) -> None:
     from huggingface_hub import HfApi
 
-    repo_id = args.hub_model_id or output_dir.resolve().name
+    repo_id = hub_repo_id(output_dir, args)
     api = HfApi()
-    repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
-    api.upload_folder(folder_path=str(output_dir), repo_id=repo_id,
-                      ignore_patterns=["checkpoints/*", "logs/*", "best-model/*", ".tmp-*"],
-                      commit_message="Upload fine-tuned RWKV-UNet")
+    try:
+        repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
+        api.upload_folder(folder_path=str(output_dir), repo_id=repo_id,
+                          ignore_patterns=["checkpoints/*", "logs/*", "best-model/*", ".tmp-*"],
+                          commit_message="Upload fine-tuned RWKV-UNet")
+    except Exception as err:  # network, authentication, permissions: the run itself is complete
+        reason = " ".join(str(err).split())[:200]
+        raise PartlyDone(f"the run is complete in {output_dir}, but the upload to {repo_id} failed "
+                         f"({type(err).__name__}: {reason}); upload it later with: hf upload {repo_id} "
+                         f"{output_dir}") from err
     logger.info("pushed %s to https://huggingface.co/%s", output_dir, repo_id)
 
 

@@ -296,3 +296,36 @@ def test_negative_split_seed_is_a_usage_error(tmp_path, capsys):
     assert done.value.code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == "rwkvunet data: error: argument --split-seed: must be at least 0, got -2"
     assert not (tmp_path / "out").exists()
+
+
+def test_push_that_cannot_happen_is_refused_before_converting(tmp_path, capsys, cache, monkeypatch):
+    """Offline --push-to-hub wrote the folder and then ended in OfflineModeIsEnabled's traceback; an id with a
+    space in HFValidationError's."""
+    from huggingface_hub import constants
+
+    source = _image_folder(tmp_path / "set")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    status, _, err = _run(capsys, source, tmp_path / "out", "--push-to-hub", "me/set", *cache)
+    _assert_one_line_error(status, err, "--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set",
+                           "datasets.load_from_disk(DST).push_to_hub(REPO)")
+    status, _, err = _run(capsys, source, tmp_path / "out", "--push-to-hub", "my set", *cache)
+    _assert_one_line_error(status, err, "'my set' is not a valid Hub repo id")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_push_keeps_the_folder_and_exits_1(tmp_path, capsys, cache, monkeypatch):
+    import datasets
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    monkeypatch.setattr(datasets.DatasetDict, "push_to_hub", unreachable)
+    status, out, err = _run(capsys, _image_folder(tmp_path / "set"), tmp_path / "out", "--push-to-hub", "me/set",
+                            *cache)
+    assert status == 1 and "Traceback" not in err and "saved to" in out
+    assert "is written, but the upload to me/set failed (ConnectionError: Name or service not known)" in err
+    assert set(load_segmentation_dataset(str(tmp_path / "out"))) == {"train", "validation", "test"}

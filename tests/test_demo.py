@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,15 +266,52 @@ def test_write_space(model_dir, tmp_path, capsys, monkeypatch):
     assert (hub / "requirements.txt").read_text() == "rwkvunet[demo] @ git+https://example.org/rwkvunet\n"
 
 
-def test_push_offline_is_one_line(model_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_push_offline_is_refused_before_writing(model_dir, tmp_path, capsys, monkeypatch):
     import huggingface_hub.constants as constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     space = tmp_path / "space"
     assert cli_main(["demo", str(model_dir), "--write-space", str(space), "--push", "someone/demo"]) == 2
-    assert "cannot push to someone/demo" in _error(capsys)
-    assert (space / "app.py").is_file()  # written before the push was tried
+    assert "--push needs the Hub, but HF_HUB_OFFLINE is set" in _error(capsys)
+    assert not space.exists()
+
+
+def test_a_failed_push_keeps_the_space_and_exits_1(model_dir, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+    import huggingface_hub.constants as constants
+    from huggingface_hub import HfApi
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    monkeypatch.setattr(HfApi, "create_repo", unreachable)
+    space = tmp_path / "space"
+    assert cli_main(["demo", str(model_dir), "--write-space", str(space), "--push", "someone/demo"]) == 1
+    assert f"or upload {space} yourself" in _error(capsys)
+    assert (space / "app.py").is_file()
+
+
+def test_a_pushed_temporary_space_is_removed(model_dir, tmp_path, capsys, monkeypatch):
+    """Without --write-space the Space is assembled in a temporary folder: kept when the upload fails (to upload
+    by hand), removed once uploaded (each push left a copy of the weights in the temporary folder)."""
+    import tempfile
+
+    import huggingface_hub
+    import huggingface_hub.constants as constants
+    from huggingface_hub import HfApi
+
+    uploaded = []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: f"https://huggingface.co/spaces/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, folder_path, **kw: uploaded.append(
+        sorted(p.name for p in Path(folder_path).iterdir())))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert cli_main(["demo", str(model_dir), "--push", "someone/demo"]) == 0
+    assert uploaded and "app.py" in uploaded[0]
+    assert not list(tmp_path.glob("rwkvunet-space-*"))
 
 
 def test_old_downloads_are_deleted(demo, inputs):

@@ -214,6 +214,26 @@ def _damaged(path: Path, err: BaseException) -> UserError:
                      f"damaged; {_REDOWNLOAD}")
 
 
+def check_hub_upload(repo_id: str, option: str, later: str = "upload the folder later (hf upload REPO FOLDER)"
+                     ) -> None:
+    """Refuse an upload that cannot happen before the work it would upload: an id the Hub would refuse, offline
+    mode, or no token. ``option`` names the flag in the message (``--push-to-hub``, ``--push``)."""
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UserError(f"{option}: {repo_id!r} is not a valid Hub repo id (NAME or ORG/NAME of letters, digits, "
+                        "'-', '_' and '.')") from None
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"{option} needs the Hub, but HF_HUB_OFFLINE is set; unset it, or run without {option} and "
+                        f"{later}")
+    if get_token() is None:
+        raise UserError(f"{option} needs a Hub token with write access; log in with `hf auth login` (or set "
+                        "HF_TOKEN) first")
+
+
 # --- segmentation models ------------------------------------------------------------------------------------
 def _looks_like_path(source: str) -> bool:
     """True for names that cannot be a Hub id ('org/name' or 'name')."""

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from ..errors import UserError, whole_number
+from ..errors import PartlyDone, UserError, whole_number
 
 LAYOUT_CHOICES = ("auto", "folder", "kvasir", "cvc", "busi", "glas", "isic", "synapse", "acdc")
 
@@ -209,6 +209,11 @@ def convert(source: str, destination: str, *, layout: str = "auto", split_seed: 
 def run(args: argparse.Namespace) -> int:
     from ..data import is_volume_split
 
+    if args.push_to_hub:
+        from ..hub import check_hub_upload
+
+        check_hub_upload(args.push_to_hub, "--push-to-hub",
+                         later="push the folder later (datasets.load_from_disk(DST).push_to_hub(REPO))")
     data = convert(args.source, args.destination, layout=args.layout, split_seed=args.split_seed,
                    num_labels=args.num_labels, image_column=args.image_column, mask_column=args.mask_column,
                    cache_dir=args.cache_dir, overwrite=args.overwrite)
@@ -219,6 +224,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"masks: {data.output_info['masks']} (written to {OUTPUT_MARKER})")
     print(f"saved to {args.destination}")
     if args.push_to_hub:
-        data.push_to_hub(args.push_to_hub, private=args.private)
+        try:
+            data.push_to_hub(args.push_to_hub, private=args.private)
+        except Exception as err:  # network, authentication, permissions: the folder itself is complete
+            reason = " ".join(str(err).split())[:200]
+            raise PartlyDone(f"{args.destination} is written, but the upload to {args.push_to_hub} failed "
+                             f"({type(err).__name__}: {reason}); push it later with datasets.load_from_disk("
+                             f"{str(args.destination)!r}).push_to_hub({args.push_to_hub!r})") from err
         print(f"pushed to https://huggingface.co/datasets/{args.push_to_hub}")
     return 0

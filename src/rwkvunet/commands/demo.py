@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib.util
+import shutil
 import socket
 import sys
 import tempfile
@@ -81,6 +82,10 @@ def _space(args) -> int:
 
     if args.write_space is not None:
         check_space_folder(args.write_space)
+    if args.push:
+        from ..hub import check_hub_upload
+
+        check_hub_upload(args.push, "--push")
     DemoModel.from_pretrained(args.model, device="cpu", batch_size=args.batch_size)  # it must load in the Space
     folder = args.write_space or Path(tempfile.mkdtemp(prefix="rwkvunet-space-")) / "space"
     write_space(args.model, folder, requirement=args.requirement)
@@ -88,8 +93,10 @@ def _space(args) -> int:
           f"{', model/' if (folder / 'model').is_dir() else ''}); try it with: python {folder / 'app.py'}",
           file=sys.stderr)
     if args.push:
-        url = push_space(folder, args.push, private=args.private)
+        url = push_space(folder, args.push, private=args.private)  # on failure the folder stays, to upload later
         print(f"pushed the Space to {url}", file=sys.stderr)
+        if args.write_space is None:  # a temporary folder of our own, uploaded: nothing to keep
+            shutil.rmtree(folder.parent, ignore_errors=True)
     return 0
 
 

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
-from ..errors import UserError
+from ..errors import PartlyDone, UserError
 
 #: Files of a ``save_pretrained`` folder that loading the model needs (model cards, metrics, plots and
 #: checkpoints of a training run stay behind).
@@ -114,7 +114,7 @@ def write_space(model: str, folder: os.PathLike, title: Optional[str] = None,
 
 def push_space(folder: os.PathLike, repo_id: str, private: bool = False) -> str:
     """Create the Space ``repo_id`` (if needed) and upload ``folder``; return its URL. Hub problems (no token,
-    no network, no rights) raise :class:`UserError` saying what to do."""
+    no network, no rights) raise :class:`PartlyDone` (the folder is written) saying what to do."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -124,12 +124,12 @@ def push_space(folder: os.PathLike, repo_id: str, private: bool = False) -> str:
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="space",
                           commit_message="rwkvunet demo Space")
     except OfflineModeIsEnabled as err:
-        raise UserError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it, or upload {folder} "
-                        "yourself") from err
+        raise PartlyDone(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it, or upload {folder} "
+                         "yourself") from err
     except (HfHubHTTPError, ConnectionError, OSError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"cannot push to the Space {repo_id}: {reason}; log in with `hf auth login` (a token "
-                        f"with write access), check the id, or upload {folder} yourself") from err
+        raise PartlyDone(f"cannot push to the Space {repo_id}: {reason}; log in with `hf auth login` (a token "
+                         f"with write access), check the id, or upload {folder} yourself") from err
     return str(url)
 
 

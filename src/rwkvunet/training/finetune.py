@@ -133,7 +133,9 @@ def train(args: TrainArguments | Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.num_threads)
     output_dir = Path(args.output_dir or Path("runs") / args.run_name)
     if args.push_to_hub:
-        check_push(hub_repo_id(output_dir, args))
+        from rwkvunet.hub import check_hub_upload
+
+        check_hub_upload(hub_repo_id(output_dir, args), "--push-to-hub")
     # processes started by torchrun (`accelerate launch --multi_gpu`) on a machine without GPUs join with gloo
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # every check that can refuse the run comes before the processes wait for each other
@@ -348,25 +350,6 @@ def write_outputs(output_dir: Path, args, model, processor, state, test, overlay
 
 def hub_repo_id(output_dir: Path, args) -> str:
     return args.hub_model_id or output_dir.resolve().name
-
-
-def check_push(repo_id: str) -> None:
-    """Refuse --push-to-hub before training when the upload cannot happen: offline, no token, or a name the Hub
-    would refuse (it failed only after the whole run, with a traceback)."""
-    from huggingface_hub import constants, get_token
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        raise UserError(f"--push-to-hub: {repo_id!r} is not a valid Hub repo id (NAME or ORG/NAME of letters, digits, "
-                        "'-', '_' and '.'); give --hub-model-id") from None
-    if constants.HF_HUB_OFFLINE:
-        raise UserError("--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set; unset it, or train without "
-                        "--push-to-hub and upload the run folder later (hf upload REPO FOLDER)")
-    if get_token() is None:
-        raise UserError("--push-to-hub needs a Hub token with write access; log in with `hf auth login` (or set "
-                        "HF_TOKEN) first")
 
 
 def push_to_hub(output_dir: Path, args) -> None:

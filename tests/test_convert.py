@@ -334,6 +334,12 @@ def test_converter_written_but_not_published_is_partial(checkpoint_t, tmp_path, 
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_publish_to_an_id_the_hub_refuses_is_said_before_converting(checkpoint_t, tmp_path, capsys):
+    assert run_convert(checkpoint_t, tmp_path / "out", "--publish", "my model") == 2
+    _one_error_line(capsys, "--publish: 'my model' is not a valid Hub repo id")
+    assert not (tmp_path / "out").exists()
+
+
 def test_image_size_below_one_encoder_step_is_a_usage_error(tmp_path, capsys):
     # -5 was written into config.json and the image processor as given
     with pytest.raises(SystemExit) as done:

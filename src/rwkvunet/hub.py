@@ -195,15 +195,15 @@ def load_weights_file(path):
     _check_file(path)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # "Unsupported operand": not a pickle at all (an image, a text file)
-        if "weights only load failed" in str(err).lower() and "Unsupported operand" not in str(err):
+    except pickle.UnpicklingError as err:
+        if "Unsupported operand" in str(err):  # not a pickle at all (an image, a text file)
+            raise UserError(f"{path} is not a PyTorch weights file ({_unpickler_detail(err)}: its bytes are not a "
+                            "pickle); check that this is the checkpoint, or download it again") from err
+        if "weights only load failed" in str(err).lower():
             raise UserError(f"{path} holds pickled objects other than tensors ({_unpickler_detail(err)}), so it "
                             "cannot be read with torch.load(weights_only=True); load it where you trust it and "
                             "re-save only its state_dict (torch.save(model.state_dict(), ...)) or as .safetensors"
                             ) from err
-        if "Unsupported operand" in str(err):
-            raise UserError(f"{path} is not a PyTorch weights file ({_unpickler_detail(err)}: its bytes are not a "
-                            "pickle); check that this is the checkpoint, or download it again") from err
         raise _damaged(path, err) from err
     except (RuntimeError, EOFError, KeyError, ValueError, OSError, IndexError, TypeError) as err:
         raise _damaged(path, err) from err

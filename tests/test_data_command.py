@@ -285,6 +285,15 @@ def test_wrong_number_of_levels_for_num_labels_is_refused(tmp_path, capsys, cach
     _assert_one_line_error(status, err, "3 grey levels (0, 128, 255)", "4 classes", "--num-labels 3")
 
 
+def test_binary_masks_for_several_classes_get_advice(tmp_path, capsys, cache):
+    """Binary masks with --num-labels 3 (or a multi-class config) advised "--num-labels 2 ... classes 0..1", and
+    with one level "--num-labels 1 ... classes 0..0"."""
+    source = _image_folder(tmp_path / "set")
+    status, _, err = _run(capsys, source, tmp_path / "out", "--num-labels", "3", *cache)
+    _assert_one_line_error(status, err, "the masks are binary (2 grey levels that fill regions: 0, 255)",
+                           "3 classes", "leave out --num-labels")
+
+
 def test_negative_split_seed_is_a_usage_error(tmp_path, capsys):
     # numpy's generator refused it deep inside, reported as a bug in rwkvunet
     src = tmp_path / "src"

@@ -307,6 +307,11 @@ def _levels_coding(survey: _Survey, num_labels: int) -> MaskCoding:
     if len(levels) == num_labels:
         return MaskCoding("levels", num_labels, tuple(levels), survey.colour)
     shown = ", ".join(describe_level(v, survey.colour) for v in levels)
+    if len(levels) <= 2:  # "Pass --num-labels 1 to make them classes 0..0" would be no advice at all
+        raise DataError(
+            f"the masks are binary ({_what(survey, len(levels))} that fill regions: {shown}), but {num_labels} "
+            f"classes were asked for, e.g. {survey.examples(len(levels))}; leave out --num-labels (and use a binary "
+            "config) to train on them as a binary set, or give masks with one grey level or colour per class.")
     raise DataError(
         f"the masks hold {_what(survey, len(levels))} ({shown}) that each fill regions, but {num_labels} "
         f"classes were asked for, e.g. {survey.examples(len(levels))}. Pass --num-labels {len(levels)} "

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import rwkvunet  # noqa: F401,E402  (registers rwkvunet_enc_{t,s,b} with timm)
 from rwkvunet.errors import UserError  # noqa: E402
+from rwkvunet.file_modes import give_default_mode  # noqa: E402
 from rwkvunet.training.checkpoints import CheckpointManager  # noqa: E402
 from rwkvunet.training.state import TrainState  # noqa: E402
 
@@ -164,6 +165,7 @@ def export_for_hub(model, folder: Path, model_name: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config = {"architecture": model_name, "num_classes": model.num_classes}
     save_for_hf(model, str(folder), model_config=config, safe_serialization=True)
+    give_default_mode([folder])  # safetensors writes the weights 0600 (see rwkvunet.file_modes)
     return folder
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .file_modes import give_default_mode
 from .ops.bi_wkv import exclusive_cumsum_as_one_op
 
 __all__ = [
@@ -226,6 +227,7 @@ def _write_atomically(target: Path, data: bytes, overwrite: bool) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        give_default_mode([tmp])  # mkstemp's 0600 would keep other users (a serving container) from reading it
         if not overwrite and target.exists():  # appeared while exporting
             raise UserError(f"{target} already exists; pass --overwrite to replace it, or give another path")
         os.replace(tmp, target)

@@ -24,6 +24,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..errors import EXIT_OK, EXIT_PARTIAL, UserError, print_error, run_main, whole_number
+from ..file_modes import give_default_mode
 from ..hub import HUB_ORG, load_weights_file, quiet_transformers
 from ..inference_io import check_output_folder
 from ..models.encoder import ENCODER_VARIANTS, MODEL_PREFIX, _unwrap, released_variants
@@ -433,6 +434,7 @@ def _staged(dst: Path, protect: Path) -> Iterator[Path]:
 
 
 def _move_into(stage: Path, dst: Path, protect: Path) -> None:
+    give_default_mode([stage])  # timm's and transformers' safetensors files are written 0600
     files = sorted(p for p in stage.rglob("*") if p.is_file())
     targets = [dst / p.relative_to(stage) for p in files]
     clash = [t for t in targets if t.exists() and t.resolve() == protect.resolve()]

@@ -8,6 +8,7 @@ model: it takes ``pixel_values`` and ``labels`` like RWKV-UNet, returns a ``Sema
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -16,6 +17,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from ..errors import UserError
+from ..file_modes import give_default_mode
 
 #: ``--model`` names of the reference segmenters: the smp encoder each one wraps.
 BASELINES = {"smp-unet-r34": "resnet34"}
@@ -65,6 +67,11 @@ class SMPUNetForSemanticSegmentation(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = []
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As RWKV-UNet's: the weights get the mode of the files beside them (see :mod:`rwkvunet.file_modes`)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        give_default_mode(Path(save_directory).glob("*.safetensors"))
 
     def __init__(self, config: SMPUNetConfig):
         super().__init__(config)

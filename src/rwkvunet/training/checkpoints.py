@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from ..file_modes import give_default_mode
+
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -54,6 +56,7 @@ class CheckpointManager:
         if accelerator.is_main_process:
             if metadata is not None:
                 (tmp / "run.json").write_text(json.dumps(metadata, indent=2))
+            give_default_mode([tmp])  # accelerate's model.safetensors is written 0600 (see rwkvunet.file_modes)
             _fsync_tree(tmp)
             if final.exists():  # the same step saved again (e.g. after a resume): replace it
                 old = self.directory / f".old-checkpoint-{step:08d}"

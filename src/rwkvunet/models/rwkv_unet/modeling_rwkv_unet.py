@@ -6,6 +6,7 @@ encoder (timm ``rwkvunet_enc_*``, stem + stages I-IV) -> Cross-Channel Mix over 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
@@ -16,6 +17,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
+from ...file_modes import give_default_mode
 from ...layers import ChannelMix, CrossChannelMix, DecoderBlock, IRBlock, SpatialMix, upsample2x, vrwkv_init_values
 from ..encoder import ENCODER_VARIANTS, MODEL_PREFIX, STEM_CHS, RWKVUNetEncoder
 from .configuration_rwkv_unet import RWKVUNetConfig
@@ -80,6 +82,12 @@ class RWKVUNetPreTrainedModel(PreTrainedModel):
             for name in ("spatial_mix_k", "spatial_mix_v", "spatial_mix_r") if spatial else ("spatial_mix_k",
                                                                                           "spatial_mix_r"):
                 init.constant_(getattr(module, name), 0.5)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save; then the weights get the mode of the files beside them (safetensors >= 0.8 makes
+        them readable by their owner only, see :mod:`rwkvunet.file_modes`)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        give_default_mode(Path(save_directory).glob("*.safetensors"))
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint,
                                     every_n_layers: int = 1):

@@ -185,3 +185,38 @@ def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkey
         assert {p.name for p in checkpoint.iterdir()} == {"model.safetensors", "run.json"}, checkpoint
     manager.save(_FakeAccelerator(), 3, metadata={"run_id": "a"})  # the next save clears what the kill left
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["checkpoint-00000003"]
+
+
+def test_a_run_in_progress_is_never_replaced_or_resumed_by_a_second_one(tmp_path):
+    """The same command started twice: the second called the live run "unfinished" and --overwrite-output-dir
+    deleted its files while it trained (both then wrote into the folder)."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from rwkvunet.training.run_folder import RUN_FILE, live_process, plan_run
+
+    def record(pid):
+        return {"run_id": "r", "status": "running", "started": "now", "num_processes": 1, "settings": {},
+                "host": socket.gethostname(), "pid": pid}
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "finetune"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / RUN_FILE).write_text(json.dumps(record(sleeper.pid)))
+        for kwargs in ({}, {"overwrite": True}, {"resume": "latest"}):
+            with pytest.raises(UserError, match=rf"a run is in progress in --output-dir .* \(process {sleeper.pid} "):
+                plan_run(folder, {}, 1, **kwargs)
+        assert live_process(record(other.pid)) is None  # alive, but not a run: a reused process id
+        assert live_process(dict(record(sleeper.pid), status="finished")) is None
+        assert live_process(dict(record(sleeper.pid), host="elsewhere")) is None
+    finally:
+        sleeper.kill()
+        other.kill()
+        sleeper.wait()
+        other.wait()
+    assert live_process(record(sleeper.pid)) is None  # killed: the folder is an unfinished run again
+    assert plan_run(folder, {}, 1, overwrite=True).remove == [folder / RUN_FILE]

@@ -13,6 +13,7 @@ import fnmatch
 import json
 import os
 import shutil
+import socket
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,12 @@ def plan_run(folder, settings: dict, num_processes: int, resume: Optional[str] =
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--output-dir {folder} is a file; give a folder (it is created if missing)")
+    record = read_json(folder / RUN_FILE)
+    pid = live_process(record)
+    if pid is not None:  # --overwrite-output-dir would delete its files under it, --resume write over its checkpoints
+        raise UserError(f"a run is in progress in --output-dir {folder} (process {pid} on this machine, started "
+                        f"{record.get('started', '?')}); wait for it to finish or stop it, or choose another "
+                        "--output-dir")
     if resume:
         return _plan_resume(folder, settings, num_processes, resume)
     entries = _entries(folder)
@@ -105,7 +112,7 @@ def prepare_folder(plan: RunPlan) -> None:
         else:
             path.unlink(missing_ok=True)
     plan.folder.mkdir(parents=True, exist_ok=True)
-    record = dict(plan.record)
+    record = dict(plan.record, host=socket.gethostname(), pid=os.getpid())  # who is writing the folder now
     if plan.resume_from is not None:
         record["resumed"] = list(record.get("resumed", [])) + [{"from": plan.resume_from.name, "at": _now()}]
         record["status"] = "running"
@@ -118,6 +125,29 @@ def finish_record(plan: RunPlan, **results) -> None:
     record = dict(plan.record, status="finished", finished=_now(), **results)
     write_json(plan.folder / RUN_FILE, record)
     plan.record = record
+
+
+def live_process(record: Optional[dict]) -> Optional[int]:
+    """The process id of a run recorded as running on this machine that is still alive, else None (a run that
+    was killed, one on another machine, this very process, or a process id since reused by another program)."""
+    if not record or record.get("status") != "running" or record.get("host") != socket.gethostname():
+        return None
+    pid = record.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        return pid
+    except OSError:  # no such signal test here (Windows): say nothing rather than guess
+        return None
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return pid
+    return pid if (b"rwkvunet" in command or b"finetune" in command) else None
 
 
 def describe_folder(folder: Path) -> str:

@@ -246,3 +246,13 @@ def test_a_mistyped_model_folder_gets_a_did_you_mean(saved, tmp_path, monkeypatc
     _one_line_error(lambda: load_segmentation_model("runs/rwkvunet-t-synthtic"),
                     "runs/rwkvunet-t-synthtic does not exist (did you mean runs/rwkvunet-t-synthetic?)")
     _one_line_error(lambda: load_segmentation_model("./runs/rwkvunet-t-synthtic"), "did you mean")
+
+
+def test_an_onnx_file_given_as_a_model_folder(tmp_path):
+    """`rwkvunet evaluate model.onnx` said "model.onnx/ is a file" (with a stray slash)."""
+    (tmp_path / "model.onnx").write_bytes(b"graph")
+    _one_line_error(lambda: load_segmentation_model(tmp_path / "model.onnx"), "model.onnx is an exported ONNX model",
+                    "give the model folder it was exported from")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    message = _one_line_error(lambda: load_segmentation_model(tmp_path / "weights.bin"), "weights.bin is a file")
+    assert "weights.bin/" not in message

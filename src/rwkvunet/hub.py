@@ -242,6 +242,9 @@ def _looks_like_path(source: str) -> bool:
 
 def _check_local_folder(source: str) -> None:
     folder = Path(source)
+    if folder.is_file() and folder.suffix.lower() == ".onnx":
+        raise UserError(f"{source} is an exported ONNX model, which runs in `rwkvunet predict`, `rwkvunet demo` and "
+                        "rwkvunet.Segmenter; give the model folder it was exported from")
     if folder.is_file():
         raise UserError(f"{source} is a file; give the model folder that holds it (written by save_pretrained "
                         "or rwkvunet convert) or a Hub id")
@@ -369,7 +372,8 @@ def load_segmentation_model(name_or_path, **from_pretrained_kwargs):
     source = os.path.expanduser(str(name_or_path))
     hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in _HUB_KWARGS}
     if os.path.exists(source):
-        _check_local_folder(os.path.join(source, hub_kwargs.get("subfolder") or ""))
+        subfolder = hub_kwargs.get("subfolder")
+        _check_local_folder(os.path.join(source, subfolder) if subfolder else source)
     elif _looks_like_path(source):
         close = near_miss_folder(source)
         raise UserError(f"{source} does not exist (and is not a Hub id of the form 'org/name'); "

@@ -113,8 +113,8 @@ def check_earlier_results(out: Path, settings: dict, overwrite: bool) -> None:
         recorded = None
     if recorded == settings:
         return  # the same evaluation again: its results are replaced
-    what = ("another evaluation's results (" + ", ".join(f"{k} {recorded.get(k)}" for k in settings
-                                                        if recorded.get(k) != settings[k]) + ")"
+    what = ("another evaluation's results (" + ", ".join(f"{k} {recorded.get(k)} there, {settings[k]} here"
+                                                        for k in settings if recorded.get(k) != settings[k]) + ")"
             if isinstance(recorded, dict) else "results that do not say what they scored")
     raise UserError(f"{earlier} holds {what}; give another --output-dir for this evaluation, or pass --overwrite "
                     "to replace them")

@@ -220,3 +220,22 @@ def test_a_run_in_progress_is_never_replaced_or_resumed_by_a_second_one(tmp_path
         other.wait()
     assert live_process(record(sleeper.pid)) is None  # killed: the folder is an unfinished run again
     assert plan_run(folder, {}, 1, overwrite=True).remove == [folder / RUN_FILE]
+
+
+def test_resume_takes_the_same_data_folder_spelled_otherwise(tmp_path, monkeypatch):
+    """`--dataset ds` started, `--dataset ./ds` (or the absolute path from another folder) resumed was refused as
+    "other settings: --dataset 'ds' -> './ds'"; another folder still is."""
+    from rwkvunet.training.run_folder import _check_same_settings, checkpoint_metadata, new_record
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "other").mkdir()
+    meta = checkpoint_metadata(new_record({"dataset": "ds", "lr": 1.0, "head_bias": 0.0}, 1), 2)
+    for spelling in ("./ds", str(tmp_path / "ds") + "/"):
+        _check_same_settings(meta, {"dataset": spelling, "lr": 1.0, "head_bias": 0.0}, 1, tmp_path)
+    monkeypatch.chdir(tmp_path / "other")  # the recorded absolute path decides, not the working directory
+    _check_same_settings(meta, {"dataset": str(tmp_path / "ds"), "lr": 1.0, "head_bias": 0.0}, 1, tmp_path)
+    with pytest.raises(UserError, match=r"--dataset 'ds' -> '\.\./other'"):
+        _check_same_settings(meta, {"dataset": "../other", "lr": 1.0, "head_bias": 0.0}, 1, tmp_path)
+    with pytest.raises(UserError, match=r"--lr 1.0 -> 2.0"):
+        _check_same_settings(meta, {"dataset": "./ds", "lr": 2.0, "head_bias": 0.0}, 1, tmp_path)

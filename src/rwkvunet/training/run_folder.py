@@ -69,15 +69,30 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+#: Options that name local files or folders: a resume may spell them otherwise (``./data``, an absolute path from
+#: another working directory) as long as they name the same place.
+PATH_OPTIONS = ("dataset", "pretrained", "encoder_pretrained")
+
+
+def local_paths(settings: dict) -> dict:
+    """The absolute form of each path option that names an existing local file or folder."""
+    found = {}
+    for key in PATH_OPTIONS:
+        value = settings.get(key)
+        if isinstance(value, str) and value and Path(value).expanduser().exists():
+            found[key] = str(Path(value).expanduser().resolve())
+    return found
+
+
 def new_record(settings: dict, num_processes: int) -> dict:
     return {"run_id": uuid.uuid4().hex, "status": "running", "started": _now(), "num_processes": num_processes,
-            "settings": settings}
+            "settings": settings, "paths": local_paths(settings)}
 
 
 def checkpoint_metadata(record: dict, step: int) -> dict:
     """What each checkpoint carries, so that it can be matched to its run without the folder's run.json."""
     return {"run_id": record["run_id"], "step": int(step), "num_processes": record["num_processes"],
-            "settings": record["settings"]}
+            "settings": record["settings"], "paths": record.get("paths", {})}
 
 
 def plan_run(folder, settings: dict, num_processes: int, resume: Optional[str] = None,
@@ -187,6 +202,7 @@ def _plan_resume(folder: Path, settings: dict, num_processes: int, resume: str) 
             raise UserError(f"--output-dir {folder} holds {describe_folder(folder)} but no run of {checkpoint}; "
                             "resume into the run's own folder or an empty one")
         record = {k: meta[k] for k in ("run_id", "num_processes", "settings")}
+        record["paths"] = meta.get("paths", {})
         record.update(status="running", started=_now())
     if meta["run_id"] != record.get("run_id"):
         raise UserError(f"{checkpoint} belongs to another run ({meta['run_id'][:8]}) than the one in {folder} "
@@ -225,9 +241,14 @@ def _latest_checkpoint(folder: Path, record: Optional[dict]) -> Path:
 def _check_same_settings(meta: dict, settings: dict, num_processes: int, checkpoint: Path) -> None:
     """Refuse a resume whose options would make it another run (other data, model, schedule or seed)."""
     old = {**VALUE_BEFORE_THE_OPTION, **(meta.get("settings") or {})}
+    old_paths = {**local_paths(old), **(meta.get("paths") or {})}  # recorded, else as seen from here
+    new_paths = local_paths(settings)
+
+    def same(key) -> bool:
+        return old.get(key) == settings.get(key) or (key in new_paths and old_paths.get(key) == new_paths[key])
+
     changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {settings.get(k)!r}"
-               for k in sorted(set(old) | set(settings))
-               if k not in RESUME_FREE and old.get(k) != settings.get(k)]
+               for k in sorted(set(old) | set(settings)) if k not in RESUME_FREE and not same(k)]
     if changed:
         raise UserError(f"cannot resume {checkpoint} with other settings than the run was started with: "
                         f"{'; '.join(changed)}; resume with the run's settings (see training_config.yaml or "

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 from ..errors import UserError
 from .arguments import TrainArguments, check_arguments
-from .run_folder import RESUME_FREE, RUN_FILE, read_json
+from .run_folder import RESUME_FREE, RUN_FILE, changed_settings, read_json
 
 #: Written into the comparison folder: what was compared (and the mark of a folder that compare may fill).
 MARKER = "compare.json"
@@ -98,7 +98,7 @@ def run_state(run: PlannedRun) -> str:
     record = read_json(run.folder / RUN_FILE)
     if record is None:
         return "new"
-    if _settings(record.get("settings") or {}) != _settings(run.args.to_dict()):
+    if changed_settings(record, run.args.to_dict()):
         return "other"
     if record.get("status") == "finished" and (run.folder / "metrics.json").is_file():
         return "finished"

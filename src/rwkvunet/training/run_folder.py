@@ -238,17 +238,24 @@ def _latest_checkpoint(folder: Path, record: Optional[dict]) -> Path:
     return own[-1]
 
 
-def _check_same_settings(meta: dict, settings: dict, num_processes: int, checkpoint: Path) -> None:
-    """Refuse a resume whose options would make it another run (other data, model, schedule or seed)."""
-    old = {**VALUE_BEFORE_THE_OPTION, **(meta.get("settings") or {})}
-    old_paths = {**local_paths(old), **(meta.get("paths") or {})}  # recorded, else as seen from here
+def changed_settings(record: dict, settings: dict) -> list:
+    """The options (names) in which ``settings`` make another run than the one ``record`` (run.json or a
+    checkpoint's) describes; those free to change on a resume, and paths spelled otherwise, do not count."""
+    old = {**VALUE_BEFORE_THE_OPTION, **(record.get("settings") or {})}
+    old_paths = {**local_paths(old), **(record.get("paths") or {})}  # recorded, else as seen from here
     new_paths = local_paths(settings)
 
     def same(key) -> bool:
         return old.get(key) == settings.get(key) or (key in new_paths and old_paths.get(key) == new_paths[key])
 
+    return [k for k in sorted(set(old) | set(settings)) if k not in RESUME_FREE and not same(k)]
+
+
+def _check_same_settings(meta: dict, settings: dict, num_processes: int, checkpoint: Path) -> None:
+    """Refuse a resume whose options would make it another run (other data, model, schedule or seed)."""
+    old = {**VALUE_BEFORE_THE_OPTION, **(meta.get("settings") or {})}
     changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {settings.get(k)!r}"
-               for k in sorted(set(old) | set(settings)) if k not in RESUME_FREE and not same(k)]
+               for k in changed_settings(meta, settings)]
     if changed:
         raise UserError(f"cannot resume {checkpoint} with other settings than the run was started with: "
                         f"{'; '.join(changed)}; resume with the run's settings (see training_config.yaml or "

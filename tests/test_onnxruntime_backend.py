@@ -150,6 +150,21 @@ def test_predict_runs_the_exported_file(model_dir, exported, tmp_path):
     assert decided.mean() > 0.9 and np.array_equal(eager[decided], runtime[decided])
 
 
+def test_the_demo_serves_the_exported_file(model_dir, exported, tmp_path):
+    """`rwkvunet demo model.onnx` segments through ONNX Runtime as predict does."""
+    pytest.importorskip("gradio")
+    from rwkvunet.demo import DemoModel, Options
+
+    image = np.random.default_rng(2).integers(0, 255, (64, 96), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "scan.png")
+    demo = DemoModel.from_pretrained(str(exported))
+    result = demo.segment(tmp_path / "scan.png", Options(size="native"))
+    assert cli_main(["predict", str(exported), str(tmp_path / "scan.png"), "--out", str(tmp_path / "p"),
+                     "--native"]) == 0
+    served = np.array(Image.open(result.download))
+    assert np.array_equal(served, np.array(Image.open(tmp_path / "p" / "scan_labels.png")))
+
+
 def test_export_refuses_to_overwrite_and_bad_targets(model_dir, tmp_path, capsys):
     out = tmp_path / "model.onnx"
     out.write_bytes(b"keep me")

@@ -22,7 +22,7 @@ DEFAULT_PORT = 7860
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="model folder (save_pretrained, e.g. a finetune.py "
-                        "--output-dir) or Hub id")
+                        "--output-dir), Hub id, or .onnx file from rwkvunet export")
     serve = parser.add_argument_group("serving")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT,
                        help=f"port of the page (default {DEFAULT_PORT}; 0: any free port)")

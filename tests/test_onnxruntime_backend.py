@@ -165,6 +165,20 @@ def test_the_demo_serves_the_exported_file(model_dir, exported, tmp_path):
     assert np.array_equal(served, np.array(Image.open(tmp_path / "p" / "scan_labels.png")))
 
 
+def test_a_space_of_the_exported_file_carries_it(exported, tmp_path, monkeypatch):
+    """`demo model.onnx --write-space DIR` took the file for a Hub id: app.py named 'model.onnx', nothing was copied."""
+    pytest.importorskip("gradio")
+    import runpy
+
+    from rwkvunet.demo import write_space
+
+    space = write_space(str(exported), tmp_path / "space")
+    assert (space / exported.name).read_bytes() == exported.read_bytes()
+    assert (space / "requirements.txt").read_text().startswith("rwkvunet[demo,nifti,onnx]")
+    monkeypatch.chdir(tmp_path)  # the Space finds its file beside app.py, from any working directory
+    assert type(runpy.run_path(str(space / "app.py"))["demo"]).__name__ == "Blocks"
+
+
 def test_export_refuses_to_overwrite_and_bad_targets(model_dir, tmp_path, capsys):
     out = tmp_path / "model.onnx"
     out.write_bytes(b"keep me")

@@ -90,7 +90,8 @@ def _space(args) -> int:
     folder = args.write_space or Path(tempfile.mkdtemp(prefix="rwkvunet-space-")) / "space"
     write_space(args.model, folder, requirement=args.requirement)
     print(f"wrote a Space for {args.model} to {folder} (README.md, app.py, requirements.txt"
-          f"{', model/' if (folder / 'model').is_dir() else ''}); try it with: python {folder / 'app.py'}",
+          f"{', model/' if (folder / 'model').is_dir() else ''}"
+          f"{''.join(', ' + p.name for p in sorted(folder.glob('*.onnx')))}); try it with: python {folder / 'app.py'}",
           file=sys.stderr)
     if args.push:
         url = push_space(folder, args.push, private=args.private)  # on failure the folder stays, to upload later

@@ -65,10 +65,10 @@ def _gradio_version() -> str:
         return "5.0.0"
 
 
-def default_requirement() -> str:
+def default_requirement(onnx: bool = False) -> str:
     from .. import __version__
 
-    return f"rwkvunet[demo,nifti]=={__version__}"
+    return f"rwkvunet[demo,nifti{',onnx' if onnx else ''}]=={__version__}"
 
 
 def _model_files(folder: Path) -> List[Path]:
@@ -88,10 +88,12 @@ def check_space_folder(folder: Path) -> None:
 
 def write_space(model: str, folder: os.PathLike, title: Optional[str] = None,
                 requirement: Optional[str] = None) -> Path:
-    """Write a complete Space for ``model`` (a local model folder, copied in, or a Hub id) into ``folder``."""
+    """Write a complete Space for ``model`` (a local model folder or exported ``.onnx`` file, copied in, or a Hub
+    id) into ``folder``."""
     folder = Path(folder)
     check_space_folder(folder)
     local = Path(os.path.expanduser(str(model)))
+    exported = local.is_file() and local.suffix.lower() == ".onnx"  # it was taken for a Hub id and not copied
     files = _model_files(local) if local.is_dir() else []
     name = local.name if local.is_dir() else str(model)
     title = title or f"RWKV-UNet: {name}"
@@ -102,10 +104,14 @@ def write_space(model: str, folder: os.PathLike, title: Optional[str] = None,
             shutil.copy2(file, folder / MODEL_DIR / file.name)
         model_expr, model_note, model_cli = f'str(Path(__file__).resolve().parent / "{MODEL_DIR}")', \
             f"the RWKV-UNet model {name}", f"{MODEL_DIR}/"
+    elif exported:
+        shutil.copyfile(local, folder / local.name)
+        model_expr, model_note, model_cli = f'str(Path(__file__).resolve().parent / "{local.name}")', \
+            f"the exported RWKV-UNet model {local.name} (ONNX Runtime)", local.name
     else:
         model_expr, model_note, model_cli = repr(str(model)), f"the RWKV-UNet model `{model}`", str(model)
     (folder / "app.py").write_text(APP.format(model_note=model_note, model_expr=model_expr, title=title))
-    (folder / "requirements.txt").write_text((requirement or default_requirement()) + "\n")
+    (folder / "requirements.txt").write_text((requirement or default_requirement(onnx=exported)) + "\n")
     (folder / "README.md").write_text(CARD.format(
         title=title.replace(":", " -"), gradio_version=_gradio_version(), model_note=model_note,
         model_cli=model_cli))

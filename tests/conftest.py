@@ -74,3 +74,24 @@ def cpu_kernel_module(monkeypatch):
             pytest.fail(f"the Bi-WKV CPU kernel is not available ({reason}); CI must test it")
         pytest.skip(f"the Bi-WKV CPU kernel is not available ({reason})")
     return module
+
+
+@pytest.fixture
+def online_hub(monkeypatch):
+    """huggingface_hub as on a machine with a network and a token (nothing is sent: tests patch the calls)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+
+
+@pytest.fixture
+def unreachable_hub(online_hub, monkeypatch):
+    """An upload that gets as far as creating the repo and fails there, as when the network is down."""
+    from huggingface_hub import HfApi
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(HfApi, "create_repo", unreachable)

@@ -322,16 +322,12 @@ def test_push_that_cannot_happen_is_refused_before_converting(tmp_path, capsys, 
     assert not (tmp_path / "out").exists()
 
 
-def test_a_failed_push_keeps_the_folder_and_exits_1(tmp_path, capsys, cache, monkeypatch):
+def test_a_failed_push_keeps_the_folder_and_exits_1(tmp_path, capsys, cache, monkeypatch, online_hub):
     import datasets
-    import huggingface_hub
-    from huggingface_hub import constants
 
     def unreachable(*args, **kwargs):
         raise ConnectionError("Name or service not known")
 
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
     monkeypatch.setattr(datasets.DatasetDict, "push_to_hub", unreachable)
     status, out, err = _run(capsys, _image_folder(tmp_path / "set"), tmp_path / "out", "--push-to-hub", "me/set",
                             *cache)

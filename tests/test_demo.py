@@ -276,35 +276,21 @@ def test_push_offline_is_refused_before_writing(model_dir, tmp_path, capsys, mon
     assert not space.exists()
 
 
-def test_a_failed_push_keeps_the_space_and_exits_1(model_dir, tmp_path, capsys, monkeypatch):
-    import huggingface_hub
-    import huggingface_hub.constants as constants
-    from huggingface_hub import HfApi
-
-    def unreachable(*args, **kwargs):
-        raise ConnectionError("Name or service not known")
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
-    monkeypatch.setattr(HfApi, "create_repo", unreachable)
+def test_a_failed_push_keeps_the_space_and_exits_1(model_dir, tmp_path, capsys, unreachable_hub):
     space = tmp_path / "space"
     assert cli_main(["demo", str(model_dir), "--write-space", str(space), "--push", "someone/demo"]) == 1
     assert f"or upload {space} yourself" in _error(capsys)
     assert (space / "app.py").is_file()
 
 
-def test_a_pushed_temporary_space_is_removed(model_dir, tmp_path, capsys, monkeypatch):
+def test_a_pushed_temporary_space_is_removed(model_dir, tmp_path, capsys, monkeypatch, online_hub):
     """Without --write-space the Space is assembled in a temporary folder: kept when the upload fails (to upload
     by hand), removed once uploaded (each push left a copy of the weights in the temporary folder)."""
     import tempfile
 
-    import huggingface_hub
-    import huggingface_hub.constants as constants
     from huggingface_hub import HfApi
 
     uploaded = []
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: f"https://huggingface.co/spaces/{repo_id}")
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, folder_path, **kw: uploaded.append(
         sorted(p.name for p in Path(folder_path).iterdir())))

@@ -273,16 +273,7 @@ def test_push_to_hub_that_cannot_happen_is_refused_before_training(finetune, dat
     assert not out.exists()
 
 
-def test_a_failed_upload_keeps_the_run_and_exits_1(finetune, data, tmp_path, capsys, monkeypatch):
-    import huggingface_hub
-    from huggingface_hub import HfApi, constants
-
-    def unreachable(*args, **kwargs):
-        raise ConnectionError("Name or service not known")
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
-    monkeypatch.setattr(HfApi, "create_repo", unreachable)
+def test_a_failed_upload_keeps_the_run_and_exits_1(finetune, data, tmp_path, capsys, unreachable_hub):
     out = tmp_path / "run"
     code, err = _run(finetune.main, TINY + ["--dataset", data["binary255"], "--cache-dir", data["cache"],
                                             "--output-dir", out, "--push-to-hub", "--hub-model-id", "me/run"], capsys)

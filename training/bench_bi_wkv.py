@@ -98,24 +98,6 @@ def bench_encoders(repeats: int, sizes):
     return rows
 
 
-def check_json(path: str) -> None:
-    """Refuse before measuring a --json that is a folder, lies in a missing folder, or is some other file."""
-    from pathlib import Path
-
-    from rwkvunet.errors import UserError
-
-    target = Path(path)
-    if target.is_dir() or not target.parent.is_dir():
-        raise UserError(f"--json {path}: give a file in an existing folder")
-    if target.exists():
-        try:
-            earlier = set(json.loads(target.read_text(encoding="utf-8"))) == {"bi_wkv", "encoders"}
-        except (ValueError, TypeError, UnicodeDecodeError):
-            earlier = False
-        if not earlier:
-            raise UserError(f"--json {path} exists and is not an earlier result of this script; give another name")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     from rwkvunet.errors import whole_number
@@ -128,7 +110,9 @@ def main(argv=None) -> int:
                                   "replaced, any other file kept)")
     args = p.parse_args(argv)
     if args.json:
-        check_json(args.json)
+        from rwkvunet.commands.bench import check_json_path
+
+        check_json_path(args.json, keys=("bi_wkv", "encoders"), earlier="an earlier result of this script")
 
     from rwkvunet.ops.cpu_memory import keep_freed_cpu_memory
 

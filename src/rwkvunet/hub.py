@@ -214,11 +214,8 @@ def _damaged(path: Path, err: BaseException) -> UserError:
                      f"damaged; {_REDOWNLOAD}")
 
 
-def check_hub_upload(repo_id: str, option: str, later: str = "upload the folder later (hf upload REPO FOLDER)"
-                     ) -> None:
-    """Refuse an upload that cannot happen before the work it would upload: an id the Hub would refuse, offline
-    mode, or no token. ``option`` names the flag in the message (``--push-to-hub``, ``--push``)."""
-    from huggingface_hub import constants, get_token
+def check_repo_id(repo_id: str, option: str) -> None:
+    """Refuse a repo id the Hub would refuse (huggingface_hub's HFValidationError), naming the option."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -226,6 +223,15 @@ def check_hub_upload(repo_id: str, option: str, later: str = "upload the folder 
     except HFValidationError:
         raise UserError(f"{option}: {repo_id!r} is not a valid Hub repo id (NAME or ORG/NAME of letters, digits, "
                         "'-', '_' and '.')") from None
+
+
+def check_hub_upload(repo_id: str, option: str, later: str = "upload the folder later (hf upload REPO FOLDER)"
+                     ) -> None:
+    """Refuse an upload that cannot happen before the work it would upload: an id the Hub would refuse, offline
+    mode, or no token. ``option`` names the flag in the message (``--push-to-hub``, ``--push``)."""
+    from huggingface_hub import constants, get_token
+
+    check_repo_id(repo_id, option)
     if constants.HF_HUB_OFFLINE:
         raise UserError(f"{option} needs the Hub, but HF_HUB_OFFLINE is set; unset it, or run without {option} and "
                         f"{later}")

@@ -733,9 +733,10 @@ def _check_trainable(case: Case) -> None:
                         "or more, or --tasks infer")
 
 
-def check_json_path(path: str) -> None:
-    """Refuse, before measuring anything, a --json that cannot be written or would replace another kind of file
-    (an earlier bench result is replaced: re-running a benchmark into the same file is the usual case)."""
+def check_json_path(path: str, keys=("environment", "results"), earlier: str = "an earlier bench result") -> None:
+    """Refuse, before measuring anything, a --json that cannot be written or would replace another kind of file:
+    only a JSON object with exactly ``keys`` (``earlier``: an earlier result of the same program) is replaced,
+    since re-running a benchmark into the same file is the usual case."""
     target = Path(path)
     if target.is_dir():
         raise UserError(f"--json {path} is a folder; give a file name (e.g. {target / 'bench.json'})")
@@ -744,12 +745,12 @@ def check_json_path(path: str) -> None:
     if target.exists():
         try:
             data = json.loads(target.read_text(encoding="utf-8"))
-            earlier = isinstance(data, dict) and set(data) == {"environment", "results"}
+            replaceable = isinstance(data, dict) and set(data) == set(keys)
         except (UnicodeDecodeError, ValueError):
-            earlier = False
-        if not earlier:
-            raise UserError(f"--json {path} exists and is not an earlier bench result; give another file name "
-                            "(bench replaces only its own results)")
+            replaceable = False
+        if not replaceable:
+            raise UserError(f"--json {path} exists and is not {earlier}; give another file name (only such a result "
+                            "is replaced)")
 
 
 def _write_json(path: str, env: dict, results: List[Result]) -> None:

@@ -461,14 +461,10 @@ def _convert(args, stage: Path) -> None:
 def run(args) -> int:
     dst = _check_dst(args)
     repo_id = hub_repo_id(args.hub_config, args.publish) if args.publish is not None else None
-    if repo_id is not None:
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    if repo_id is not None:  # a name the Hub refuses is said before converting (offline, the folder is kept)
+        from ..hub import check_repo_id
 
-        try:  # a name the Hub refuses is said before converting (offline, the folder is written and kept)
-            validate_repo_id(repo_id)
-        except HFValidationError:
-            raise UserError(f"--publish: {repo_id!r} is not a valid Hub repo id (ORG/NAME of letters, digits, '-', "
-                            "'_' and '.')") from None
+        check_repo_id(repo_id, "--publish")
     try:
         with _staged(dst, Path(args.src)) as stage:
             _convert(args, stage)

@@ -104,11 +104,19 @@ def _assert_one_line_error(code, err, prog, *words):
     ("--seed", "-5", ["--seed", "at least 0"]),  # numpy's seeding refused it deep inside, reported as a bug
     ("--seed", str(2 ** 32), ["--seed", "below 4294967296"]),
     ("--split-seed", "-1", ["--split-seed", "at least 0"]),
+    ("--dice-weight", "-1", ["--dice-weight", "at least 0"]),
 ])
 def test_bad_finetune_options_are_usage_errors(finetune, tmp_path, capsys, option, value, words):
     out = tmp_path / "run"
     code, err = _run(finetune.main, TINY + ["--output-dir", out, option, value], capsys)
     _assert_one_line_error(code, err, "finetune.py", *words)
+    assert not out.exists()
+
+
+def test_a_loss_of_zero_weights_is_refused(finetune, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = _run(finetune.main, TINY + ["--output-dir", out, "--ce-weight", "0", "--dice-weight", "0"], capsys)
+    _assert_one_line_error(code, err, "finetune.py", "--ce-weight and --dice-weight are both 0")
     assert not out.exists()
 
 

@@ -302,6 +302,30 @@ def eval_model():
     return tiny().eval()
 
 
+@pytest.mark.parametrize("setting, words", [
+    (dict(num_labels=0), "num_labels must be at least 1"),
+    (dict(num_labels=-2), "got -2"),
+    (dict(decoder_kernel_size=4), "positive odd number"),  # built, then failed in the decoder's concatenation
+    (dict(decoder_kernel_size=0), "positive odd number"),
+    (dict(drop_path_rate=1.5), r"drop_path_rate must be in \[0, 1\)"),
+    (dict(ccm_drop_path_rate=-0.1), "ccm_drop_path_rate"),
+    (dict(ce_weight=-1), "ce_weight must be a weight of at least 0"),  # trained towards a worse fit
+    (dict(ce_weight=0, dice_weight=0), "both 0"),
+    (dict(deep_supervision_weight=-1), "deep_supervision_weight"),
+    (dict(image_size=0), "image_size"),
+    (dict(initializer_range=-1), "initializer_range"),
+])
+def test_settings_the_model_would_fail_on_later_are_refused(setting, words):
+    with pytest.raises(ValueError, match=words):
+        RWKVUNetConfig(variant="t", **setting)
+
+
+def test_settings_at_their_limits_are_accepted():
+    config = RWKVUNetConfig(variant="t", num_labels=1, decoder_kernel_size=1, drop_path_rate=0.0, ce_weight=0.0,
+                            dice_weight=1.0, deep_supervision_weight=0.0, initializer_range=0.0)
+    assert config.num_labels == 1 and config.decoder_kernel_size == 1
+
+
 def test_wrong_channel_count(eval_model):
     with pytest.raises(ValueError, match=r"3 channels but this model takes 1"):
         eval_model(pixel_values=torch.randn(1, 3, 32, 32))

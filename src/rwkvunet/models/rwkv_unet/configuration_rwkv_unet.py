@@ -102,6 +102,10 @@ class RWKVUNetConfig(PreTrainedConfig):
             raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
         if int(in_channels) < 1:
             raise ValueError(f"in_channels must be positive, got {in_channels}")
+        _check_settings(decoder_kernel_size=decoder_kernel_size, drop_path_rate=drop_path_rate,
+                        ccm_drop_path_rate=ccm_drop_path_rate, ce_weight=ce_weight, dice_weight=dice_weight,
+                        deep_supervision_weight=deep_supervision_weight, image_size=image_size,
+                        initializer_range=initializer_range)
         self.variant = variant
         self.encoder_name = MODEL_PREFIX + variant
         self.in_channels = int(in_channels)
@@ -126,6 +130,32 @@ class RWKVUNetConfig(PreTrainedConfig):
         self.head_init = head_init
         self.head_bias = float(head_bias)
         super().__init__(**kwargs)
+        if self.num_labels < 1:
+            given = kwargs.get("num_labels", self.num_labels)
+            raise ValueError(f"num_labels must be at least 1 (1: binary, with a sigmoid; N: N classes with the "
+                             f"background), got {given}")
+
+
+def _check_settings(decoder_kernel_size, drop_path_rate, ccm_drop_path_rate, ce_weight, dice_weight,
+                    deep_supervision_weight, image_size, initializer_range) -> None:
+    """Refuse values the model would take and then fail on (or silently train wrong with) far from here."""
+    if int(decoder_kernel_size) < 1 or int(decoder_kernel_size) % 2 == 0:
+        raise ValueError(f"decoder_kernel_size must be a positive odd number (the released decoder uses 9), got "
+                         f"{decoder_kernel_size}: an even kernel changes the size of the decoder's maps")
+    for name, rate in (("drop_path_rate", drop_path_rate), ("ccm_drop_path_rate", ccm_drop_path_rate)):
+        if not 0.0 <= float(rate) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {rate}")
+    for name, weight in (("ce_weight", ce_weight), ("dice_weight", dice_weight),
+                         ("deep_supervision_weight", deep_supervision_weight)):
+        if not float(weight) >= 0.0:
+            raise ValueError(f"{name} must be a weight of at least 0, got {weight}")
+    if float(ce_weight) + float(dice_weight) <= 0.0:
+        raise ValueError("ce_weight and dice_weight are both 0, so the loss would be 0 and nothing would train; "
+                         "give either a positive weight (the paper: ce 0.5, dice 0.5)")
+    if int(image_size) < 1:
+        raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+    if not float(initializer_range) >= 0.0:
+        raise ValueError(f"initializer_range must be a standard deviation of at least 0, got {initializer_range}")
 
 
 __all__ = ["HEAD_INITS", "RWKV_INITS", "RWKVUNetConfig"]

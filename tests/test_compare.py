@@ -105,6 +105,8 @@ def test_a_rerun_keeps_finished_runs(comparison, capsys):
     (["--models", "rwkvunet", "unet++"], ["--models unet++", "smp-unet-r34"]),
     (["--models", "rwkvunet", "rwkvunet-t"], ["same model twice"]),
     (["--seeds", "1", "1"], ["repeats a seed"]),
+    # --variant sized nothing here and was silently ignored
+    (["--models", "rwkvunet-t", "smp-unet-r34", "--variant", "s"], ["--variant s", "drop --variant"]),
 ])
 def test_mistakes_are_one_line(tmp_path, capsys, argv, words):
     assert cli_main(["compare", *TINY, "--output-dir", str(tmp_path / "cmp"), *argv]) == 2

@@ -44,6 +44,12 @@ def run(args: argparse.Namespace) -> int:
     given = vars(args).copy()
     models, seeds, output_dir = given.pop("models"), given.pop("seeds"), given.pop("output_dir")
     fixed_split = "split_seed" in given
+    if "variant" in given and "rwkvunet" not in models:
+        from ..errors import UserError
+
+        raise UserError(f"--variant {given['variant']} sizes the model named rwkvunet, and --models "
+                        f"{' '.join(models)} does not name it (rwkvunet-<variant> carries its own size); add "
+                        f"rwkvunet to --models or drop --variant")
     base = arguments_from(given)
     output_dir = output_dir or f"runs/compare-{dataset_name(base.dataset)}"
     compare(base, models, seeds, output_dir, fixed_split=fixed_split)

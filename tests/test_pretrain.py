@@ -73,6 +73,9 @@ def test_two_steps_then_export_loads_with_timm(pretrain, tmp_path):
         logits = model(torch.randn(1, 3, 32, 32))
     assert logits.shape == (1, 2) and torch.isfinite(logits).all()
 
+    record = json.loads((out / pretrain.RUN_FILE).read_text())
+    assert record["status"] == "finished" and record["steps"] == 2
+
     # the same command again would have replaced checkpoint-00000002 and the export with a new run's
     from rwkvunet.errors import UserError
 
@@ -136,3 +139,28 @@ def test_data_and_output_mistakes(pretrain, tmp_path):
     with pytest.raises(UserError, match="no checkpoint in .* to resume from"):
         pretrain.main(["--data-dir", str(tmp_path / "data2"), "--output", str(tmp_path / "new"), "--resume",
                        "--img-size", "32", "--batch-size", "2", "--num-threads", "1", "--workers", "0"])
+
+
+def test_an_output_a_live_pretraining_writes_is_refused(pretrain, tmp_path):
+    """Two pretrainings into one --output both wrote its checkpoints; a live one (even --resume) is refused, a
+    killed one is not in the way."""
+    import socket
+    import subprocess
+    import sys
+
+    from rwkvunet.errors import UserError
+
+    _image_folder(tmp_path / "data", "train", 1)
+    out = tmp_path / "run"
+    out.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "pretrain_imagenet.py"])
+    try:
+        record = dict(status="running", host=socket.gethostname(), pid=live.pid)
+        (out / pretrain.RUN_FILE).write_text(json.dumps(record))
+        for extra in ([], ["--resume"]):
+            with pytest.raises(UserError, match=f"still running \\(process {live.pid} on this machine\\)"):
+                pretrain.main(["--data-dir", str(tmp_path / "data"), "--output", str(out), *extra])
+    finally:
+        live.kill()
+        live.wait()
+    pretrain.check_output(out, resume=None)  # the process is gone: nothing in the way

@@ -21,6 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy CPUs: do not let Ope
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -35,6 +36,7 @@ import rwkvunet  # noqa: F401,E402  (registers rwkvunet_enc_{t,s,b} with timm)
 from rwkvunet.errors import UserError  # noqa: E402
 from rwkvunet.file_modes import give_default_mode  # noqa: E402
 from rwkvunet.training.checkpoints import CheckpointManager  # noqa: E402
+from rwkvunet.training.run_folder import live_process, read_json, write_json  # noqa: E402
 from rwkvunet.training.state import TrainState  # noqa: E402
 
 logger = logging.getLogger("pretrain")
@@ -127,11 +129,20 @@ def check_values(values: dict) -> str | None:
     return None
 
 
+#: In --output: which process is pretraining into it (status running / finished, host, pid).
+RUN_FILE = "pretrain.json"
+
+
 def check_output(output: Path, resume) -> None:
     """--output must be a folder; one holding an earlier pretraining is continued only with --resume (a new run
-    would replace its checkpoints of the same steps and its export)."""
+    would replace its checkpoints of the same steps and its export), and one a pretraining is still writing not
+    at all (both runs would write the same checkpoints)."""
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; give a folder (it is created if missing)")
+    pid = live_process(read_json(output / RUN_FILE))
+    if pid is not None:
+        raise UserError(f"--output {output} is being written by a pretraining that is still running (process {pid} "
+                        "on this machine); wait for it to finish, stop it, or give another --output")
     earlier = [p for p in (output / "checkpoints", output / "export") if p.is_dir() and any(p.iterdir())]
     if earlier and not resume:
         raise UserError(f"--output {output} holds an earlier pretraining ({', '.join(p.name for p in earlier)}); "
@@ -223,6 +234,9 @@ def main(argv=None) -> int:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     checkpoints = CheckpointManager(output / "checkpoints", keep_last=args.keep_checkpoints)
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        write_json(output / RUN_FILE, dict(status="running", host=socket.gethostname(), pid=os.getpid()))
     if args.resume:
         ckpt = checkpoints.latest() if args.resume == "latest" else Path(args.resume)
         if ckpt is None:
@@ -275,6 +289,8 @@ def main(argv=None) -> int:
         folder = export_for_hub(final, output / "export", args.model)
         logger.info("exported %s weights to %s in %.1f min", "EMA" if ema is not None else "final", folder,
                     (time.time() - start) / 60)
+        write_json(output / RUN_FILE, dict(status="finished", host=socket.gethostname(), pid=os.getpid(),
+                                           steps=state.step))
     accelerator.wait_for_everyone()
     return 0
 

@@ -162,7 +162,8 @@ def live_process(record: Optional[dict]) -> Optional[int]:
         command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
     except OSError:
         return pid
-    return pid if (b"rwkvunet" in command or b"finetune" in command) else None
+    ours = (b"rwkvunet", b"finetune", b"pretrain_imagenet")
+    return pid if any(word in command for word in ours) else None
 
 
 def describe_folder(folder: Path) -> str:

@@ -189,6 +189,12 @@ def test_export_refuses_to_overwrite_and_bad_targets(model_dir, tmp_path, capsys
     assert "ending in .onnx" in capsys.readouterr().err
     assert cli_main(["export", str(model_dir), str(tmp_path / "missing" / "m.onnx")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # --opset 0 was taken as the default; 99 printed a converter assertion and wrote opset 18
+    assert cli_main(["export", str(model_dir), str(tmp_path / "a.onnx"), "--opset", "0"]) == 2
+    assert "--opset 0 is too old" in capsys.readouterr().err
+    assert cli_main(["export", str(model_dir), str(tmp_path / "a.onnx"), "--opset", "99"]) == 2
+    assert "--opset 99 is newer than the installed onnx" in capsys.readouterr().err
+    assert not (tmp_path / "a.onnx").exists()
 
 
 def test_a_graph_that_disagrees_is_not_written(model, tmp_path, monkeypatch):

@@ -128,7 +128,12 @@ def to_onnx(model: nn.Module, in_channels: int, opset: int = OPSET):
         onnx_program = torch.onnx.export(program, (x,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
                                          output_names=[OUTPUT_NAME], verbose=False,
                                          custom_translation_table=CUSTOM_TRANSLATIONS)
-    return onnx_program.model_proto
+    proto = onnx_program.model_proto
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:  # torch's exporter falls back to its own opset when it cannot convert
+        raise ValueError(f"the exporter wrote opset {written} instead of the requested {opset}; request opset "
+                         f"{OPSET} (or one it converts to)")
+    return proto
 
 
 def check_onnx(onnx_model, model: nn.Module, in_channels: int, shapes: Sequence[Tuple[int, int, int]] = CHECK_SHAPES,

@@ -37,10 +37,15 @@ def run(args) -> int:
         raise UserError(f"{out} is a folder; give the path of the .onnx file to write")
     if not out.parent.exists():
         raise UserError(f"{out.parent} does not exist; create the folder first or give another path")
-    opset = args.opset or OPSET
+    opset = OPSET if args.opset is None else args.opset  # --opset 0 was taken as the default
     if opset < 17:
         raise UserError(f"--opset {opset} is too old: the graph needs LayerNormalization (opset 17 or later)")
     require_onnx()
+    import onnx
+
+    if opset > onnx.defs.onnx_opset_version():
+        raise UserError(f"--opset {opset} is newer than the installed onnx {onnx.__version__} knows (opset "
+                        f"{onnx.defs.onnx_opset_version()} at most); give 17 to {onnx.defs.onnx_opset_version()}")
 
     from ..hub import load_segmentation_model
     from ..inference import load_preprocessing

@@ -751,3 +751,18 @@ def test_predict_image_takes_a_path_as_predict_reads_it(segmenter, tmp_path):
     (tmp_path / "v.nii.gz").write_bytes(b"")
     with pytest.raises(InputError, match="is a volume; segment it with predict_volume"):
         segmenter.predict_image(tmp_path / "v.nii.gz")
+    # a folder was "no such file; check the path"
+    with pytest.raises(InputError, match="is a folder; predict_image takes one image"):
+        segmenter.predict_image(tmp_path)
+    import rwkvunet
+
+    with pytest.raises(InputError, match="is a folder; give image or volume files"):
+        rwkvunet.predict(segmenter, str(tmp_path))
+
+
+def test_a_stack_of_slices_given_as_one_image_names_predict_volume(segmenter):
+    """(5, 64, 64) is read as a 64-channel (H, W, C) image; the refusal now says what a stack is for."""
+    from rwkvunet.pixels import PixelError
+
+    with pytest.raises(PixelError, match="has 64 channels.*a stack of slices is a volume, for predict_volume"):
+        segmenter.predict_image(np.random.default_rng(0).random((5, 64, 64)).astype(np.float32))

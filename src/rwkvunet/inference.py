@@ -438,6 +438,9 @@ def _read_image_file(path: Union[str, os.PathLike]) -> np.ndarray:
     """The pixels of an image file given to :meth:`Segmenter.predict_image` (read as ``predict`` reads it)."""
     from . import inference_io
 
+    if Path(path).is_dir():
+        raise InputError(f"{path} is a folder; predict_image takes one image (for a folder: rwkvunet predict "
+                         "FOLDER --out DIR, or rwkvunet.predict(model, list_of_files))")
     if not Path(path).is_file():
         raise InputError(f"{path}: no such file; check the path")
     kind = inference_io.file_kind(path)
@@ -454,6 +457,9 @@ def _predict_one(seg: Segmenter, item, axis, intensity, tile, overlap, native, b
 
     if isinstance(item, (str, os.PathLike)):
         kind = inference_io.file_kind(item)
+        if Path(item).is_dir():
+            raise InputError(f"{item} is a folder; give image or volume files (a list of them for many), or run "
+                             "rwkvunet predict FOLDER --out DIR")
         if not Path(item).is_file():
             raise InputError(f"{item}: no such file; check the path")
         if kind == "volume":

@@ -201,9 +201,11 @@ def convert_channels(pixels: torch.Tensor, num_channels: int) -> Tuple[torch.Ten
         notes.append(f"RGB image converted to grey because the model takes 1 channel ({how})")
         return grey, "; ".join(notes)
     channels = pixels.shape[0] + len(notes)
+    stack = ("; a 3-D array is read as one image, (H, W, C) or (C, H, W): a stack of slices is a volume, "
+             "for predict_volume" if channels > 4 else "")
     raise PixelError(f"the image has {channels} channel{'s' if channels != 1 else ''} but the model takes "
                      f"{num_channels} (config.in_channels) and there is no unambiguous conversion; give "
-                     f"{num_channels}-channel images or use a model trained on this kind of image")
+                     f"{num_channels}-channel images or use a model trained on this kind of image{stack}")
 
 
 # --- 5-6. geometry and normalisation -------------------------------------------------------------------------

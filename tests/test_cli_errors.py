@@ -36,6 +36,22 @@ def test_bugs_show_the_traceback_and_ask_for_a_report(capsys):
     assert "Traceback" in err and "ZeroDivisionError" in err and "bug" in err
 
 
+def test_running_out_of_host_memory_is_one_line(capsys):
+    """`finetune --img-size 100000` failed in PyTorch's CPU allocator and was reported as a bug."""
+    import torch
+
+    def allocate():
+        torch.empty(1 << 62, dtype=torch.uint8)  # 4 EiB: refused by the allocator on any machine
+
+    assert run_main("tool", allocate) == EXIT_NOTHING_DONE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "out of memory (an allocation of 4294967296.0 GiB failed); use a smaller --img-size" in err
+    assert run_main("tool", _raise(MemoryError())) == EXIT_NOTHING_DONE
+    assert capsys.readouterr().err == ("tool: error: out of memory; use a smaller --img-size or --batch-size, "
+                                       "--tile 512 (predict) or a machine with more memory\n")
+
+
 def test_interrupt_is_130_without_a_traceback(capsys):
     assert run_main("tool", _raise(KeyboardInterrupt())) == EXIT_INTERRUPTED
     assert "Traceback" not in capsys.readouterr().err

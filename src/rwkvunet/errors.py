@@ -119,6 +119,9 @@ def describe(err: BaseException) -> str | None:
         if err.args and isinstance(err.args[0], str) and err.filename is None:
             return err.args[0]  # raised with a message of our own
         return f"{name}: {kind}; check the path" if name else f"{kind}: {err}"
+    memory = _host_memory_message(err)
+    if memory is not None:
+        return memory
     try:
         import torch
 
@@ -128,6 +131,19 @@ def describe(err: BaseException) -> str | None:
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     return None
+
+
+def _host_memory_message(err: BaseException) -> str | None:
+    """The one-line message for running out of host memory (PyTorch's CPU allocator, numpy), else None."""
+    text = str(err)
+    if not (isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and "can't allocate memory" in text)):
+        return None
+    import re
+
+    size = re.search(r"allocate (\d+) bytes", text)
+    asked = f" (an allocation of {int(size.group(1)) / 2 ** 30:.1f} GiB failed)" if size else ""
+    return (f"out of memory{asked}; use a smaller --img-size or --batch-size, --tile 512 (predict) or a machine "
+            "with more memory")
 
 
 def run_main(prog: str, body: Callable[[], int], debug: bool = False) -> int:

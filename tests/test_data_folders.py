@@ -229,6 +229,15 @@ def test_error_names_unpaired_files(tmp_path):
         _load(root, tmp_path)
 
 
+def test_column_names_for_a_folder_are_refused(tmp_path):
+    """--mask-column on an image folder was silently ignored (the folder's masks were scored as usual)."""
+    root = tmp_path / "good"
+    _good_folder(root, np.random.default_rng(13))
+    with pytest.raises(DataError, match=r"mask_column 'image' .* read with the folder layout, which has none"):
+        _load(root, tmp_path, mask_column="image")
+    assert len(_all_rows(_load(root, tmp_path, image_column="image", mask_column="mask"))) == 3
+
+
 def test_datasets_source_columns_renamed_and_split(tmp_path, monkeypatch):
     import datasets
 

@@ -134,6 +134,13 @@ def load_segmentation_dataset(source: str, *, image_column: str = "image", mask_
         layout = detect_layout(source)
     if layout in ("hub", "disk"):
         return _load_datasets_source(source, layout, image_column, mask_column, split_seed, cache_dir)
+    renamed = [f"{name} {value!r}" for name, value, default in (("image_column", image_column, "image"),
+                                                                  ("mask_column", mask_column, "mask"))
+               if value != default]
+    if renamed:  # they name columns of Hub / save_to_disk tables; a folder's files were read as usual
+        raise DataError(f"{' and '.join(renamed)} (--image-column, --mask-column) name columns of Hub and "
+                        f"save_to_disk data sets, but {source} is read with the {layout} layout, which has "
+                        f"none; leave them out")
     root = Path(source)
     if not root.is_dir():
         raise DataError(f"{source} is not a folder; the {layout} layout is read from a local folder.")

@@ -313,7 +313,22 @@ def test_cli_missing_and_unsupported_inputs(model_dir, tmp_path, capsys):
     assert cli_main(["predict", str(model_dir), str(tmp_path / "ok.png"), "--out", out,
                      "--window", "300", "-100"]) == 2
     assert "LOW < HIGH" in capsys.readouterr().err
+    # --overlap without --tile was silently ignored
+    assert cli_main(["predict", str(model_dir), str(tmp_path / "ok.png"), "--out", out, "--overlap", "10"]) == 2
+    assert "--overlap 10 sets how much tiles overlap, and there are no tiles" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing written when nothing could start
+
+
+def test_cli_small_tiles_take_a_quarter_tile_overlap(model_dir, tmp_path, capsys):
+    """`--tile 32` alone was refused: the default overlap (64) was not below the tile."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 70), dtype=np.uint8)).save(tmp_path / "a.png")
+    assert cli_main(["predict", str(model_dir), str(tmp_path / "a.png"), "--out", str(tmp_path / "o1"),
+                     "--tile", "32"]) == 0
+    assert "tiles of 32 px overlapping by 8" in capsys.readouterr().err
+    assert cli_main(["predict", str(model_dir), str(tmp_path / "a.png"), "--out", str(tmp_path / "o2"),
+                     "--tile", "32", "--overlap", "8"]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "o1" / "a_labels.png").read_bytes() == (tmp_path / "o2" / "a_labels.png").read_bytes()
 
 
 def test_cli_unreadable_files_fail_alone(model_dir, tmp_path, capsys):

@@ -55,7 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--tile", type=int, metavar="N",
                       help="predict at native resolution in N x N tiles (memory bounded by N), e.g. 512")
     mode.add_argument("--native", action="store_true", help="predict the whole image at native resolution")
-    size.add_argument("--overlap", type=int, default=64, help="pixels shared by neighbouring tiles (default 64)")
+    size.add_argument("--overlap", type=int, default=None,
+                      help=f"pixels shared by neighbouring tiles of --tile (default {DEFAULT_OVERLAP}, at most a "
+                           "quarter of the tile)")
     run = parser.add_argument_group("running")
     run.add_argument("--tta", action="store_true", help="average over left-right and up-down flips")
     run.add_argument("--device", default=None, type=device_name,
@@ -77,6 +79,8 @@ PROG = "rwkvunet predict"
 LEGEND = io.LEGEND
 #: How many clashing paths an error message lists before giving the count.
 SHOWN = 3
+#: Pixels shared by neighbouring tiles when --tile is given without --overlap.
+DEFAULT_OVERLAP = 64
 
 
 def _check_args(args) -> Optional[str]:
@@ -85,6 +89,8 @@ def _check_args(args) -> Optional[str]:
         return f"--window needs LOW < HIGH, got {args.window[0]:g} {args.window[1]:g}"
     if args.tile is not None and args.tile < 16:
         return f"--tile must be at least 16 pixels, got {args.tile}"
+    if args.overlap is not None and args.tile is None:  # it was silently ignored
+        return f"--overlap {args.overlap} sets how much tiles overlap, and there are no tiles; add --tile N or drop it"
     if args.tile is not None and not 0 <= args.overlap < args.tile:
         return f"--overlap must be between 0 and the tile size minus 1, got {args.overlap}"
     if not -3 <= args.axis <= 2:
@@ -257,6 +263,8 @@ def _load(args) -> Segmenter:
 
 def _prepare(args) -> Tuple[List[Tuple[Path, Path]], list]:
     """The inputs and the output plan, with every check that needs no model; raises UserError."""
+    if args.tile is not None and args.overlap is None:
+        args.overlap = min(DEFAULT_OVERLAP, args.tile // 4)  # --tile 64 alone was refused (overlap 64 >= 64)
     problem = _check_args(args)
     if problem:
         raise UserError(problem)

@@ -331,6 +331,15 @@ def test_cli_small_tiles_take_a_quarter_tile_overlap(model_dir, tmp_path, capsys
     assert (tmp_path / "o1" / "a_labels.png").read_bytes() == (tmp_path / "o2" / "a_labels.png").read_bytes()
 
 
+def test_api_small_tiles_take_a_quarter_tile_overlap(segmenter):
+    """`predict_image(image, tile=32)` raised "need ... overlap < tile" for the default overlap of 64."""
+    image = np.random.default_rng(1).random((40, 70)).astype(np.float32)
+    np.testing.assert_array_equal(segmenter.predict_proba(image, tile=32),
+                                  segmenter.predict_proba(image, tile=32, overlap=8))
+    np.testing.assert_array_equal(segmenter.predict_proba(image, tile=512),
+                                  segmenter.predict_proba(image, tile=512, overlap=64))
+
+
 def test_cli_unreadable_files_fail_alone(model_dir, tmp_path, capsys):
     src = tmp_path / "in"
     src.mkdir()

@@ -144,6 +144,11 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def default_overlap(tile: int) -> int:
+    """Pixels neighbouring tiles share when none is given: 64, or a quarter of a smaller tile."""
+    return min(64, tile // 4)
+
+
 class Segmenter:
     """A trained segmenter ready for users' images and volumes.
 
@@ -287,12 +292,14 @@ class Segmenter:
         return F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
 
     @torch.inference_mode()
-    def tiled_probs(self, pixels: torch.Tensor, tile: int = 512, overlap: int = 64) -> torch.Tensor:
+    def tiled_probs(self, pixels: torch.Tensor, tile: int = 512, overlap: Optional[int] = None) -> torch.Tensor:
         """Probabilities (1, K, H, W) on the CPU of one large input predicted in ``tile`` x ``tile`` windows that
-        overlap by ``overlap`` pixels and are blended with linear ramps; the device holds at most
-        ``batch_size`` tiles."""
+        overlap by ``overlap`` pixels (default :func:`default_overlap`) and are blended with linear ramps; the
+        device holds at most ``batch_size`` tiles."""
         if pixels.shape[0] != 1:
             raise ValueError("tiled prediction takes one image at a time")
+        if overlap is None:
+            overlap = default_overlap(tile)
         if tile < 16 or not 0 <= overlap < tile:
             raise ValueError(f"need tile >= 16 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
         height, width = pixels.shape[-2:]
@@ -312,7 +319,7 @@ class Segmenter:
                 weight_sum[y:y + th, x:x + tw] += weight
         return (acc / weight_sum)[None]
 
-    def predict_proba(self, image: ImageLike, tile: Optional[int] = None, overlap: int = 64,
+    def predict_proba(self, image: ImageLike, tile: Optional[int] = None, overlap: Optional[int] = None,
                       native: bool = False) -> np.ndarray:
         """Class probabilities (K, H, W) float32 at the image's size (K = 1 for a one-logit binary model).
 
@@ -333,7 +340,7 @@ class Segmenter:
         size = None if native else self.preprocessing.size
         return self._resized_probs(pixels, size).cpu()
 
-    def predict_image(self, image: ImageLike, tile: Optional[int] = None, overlap: int = 64,
+    def predict_image(self, image: ImageLike, tile: Optional[int] = None, overlap: Optional[int] = None,
                       native: bool = False) -> np.ndarray:
         """Label map (H, W) uint8 of one image (array (H, W) / (H, W, C), PIL image, (C, H, W) tensor or the path
         of an image file)."""
@@ -341,7 +348,7 @@ class Segmenter:
 
     def predict_volume(self, volume: np.ndarray, axis: int = 2, batch_size: Optional[int] = None,
                        intensity: Union[str, Tuple[float, float], None] = "auto", native: bool = False,
-                       tile: Optional[int] = None, overlap: int = 64, progress: bool = False) -> np.ndarray:
+                       tile: Optional[int] = None, overlap: Optional[int] = None, progress: bool = False) -> np.ndarray:
         """Label volume (uint8, the volume's shape) predicted slice by slice along ``axis``.
 
         ``intensity`` prepares the voxels as the training slices were: ``"ct"`` (window -125..275 HU to
@@ -419,7 +426,7 @@ def _progress(enabled: bool, total: int, unit: str):
 
 def predict(model: Union[str, os.PathLike, Segmenter], inputs, *, device=None, dtype=None, tta: bool = False,
             axis: int = 2, intensity: Union[str, Tuple[float, float], None] = "auto", tile: Optional[int] = None,
-            overlap: int = 64, native: bool = False, batch_size: int = 8):
+            overlap: Optional[int] = None, native: bool = False, batch_size: int = 8):
     """Label maps in one call.
 
     ``model`` is a folder, Hub id or :class:`Segmenter`; ``inputs`` an image array / PIL image, a path to an

@@ -56,8 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="predict at native resolution in N x N tiles (memory bounded by N), e.g. 512")
     mode.add_argument("--native", action="store_true", help="predict the whole image at native resolution")
     size.add_argument("--overlap", type=int, default=None,
-                      help=f"pixels shared by neighbouring tiles of --tile (default {DEFAULT_OVERLAP}, at most a "
-                           "quarter of the tile)")
+                      help="pixels shared by neighbouring tiles of --tile (default 64, at most a quarter of the "
+                           "tile)")
     run = parser.add_argument_group("running")
     run.add_argument("--tta", action="store_true", help="average over left-right and up-down flips")
     run.add_argument("--device", default=None, type=device_name,
@@ -79,8 +79,6 @@ PROG = "rwkvunet predict"
 LEGEND = io.LEGEND
 #: How many clashing paths an error message lists before giving the count.
 SHOWN = 3
-#: Pixels shared by neighbouring tiles when --tile is given without --overlap.
-DEFAULT_OVERLAP = 64
 
 
 def _check_args(args) -> Optional[str]:
@@ -264,7 +262,9 @@ def _load(args) -> Segmenter:
 def _prepare(args) -> Tuple[List[Tuple[Path, Path]], list]:
     """The inputs and the output plan, with every check that needs no model; raises UserError."""
     if args.tile is not None and args.overlap is None:
-        args.overlap = min(DEFAULT_OVERLAP, args.tile // 4)  # --tile 64 alone was refused (overlap 64 >= 64)
+        from ..inference import default_overlap
+
+        args.overlap = default_overlap(args.tile)  # --tile 64 alone was refused (overlap 64 >= 64)
     problem = _check_args(args)
     if problem:
         raise UserError(problem)

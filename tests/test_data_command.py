@@ -218,6 +218,28 @@ def test_missing_empty_and_imageless_sources_are_one_line_errors(tmp_path, capsy
     assert not dest.exists()
 
 
+@pytest.mark.parametrize("option, words", [
+    (["--num-labels", "0"], "--num-labels: must be at least 1, got 0"),  # both were taken as binary
+    (["--num-labels", "-3"], "--num-labels: must be at least 1"),
+    (["--private"], "--private makes the Hub repo of --push-to-hub private, and nothing is pushed"),  # ignored
+])
+def test_options_that_meant_nothing_are_refused(tmp_path, capsys, option, words):
+    source = _image_folder(tmp_path / "src", n=3)
+    try:
+        status = main(["data", str(source), str(tmp_path / "out"), *option])
+    except SystemExit as usage_error:  # argparse's
+        status = usage_error.code
+    assert status == 2 and words in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_num_labels_below_one_is_refused_by_the_loader(tmp_path):
+    from rwkvunet.data import load_segmentation_dataset
+
+    with pytest.raises(ValueError, match="num_labels must be at least 1"):
+        load_segmentation_dataset(str(_image_folder(tmp_path / "src", n=3)), num_labels=0)
+
+
 def test_unreachable_hub_id_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     import datasets
 

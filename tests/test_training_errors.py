@@ -113,6 +113,14 @@ def test_bad_finetune_options_are_usage_errors(finetune, tmp_path, capsys, optio
     assert not out.exists()
 
 
+def test_a_hub_model_id_without_push_to_hub_is_refused(finetune, tmp_path, capsys):
+    """--hub-model-id alone was silently ignored: nothing was pushed."""
+    out = tmp_path / "run"
+    code, err = _run(finetune.main, TINY + ["--output-dir", out, "--hub-model-id", "me/model"], capsys)
+    _assert_one_line_error(code, err, "finetune.py", "--hub-model-id me/model", "add --push-to-hub")
+    assert not out.exists()
+
+
 def test_a_loss_of_zero_weights_is_refused(finetune, tmp_path, capsys):
     out = tmp_path / "run"
     code, err = _run(finetune.main, TINY + ["--output-dir", out, "--ce-weight", "0", "--dice-weight", "0"], capsys)

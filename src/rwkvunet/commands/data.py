@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", choices=LAYOUT_CHOICES, default="auto", help="source layout (default: detect)")
     parser.add_argument("--split-seed", type=whole_number(0), default=0,
                         help="seed of the 8:1:1 split of sets without their own splits (paper: 0, 1, 2)")
-    parser.add_argument("--num-labels", type=int, default=None,
+    parser.add_argument("--num-labels", type=whole_number(1), default=None,
                         help="classes; default binary for image folders, 9 for Synapse, 4 for ACDC. Masks with "
                              "this many grey levels or colours become classes 0..N-1 in sorted order")
     parser.add_argument("--image-column", default="image", help="image column of Hub / save_to_disk sources")
@@ -209,6 +209,9 @@ def convert(source: str, destination: str, *, layout: str = "auto", split_seed: 
 def run(args: argparse.Namespace) -> int:
     from ..data import is_volume_split
 
+    if args.private and not args.push_to_hub:  # it was silently ignored
+        raise UserError("--private makes the Hub repo of --push-to-hub private, and nothing is pushed; add "
+                        "--push-to-hub REPO or drop --private")
     if args.push_to_hub:
         from ..hub import check_hub_upload
 

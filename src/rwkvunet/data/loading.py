@@ -130,6 +130,8 @@ def load_segmentation_dataset(source: str, *, image_column: str = "image", mask_
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    if num_labels is not None and int(num_labels) < 1:
+        raise ValueError(f"num_labels must be at least 1 (None, 1 or 2: binary), got {num_labels}")
     if layout == "auto":
         layout = detect_layout(source)
     if layout in ("hub", "disk"):

@@ -368,6 +368,9 @@ def check_arguments(args: TrainArguments) -> None:
         raise UserError(f"at --img-size {args.img_size} the deepest feature map of {args.model} is 1 x 1, and with "
                         f"--batch-size 1 BatchNorm has one value per channel to normalise; use --batch-size 2 or "
                         f"more, or --img-size {stride + 1} or more")
+    if args.hub_model_id and not args.push_to_hub:  # it was silently ignored
+        raise UserError(f"--hub-model-id {args.hub_model_id} names the repo of --push-to-hub, and nothing is "
+                        "pushed; add --push-to-hub or drop --hub-model-id")
     if args.ce_weight + args.dice_weight <= 0:
         raise UserError("--ce-weight and --dice-weight are both 0, so the loss would be 0 and nothing would train; "
                         "give either a positive weight (defaults: 0.5 and 0.5)")

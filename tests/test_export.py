@@ -111,6 +111,28 @@ def test_torch_export_matches_eager_at_other_sizes(model, exported):
         assert close(got, eager(model, x), rel=1e-5)
 
 
+def test_channel_mix_in_the_encoder_exports_too():
+    """The Cross-Channel Mix exports its channel mix in slices of rows; the encoder's channel mixes (the
+    mix_channel_mix ablation) run at stages III-IV, whose rows (multiples of 2) cannot be cut into those
+    slices, and export whole: the graph still takes every size from 48 up."""
+    from rwkvunet.layers import EXPORT_ROW_SLICES, ChannelMix
+
+    torch.manual_seed(1)
+    model = RWKVUNetForSemanticSegmentation(RWKVUNetConfig(variant="t", num_labels=2, in_channels=1,
+                                                           mix_channel_mix=True)).eval()
+    slices = {name: m.export_row_slices for name, m in model.named_modules() if isinstance(m, ChannelMix)}
+    assert slices.pop("ccm.channel") == EXPORT_ROW_SLICES > 1
+    assert slices and set(slices.values()) == {1}
+    height = 16 * torch.export.Dim("height_16", min=3, max=256)
+    with torch.no_grad():  # as rwkvunet.onnx_export traces (inference forms); slicing them all failed here
+        program = torch.export.export(LogitsOnly(model), (torch.randn(1, 1, 48, 64),), dynamic_shapes={
+            "pixel_values": {2: height, 3: 16 * torch.export.Dim("w16", min=3)}})
+    for shape in [(1, 1, 48, 48), (1, 1, 80, 64)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            assert close(program.module()(x), eager(model, x), rel=1e-5)
+
+
 @pytest.mark.slow  # the ONNX translation alone takes about a minute on two cores
 def test_onnx_export_runs_in_onnxruntime_with_dynamic_shapes(model, exported, tmp_path):
     onnx = optional("onnx")

@@ -537,6 +537,9 @@ class ChannelMix(nn.Module):
         self.value = nn.Linear(hidden, dim, bias=False)
         # eager inference mixes large maps in slices of about this many hidden values (see _inference)
         self.hidden_chunk_elements = HIDDEN_CHUNK_ELEMENTS
+        # exported graphs mix in this many slices of rows, which must divide the rows of every exported size (see
+        # _exported); the Cross-Channel Mix, at stage I's resolution, sets EXPORT_ROW_SLICES
+        self.export_row_slices = 1
 
     def reset_parameters(self, mode: str = "uniform") -> None:
         """``uniform``: mixes 0.5; ``vrwkv``: :func:`vrwkv_init_values`."""
@@ -553,7 +556,7 @@ class ChannelMix(nn.Module):
         xx = q_shift(x, grid)
         if not (torch.is_grad_enabled() or compiling()):
             return self._inference(x, xx, grid)
-        if exporting() and not torch.is_grad_enabled():
+        if exporting() and not torch.is_grad_enabled() and self.export_row_slices > 1:
             return self._exported(x, xx, grid)
         if exporting():
             xk, xr = mix_tokens(xx, x, [self.spatial_mix_k, self.spatial_mix_r])
@@ -572,13 +575,13 @@ class ChannelMix(nn.Module):
                                                    grid))
 
     def _exported(self, x: torch.Tensor, xx: torch.Tensor, grid: Grid) -> torch.Tensor:
-        """The mix in exported inference graphs, in EXPORT_ROW_SLICES slices of rows (after the shift every token
-        is mixed on its own, so the values are those of one pass). At stage I's resolution the matmuls of one
+        """The mix in exported inference graphs, in ``export_row_slices`` slices of rows (after the shift every
+        token is mixed on its own, so the values are those of one pass). At stage I's resolution the matmuls of one
         pass run at two thirds of their speed in ONNX Runtime, whose GEMM streams a 16k-token input from memory
         once per block of output columns; a slice stays in the cache."""
         B, T, C = x.shape
         H, W = grid
-        n = EXPORT_ROW_SLICES
+        n = self.export_row_slices
         x5, xx5 = x.reshape(B, n, H // n, W, C), xx.reshape(B, n, H // n, W, C)
         out = []
         for i in range(n):
@@ -626,8 +629,9 @@ class ChannelMix(nn.Module):
         return torch.sigmoid_(r).mul_(value)
 
 
-#: Exported graphs mix channels in this many slices of rows (see ChannelMix._exported). It must divide 8: exported
-#: sizes are multiples of 16, so stage I's rows are multiples of 8. At 256 x 256 a slice holds 2048 tokens.
+#: The Cross-Channel Mix's channel mix runs in this many slices of rows in exported graphs (see
+#: ChannelMix._exported). It must divide 8: exported sizes are multiples of 16, so stage I's rows are multiples of
+#: 8. At 256 x 256 a slice holds 2048 tokens.
 EXPORT_ROW_SLICES = 8
 
 #: Eager inference mixes channels in slices of about this many hidden values (16 MiB of float32), see
@@ -796,6 +800,7 @@ class CrossChannelMix(nn.Module):
         self.projections = nn.ModuleList([nn.Conv2d(c, c1, 1, bias=True) for c in deep_first])
         dim = c1 * len(skip_chs)
         self.channel = ChannelMix(dim)
+        self.channel.export_row_slices = EXPORT_ROW_SLICES  # stage I's rows are multiples of 8 in exported graphs
         self.ln1 = nn.LayerNorm(dim)
         self.final_projections = nn.ModuleList([nn.Conv2d(c1, c, 1, bias=True) for c in deep_first])
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()

@@ -73,6 +73,10 @@ def test_debug_shows_the_traceback(monkeypatch):
     # a batch of one whose deepest map is 1 x 1: BatchNorm's ValueError after the first cases had run
     (["bench", "--device", "cpu", "--models", "t", "--sizes", "16"], "use --sizes 17 or more, --batch-sizes 2"),
     (["bench", "--device", "cpu", "--models", "t", "--json", "."], "--json . is a folder"),
+    # the preset silently replaced --models b with all of its models (minutes more); t,t measured t twice
+    (["bench", "--device", "cpu", "--preset", "cpu", "--models", "b"], "drop --models or the preset"),
+    (["bench", "--device", "cpu", "--models", "t,t"], "--models repeats t; give each once"),
+    (["bench", "--device", "cpu", "--models", "t", "--sizes", "64,32,64"], "--sizes repeats 64"),
 ])
 def test_bench_mistakes_are_one_line_errors(argv, expected, capsys, monkeypatch):
     import torch

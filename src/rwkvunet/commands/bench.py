@@ -559,25 +559,33 @@ def _csv(value: str) -> List[str]:
     return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
+#: Values of the options that make up a group when neither they nor --preset are given.
+GROUP_DEFAULTS = dict(models="t,s,b,smp", sizes="256", backend="eager", tasks="infer,train")
+#: Options that --preset sets (a preset is a list of groups).
+GROUP_OPTIONS = ("models", "sizes", "batch_sizes", "precisions", "backend", "tasks")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a prepared set of groups (overrides the "
                         "model/size/batch/precision/backend/task options): 'cpu' the CPU targets (eager and ONNX Runtime inference of T, S, B and T's training step beside smp, each ratio with its verdict), 'h100' "
                         "the GPU figures, 'h100-targets' only the GPU targets")
     parser.add_argument("--device", default=None, type=device_name,
                         help="cpu or cuda[:N] (default: cuda when available)")
-    parser.add_argument("--models", default="t,s,b,smp",
+    parser.add_argument("--models", default=None,
                         help="comma list of encoder variants (rwkvunet.ENCODER_VARIANTS) and smp (smp "
-                             "Unet(resnet34), when installed); default %(default)s")
-    parser.add_argument("--sizes", default="256", help="input heights = widths, comma list; default %(default)s")
+                             f"Unet(resnet34), when installed); default {GROUP_DEFAULTS['models']}")
+    parser.add_argument("--sizes", default=None,
+                        help=f"input heights = widths, comma list; default {GROUP_DEFAULTS['sizes']}")
     parser.add_argument("--batch-sizes", default=None, help="comma list; default 1 on CPU, 8 on CUDA")
     parser.add_argument("--precisions", default=None, help="fp32, bf16 (autocast), fp16 (autocast); "
                         "default fp32 on CPU, fp32,bf16 on CUDA")
-    parser.add_argument("--backend", "--compile", dest="backend", default="eager",
+    parser.add_argument("--backend", "--compile", dest="backend", default=None,
                         help="eager, compile (torch.compile), compile:MODE (e.g. compile:max-autotune) or "
                              "onnxruntime (inference on the CPU in fp32: the model exported to ONNX, checked "
                              "against eager, run by ONNX Runtime with --threads threads), comma list; every model, "
-                             "smp's too, runs through each; default %(default)s")
-    parser.add_argument("--tasks", default="infer,train", help="infer, train, comma list; default %(default)s")
+                             f"smp's too, runs through each; default {GROUP_DEFAULTS['backend']}")
+    parser.add_argument("--tasks", default=None,
+                        help=f"infer, train, comma list; default {GROUP_DEFAULTS['tasks']}")
     parser.add_argument("--num-labels", type=whole_number(1), default=9, help="output classes (default %(default)s)")
     parser.add_argument("--in-channels", type=whole_number(1), default=3, help="input channels (default %(default)s)")
     parser.add_argument("--steps", type=whole_number(1), default=None,
@@ -600,6 +608,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _groups(args, device: str) -> List[dict]:
     if args.preset:
+        given = [f"--{key.replace('_', '-')}" for key in GROUP_OPTIONS if getattr(args, key) is not None]
+        if given:  # they were silently overridden by the preset's own
+            raise UserError(f"--preset {args.preset} sets the models, sizes, batches, precisions, backends and tasks "
+                            f"itself; drop {', '.join(given)} or the preset")
         groups = [dict(g) for g in PRESETS[args.preset]]
         for g in groups:  # explicit timing options still apply
             for key in ("repeats", "steps", "warmup"):
@@ -607,11 +619,16 @@ def _groups(args, device: str) -> List[dict]:
                     g[key] = getattr(args, key)
         return groups
     cpu = device == "cpu"
+    for key in GROUP_OPTIONS:  # a repeated entry measured the same case twice
+        values = _csv(getattr(args, key) or "")
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise UserError(f"--{key.replace('_', '-')} repeats {', '.join(repeated)}; give each once")
     return [dict(
-        models=args.models, sizes=args.sizes,
+        models=args.models or GROUP_DEFAULTS["models"], sizes=args.sizes or GROUP_DEFAULTS["sizes"],
         batch_sizes=args.batch_sizes or ("1" if cpu else "8"),
         precisions=args.precisions or ("fp32" if cpu else "fp32,bf16"),
-        backend=args.backend, tasks=args.tasks,
+        backend=args.backend or GROUP_DEFAULTS["backend"], tasks=args.tasks or GROUP_DEFAULTS["tasks"],
         repeats=args.repeats or (5 if cpu else 1), steps=args.steps or (5 if cpu else 30),
         warmup=args.warmup if args.warmup is not None else (2 if cpu else 10),
     )]

@@ -284,6 +284,28 @@ def test_converter_id2label_count_names_id2label(checkpoint_t, tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
+def test_converter_names_a_prefix_that_hides_the_weights(checkpoint_t, tmp_path, capsys):
+    """A checkpoint saved under a framework's own prefix (DataParallel's module. is taken off already) read as no
+    variant at all, with no word about --prefix."""
+    state = {f"net.{k}": v for k, v in load_file(str(checkpoint_t)).items()}
+    state["epoch"] = torch.tensor(3)  # a stray entry beside them
+    src = _save(tmp_path / "wrapped.safetensors", state)
+    assert run_convert(src, tmp_path / "out") == 2
+    _one_error_line(capsys, "does not look like an RWKV-UNet checkpoint", f"{len(state) - 1} of its {len(state)} "
+                    "keys start with 'net.', pass --prefix net.")
+    assert run_convert(src, tmp_path / "out", "--prefix", "net.") == 0
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--id2label", "background,organ,organ"], "names 'organ' more than one class"),  # legends showed two alike
+    (["--private"], "--private creates the Hub repo of --publish as private, and nothing is published"),  # ignored
+])
+def test_converter_refuses_options_that_would_mislead(checkpoint_t, tmp_path, capsys, argv, words):
+    assert run_convert(checkpoint_t, tmp_path / "out", *argv) == 2
+    _one_error_line(capsys, words)
+    assert not (tmp_path / "out").exists()
+
+
 def test_converter_overwrite_keeps_what_it_did_not_write(checkpoint_t, tmp_path, capsys):
     dst = tmp_path / "out"
     dst.mkdir()

@@ -113,9 +113,24 @@ def check_variant(state: Dict[str, torch.Tensor], variant: str, src) -> None:
         raise ConversionError(f"{src} does not look like an RWKV-UNet checkpoint of any variant (stage dims "
                               f"{dims}, depths {depths}; "
                               + "; ".join(f"{v.upper()} has dims {tuple(ENCODER_VARIANTS[v]['dims'])}"
-                                          for v in released) + ")")
+                                          for v in released) + ")" + _prefix_hint(state))
     raise ConversionError(f"{src} looks like an RWKV-UNet-{found.upper()} checkpoint (stage dims {dims}, depths "
                           f"{depths}), not {variant.upper()}; convert it with --variant {found}")
+
+
+def _prefix_hint(state: Dict[str, torch.Tensor]) -> str:
+    """``; pass --prefix P`` when the weights sit under one prefix that hides them (a wrapper's ``module.``,
+    ``model.``, a training framework's ``sd.``), else ''."""
+    firsts: Dict[str, int] = {}
+    for key in state:
+        head, dot, _ = key.partition(".")
+        if dot:
+            firsts[head] = firsts.get(head, 0) + 1
+    for head, count in sorted(firsts.items(), key=lambda item: -item[1]):
+        inner = {k[len(head) + 1:]: v for k, v in state.items() if k.startswith(head + ".")}
+        if encoder_shape(inner)[0] != encoder_shape(state)[0] and any(encoder_shape(inner)[0]):
+            return f"; {count} of its {len(state)} keys start with '{head}.', pass --prefix {head}."
+    return ""
 
 
 def _head_rows(state: Dict[str, torch.Tensor]) -> Optional[int]:
@@ -287,6 +302,11 @@ def _parse_labels(text: str) -> Dict[int, str]:
         raise ConversionError(f"--id2label {text}: expected names 'a,b,c', a JSON list or {{id: name}}") from err
     if sorted(labels) != list(range(len(labels))) or not all(str(v).strip() for v in labels.values()):
         raise ConversionError(f"--id2label {text}: give one non-empty name for each class 0..N-1")
+    names = [str(v).strip() for v in labels.values()]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # label2id would keep one of them, and legends would show two classes alike
+        raise ConversionError(f"--id2label {text}: names {', '.join(repr(n) for n in twice)} more than one class; "
+                              "give each class its own name")
     return labels
 
 
@@ -459,6 +479,9 @@ def _convert(args, stage: Path) -> None:
 
 
 def run(args) -> int:
+    if args.private and args.publish is None:  # it was silently ignored
+        raise UserError("--private creates the Hub repo of --publish as private, and nothing is published; add "
+                        "--publish or drop --private")
     dst = _check_dst(args)
     repo_id = hub_repo_id(args.hub_config, args.publish) if args.publish is not None else None
     if repo_id is not None:  # a name the Hub refuses is said before converting (offline, the folder is kept)

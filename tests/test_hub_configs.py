@@ -171,7 +171,18 @@ def test_publish_script_assembles_a_hub_folder(tmp_path, monkeypatch, capsys):
     # the wrong hub config for this checkpoint is refused
     rc = script["main"]([str(checkpoint), str(HUB_CONFIGS / "rwkvunet-s-synapse"), "--out", str(tmp_path / "x"),
                          "--prefix", "sd."])
-    assert rc == 2 and "predicts 4 classes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "predicts 4 classes" in err
+    assert err.startswith("publish_hub.py: error: ")  # it was "rwkvunet convert: error:", a command not run
+    # without --prefix the weights were taken for an encoder checkpoint
+    rc = script["main"]([str(checkpoint), str(HUB_CONFIGS / "rwkvunet-s-acdc"), "--out", str(tmp_path / "y")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "keys start with 'sd.', pass --prefix sd." in err and "encoder" not in err
+    with pytest.raises(SystemExit):  # --private without --push was silently ignored
+        script["main"]([str(checkpoint), str(HUB_CONFIGS / "rwkvunet-s-acdc"), "--out", str(tmp_path / "z"),
+                        "--prefix", "sd.", "--private"])
+    assert "--private creates the Hub repo of --push as private" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("x", "y", "z"))
 
 
 def test_publish_script_keeps_what_is_in_a_non_empty_folder(tmp_path, capsys):

@@ -45,18 +45,21 @@ def check_card_licence(hub_config: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="publish_hub.py", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="the authors' checkpoint (.pth / .safetensors)")
     parser.add_argument("hub_config", type=Path, help="hub_configs/<repo> folder")
     parser.add_argument("--out", type=Path, help="folder to assemble (default: build/<repo>)")
     parser.add_argument("--push", action="store_true", help="upload with huggingface_hub (needs network and a token)")
     parser.add_argument("--repo-id", help="Hub repo (default: HUB_ORG/<hub config folder name>)")
-    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo of --push as private")
     parser.add_argument("--prefix", default="", help="only use checkpoint keys under this prefix")
     parser.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
                         help="assemble into a folder that is not empty (the files it writes are replaced, others kept)")
     args = parser.parse_args(argv)
 
+    if args.private and not args.push:  # it was silently ignored
+        parser.error("--private creates the Hub repo of --push as private, and nothing is pushed; add --push or drop "
+                     "--private")
     hub_config = args.hub_config.resolve()
     if not (hub_config / "config.json").is_file():
         parser.error(f"{hub_config} has no config.json; pass a hub_configs/<repo> folder")
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
         cli += ["--publish", convert.hub_repo_id(str(hub_config), args.repo_id)]
         if args.private:
             cli += ["--private"]
-    return convert.main(cli)
+    return convert.main(cli, prog=parser.prog)
 
 
 if __name__ == "__main__":

@@ -161,6 +161,9 @@ def convert_segmenter(state, *, variant: str, num_labels: Optional[int] = None, 
     from ..models.rwkv_unet.conversion import convert_authors_state_dict
 
     if not is_segmenter(state):
+        hint = _prefix_hint(state)
+        if hint:  # a segmenter under a prefix was called an encoder checkpoint
+            raise ConversionError(f"{src} has no decoder or head at the top level of its keys{hint}")
         raise ConversionError(f"{src} has no decoder or head: it looks like an encoder checkpoint; convert it "
                               "with --encoder")
     check_variant(state, variant, src)
@@ -478,7 +481,7 @@ def _convert(args, stage: Path) -> None:
     copy_card(args.hub_config, stage)
 
 
-def run(args) -> int:
+def run(args, prog: str = PROG) -> int:
     if args.private and args.publish is None:  # it was silently ignored
         raise UserError("--private creates the Hub repo of --publish as private, and nothing is published; add "
                         "--publish or drop --private")
@@ -500,17 +503,18 @@ def run(args) -> int:
         try:
             print(f"uploaded to {publish(dst, repo_id, private=args.private)}")
         except UserError as err:
-            print_error(PROG, str(err))
+            print_error(prog, str(err))
             return EXIT_PARTIAL  # written, not uploaded
     return EXIT_OK
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+def main(argv=None, prog: str = PROG) -> int:
+    """``prog`` names the command in messages (scripts that run a conversion pass their own name)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     add_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
-    return run_main(PROG, lambda: run(args), debug=args.debug)
+    return run_main(prog, lambda: run(args, prog), debug=args.debug)
 
 
 if __name__ == "__main__":

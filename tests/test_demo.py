@@ -222,6 +222,21 @@ def _error(capsys):
     return err[-1]
 
 
+def test_requirement_lines_pip_would_fail_on_are_refused(model_dir, tmp_path, capsys):
+    """An invalid --requirement was written into the Space's requirements.txt (its build failed on the Hub);
+    without a Space to write it was silently ignored."""
+    for spec in ("torch==", "", "a\nb"):
+        assert cli_main(["demo", str(model_dir), "--requirement", spec, "--write-space", str(tmp_path / "s")]) == 2
+        assert "--requirement" in _error(capsys)
+    assert not (tmp_path / "s").exists()
+    assert cli_main(["demo", str(model_dir), "--requirement", "rwkvunet", "--port", "0"]) == 2
+    assert "no Space is written" in _error(capsys)
+    for i, spec in enumerate(("rwkvunet[demo]>=0.1", "git+https://github.com/o/r", "rwkvunet @ git+https://x/y.git")):
+        assert cli_main(["demo", str(model_dir), "--requirement", spec, "--write-space", str(tmp_path / f"ok{i}")]) == 0
+        assert (tmp_path / f"ok{i}" / "requirements.txt").read_text().splitlines()[0] == spec
+    capsys.readouterr()
+
+
 def test_command_errors_are_one_line(model_dir, tmp_path, capsys, monkeypatch):
     assert cli_main(["demo", str(model_dir), "--port", "70000"]) == 2
     assert "--port must be between 0 and 65535" in _error(capsys)

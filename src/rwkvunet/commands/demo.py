@@ -56,11 +56,33 @@ def _check_args(args) -> None:
         raise UserError(f"--port must be between 0 and 65535, got {args.port}")
     if args.private and not args.push:
         raise UserError("--private applies to --push SPACE_ID; add --push or drop --private")
+    if args.requirement is not None:
+        check_requirement(args.requirement)
+    if args.requirement is not None and not (args.write_space or args.push):  # it was silently ignored
+        raise UserError("--requirement sets what a Space installs, and no Space is written; add --write-space DIR "
+                        "or --push SPACE_ID, or drop it")
     if args.device and args.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda asked but CUDA is not available here; use --device cpu")
+
+
+def check_requirement(spec: str) -> None:
+    """Refuse a --requirement the Space's pip would fail on at build time: a blank or multi-line one, or a
+    malformed name specifier (URLs, paths and ``name @ URL`` pass as pip reads them)."""
+    if not spec.strip() or "\n" in spec:
+        raise UserError(f"--requirement {spec!r}: give one requirement line, e.g. 'rwkvunet[demo,nifti]==1.0'")
+    if "://" in spec or spec.lstrip().startswith(("-", ".", "/")):
+        return
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    try:
+        Requirement(spec)
+    except InvalidRequirement as err:
+        reason = str(err).splitlines()[0]
+        raise UserError(f"--requirement {spec!r} is not a valid requirement ({reason}); the Space's build would "
+                        "fail on it. Give e.g. 'rwkvunet[demo,nifti]==1.0' or a git+https URL") from None
 
 
 def free_port(host: str, port: int) -> int:

@@ -121,6 +121,18 @@ def test_a_hub_model_id_without_push_to_hub_is_refused(finetune, tmp_path, capsy
     assert not out.exists()
 
 
+@pytest.mark.parametrize("extra, words", [
+    (["--min-lr", "1", "--lr", "0.1"], "--min-lr 1 is above the peak lr 0.1"),
+    (["--min-lr", "1"], "above the peak lr 0.02"),  # RWKV-UNet's own lr from scratch
+])
+def test_a_min_lr_above_the_peak_is_refused(finetune, tmp_path, capsys, extra, words):
+    """The cosine schedule then rose from the peak to --min-lr instead of decaying."""
+    out = tmp_path / "run"
+    code, err = _run(finetune.main, TINY + ["--output-dir", out, *extra], capsys)
+    _assert_one_line_error(code, err, "finetune.py", words)
+    assert not out.exists()
+
+
 def test_a_loss_of_zero_weights_is_refused(finetune, tmp_path, capsys):
     out = tmp_path / "run"
     code, err = _run(finetune.main, TINY + ["--output-dir", out, "--ce-weight", "0", "--dice-weight", "0"], capsys)

@@ -368,6 +368,10 @@ def check_arguments(args: TrainArguments) -> None:
         raise UserError(f"at --img-size {args.img_size} the deepest feature map of {args.model} is 1 x 1, and with "
                         f"--batch-size 1 BatchNorm has one value per channel to normalise; use --batch-size 2 or "
                         f"more, or --img-size {stride + 1} or more")
+    peak = args.peak_lr
+    if peak is not None and args.min_lr > peak:  # the cosine "decay" would have raised the lr to min_lr
+        raise UserError(f"--min-lr {args.min_lr:g} is above the peak lr {peak:g}, so the schedule would rise "
+                        "instead of decaying; give a --min-lr at most the lr (default 0)")
     if args.hub_model_id and not args.push_to_hub:  # it was silently ignored
         raise UserError(f"--hub-model-id {args.hub_model_id} names the repo of --push-to-hub, and nothing is "
                         "pushed; add --push-to-hub or drop --hub-model-id")

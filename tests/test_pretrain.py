@@ -114,6 +114,7 @@ def test_export_starts_a_segmenter(pretrain, tmp_path):
     ("--model", "rwkvunet_enc_x", "did you mean rwkvunet_enc_t?"),
     ("--opt", "adamx", "not a timm optimizer (did you mean adamax?)"),
     ("--sched", "cosin", "--sched must be one of cosine"),
+    ("--min-lr", "0.1", "--min-lr 0.1 is above --lr 0.003"),  # the cosine schedule rose to it
 ])
 def test_mistakes_are_one_line_errors_before_anything_runs(pretrain, tmp_path, option, value, words):
     """Each of these was a traceback from timm or PyTorch, reported as a bug in rwkvunet."""

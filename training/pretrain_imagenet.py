@@ -126,6 +126,8 @@ def check_values(values: dict) -> str | None:
         return f"--opt {values['opt']} is not a timm optimizer" + (f" (did you mean {close[0]}?)" if close else "")
     if values["sched"] not in SCHEDULERS:
         return f"--sched must be one of {', '.join(SCHEDULERS)}, got {values['sched']!r}"
+    if values["min_lr"] > values["lr"]:  # the schedule would rise to min_lr instead of decaying
+        return f"--min-lr {values['min_lr']:g} is above --lr {values['lr']:g}; give a --min-lr at most the lr"
     return None
 
 

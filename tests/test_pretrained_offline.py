@@ -190,3 +190,76 @@ def test_segmenter_cached_without_weights_says_where_weights_are(hub_files, offl
         load_segmentation_model(SEG_B)
     message = str(info.value)
     assert "config.json is here but its weights are not" in message and all(text in message for text in WHERE)
+
+
+# --- a machine where the Hub's name does not resolve, without HF_HUB_OFFLINE --------------------------------------
+@pytest.fixture
+def no_dns(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE unset, no proxy, and no host name resolves (an air-gapped machine). Returns the Hub cache and
+    the list of names looked up: huggingface_hub retried each file for ~25 s there before using its cache."""
+    import socket
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    looked_up = []
+
+    def no_name(host, *args, **kwargs):
+        looked_up.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_name)
+    return cache, looked_up
+
+
+def test_unresolvable_hub_reads_the_cache_at_once(hub_files, no_dns):
+    from rwkvunet.hub import hub_unreachable
+
+    cache, looked_up = no_dns
+    assert "cannot be reached from this machine" in hub_unreachable()
+    _snapshot(cache, SEG_B, hub_files / "seg")
+    model = load_segmentation_model(SEG_B)
+    assert _same(model, load_file(str(hub_files / "seg" / "model.safetensors")))
+    # the probe, and at most huggingface_hub's one-time fetch of its user-agent registry: no retried requests
+    assert set(looked_up) == {"huggingface.co"} and len(looked_up) <= 2
+
+
+def test_unresolvable_hub_and_an_uncached_model_is_one_line_at_once(no_dns):
+    _, looked_up = no_dns
+    with pytest.raises(UserError) as info:
+        load_segmentation_model("someone/not-cached")
+    message = str(info.value)
+    assert "not in the Hub cache" in message and "its name does not resolve" in message and "\n" not in message
+    assert len(looked_up) <= 2  # huggingface_hub retried each file 5 times
+
+
+def test_a_proxy_or_hf_hub_offline_leaves_the_choice_to_huggingface_hub(no_dns, monkeypatch):
+    from huggingface_hub import constants
+
+    from rwkvunet.hub import hub_unreachable
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # the proxy resolves names, not this machine
+    assert hub_unreachable() is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the cache is read at once already
+    assert hub_unreachable() is None
+
+
+def test_unresolvable_hub_data_set_is_one_line_at_once(no_dns, tmp_path):
+    import datasets.config
+    from huggingface_hub import constants
+
+    from rwkvunet.data import DataError, load_segmentation_dataset
+
+    _, looked_up = no_dns
+    with pytest.raises(DataError, match="not in the datasets cache, and the Hub .* its name does not resolve"):
+        load_segmentation_dataset("someone/not-cached-set", cache_dir=str(tmp_path / "ds"))
+    assert len(looked_up) <= 2  # datasets retried for ~50 s
+    assert constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False  # restored

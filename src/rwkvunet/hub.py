@@ -64,6 +64,56 @@ def _hub_reason(err: BaseException) -> str:
     return _first_line(err)
 
 
+def hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached from this machine at all, or None. Only a host name that does not resolve
+    (an offline or air-gapped machine) counts, and only without a proxy (which resolves names itself): there,
+    huggingface_hub retries every file for about 25 s before it falls back to its cache, so callers read the
+    cache at once instead (``local_files_only``)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None  # offline already: the cache is read at once
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, 443)
+    except socket.gaierror:
+        return f"the Hub ({host}) cannot be reached from this machine: its name does not resolve"
+    except OSError:
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def hub_offline_within():
+    """Within: huggingface_hub and datasets in offline mode (their caches only), as with HF_HUB_OFFLINE=1. For
+    libraries without a ``local_files_only`` argument (``datasets.load_dataset``), where :func:`hub_unreachable`
+    says the Hub cannot be reached anyway."""
+    from huggingface_hub import constants
+
+    modules = [constants]
+    try:
+        import datasets.config
+
+        modules.append(datasets.config)
+    except ImportError:
+        pass
+    saved = [m.HF_HUB_OFFLINE for m in modules]
+    for m in modules:
+        m.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, saved):
+            m.HF_HUB_OFFLINE = value
+
+
 def _hub_errors() -> tuple:
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
 
@@ -264,8 +314,9 @@ def _check_local_folder(source: str) -> None:
         check_safetensors(folder / "model.safetensors")
 
 
-def _read_config(source: str, hub_kwargs: dict) -> dict:
-    """The model's config.json as a dict (from the folder, or the Hub or its cache)."""
+def _read_config(source: str, hub_kwargs: dict, offline: str | None = None) -> dict:
+    """The model's config.json as a dict (from the folder, or the Hub or its cache); ``offline`` says why only
+    the cache was read (see :func:`hub_unreachable`)."""
     from transformers import PretrainedConfig
 
     try:
@@ -277,6 +328,12 @@ def _read_config(source: str, hub_kwargs: dict) -> dict:
         hint = f"; {where_weights_are(encoder=False)}" if _is_ours(source) else ""
         close = near_miss_folder(source)
         hint += f" (or did you mean the folder {close}?)" if close else ""
+        if offline:
+            from huggingface_hub import constants
+
+            raise UserError(f"{source} is no local folder and not in the Hub cache ({constants.HF_HUB_CACHE}), and "
+                            f"{offline}; give a model folder, or download it where there is a network (hf download "
+                            f"{source}) and copy the cache here{hint}") from err
         raise UserError(f"{source} is no local folder and cannot be loaded as a Hub id ({_first_line(err)}); "
                         f"check the path or the id, and the network (or HF_HUB_OFFLINE and the cache){hint}"
                         ) from err
@@ -386,7 +443,11 @@ def load_segmentation_model(name_or_path, **from_pretrained_kwargs):
                         + (f"did you mean {close}?" if close else "check the path"))
     elif "/" in source and near_miss_folder(source):  # a mistyped local path, not sent to the Hub
         raise UserError(f"{source} does not exist (did you mean {near_miss_folder(source)}?)")
-    _check_model_type(source, _read_config(source, hub_kwargs))
+    offline = None if os.path.exists(source) or hub_kwargs.get("local_files_only") else hub_unreachable()
+    if offline:  # read the Hub cache at once instead of after huggingface_hub's retries (~25 s a file)
+        hub_kwargs["local_files_only"] = True
+        from_pretrained_kwargs = dict(from_pretrained_kwargs, local_files_only=True)
+    _check_model_type(source, _read_config(source, hub_kwargs, offline))
     resizing = bool(from_pretrained_kwargs.get("ignore_mismatched_sizes"))
     # shape mismatches are reported by _check_loading_info, with the shapes, instead of a RuntimeError
     kwargs = dict(from_pretrained_kwargs, output_loading_info=True, ignore_mismatched_sizes=True)

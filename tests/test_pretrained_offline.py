@@ -263,3 +263,17 @@ def test_unresolvable_hub_data_set_is_one_line_at_once(no_dns, tmp_path):
         load_segmentation_dataset("someone/not-cached-set", cache_dir=str(tmp_path / "ds"))
     assert len(looked_up) <= 2  # datasets retried for ~50 s
     assert constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False  # restored
+
+
+def test_unresolvable_hub_encoders_read_the_cache_at_once(hub_files, no_dns):
+    from huggingface_hub import constants
+
+    cache, looked_up = no_dns
+    _snapshot(cache, ENC_B, hub_files / "enc")
+    assert _same(create_encoder("rwkvunet_enc_b"), load_file(str(hub_files / "enc" / "model.safetensors")))
+    with pytest.raises(UserError) as info:
+        create_encoder("rwkvunet_enc_t")  # not cached
+    message = str(info.value)
+    assert message.startswith(encoder_repo_id("t")) and "its name does not resolve" in message
+    assert all(text in message for text in WHERE) and "\n" not in message
+    assert len(looked_up) <= 3 and constants.HF_HUB_OFFLINE is False  # two probes; offline mode restored

@@ -181,6 +181,21 @@ def test_resume_with_nothing_to_resume_is_one_line(finetune, tmp_path, capsys):
     _assert_one_line_error(code, err, "finetune.py", "nothing to resume")
 
 
+def test_an_encoder_hub_id_missing_from_the_cache_is_one_line(finetune, tmp_path, capsys, monkeypatch):
+    """It was huggingface_hub's own paragraph ("An error happened while trying to locate the file ...")."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    out = tmp_path / "run"
+    argv = TINY + ["--synthetic-size", "32", "--synthetic-train", "4", "--synthetic-eval", "1",
+                   "--encoder-pretrained", "hf-hub:someone/missing-encoder", "--output-dir", out]
+    code, err = _run(finetune.main, argv, capsys)
+    _assert_one_line_error(code, err, "finetune.py", "--encoder-pretrained hf-hub:someone/missing-encoder: not in "
+                           "the Hub cache", "HF_HUB_OFFLINE is set", "rwkvunet convert CKPT OUT --encoder")
+
+
 @pytest.mark.parametrize("name, words", [("truncated", ["not a complete safetensors"]), ("empty", ["empty"]),
                                          ("missing", ["does not exist"])])
 def test_bad_pretrained_is_one_line(finetune, models, tmp_path, capsys, name, words):

@@ -165,11 +165,15 @@ def create_encoder(model_name: str = "rwkvunet_enc_b", pretrained: bool = True, 
         if pretrained and _weights_in_folder(folder) is None:
             raise UserError(f"{folder} holds no model.safetensors or pytorch_model.bin; convert the weights into "
                             f"it again; {where_weights_are(encoder=True)}")
-    try:
-        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    from_hub = pretrained and weights is None and not model_name.startswith("local-dir:")
+    offline = hub_unreachable() if from_hub else None
+    try:  # where the Hub cannot be reached, its cache at once instead of after ~25 s of retries
+        with hub_offline_within() if offline else contextlib.nullcontext():
+            return timm.create_model(model_name, pretrained=pretrained, **kwargs)
     except _hub_errors() as err:
         repo = _encoder_repo(model_name) or model_name
-        raise UserError(f"{repo}: {_hub_reason(err)}; {where_weights_are(encoder=True)}") from err
+        reason = f"not in the Hub cache, and {offline}" if offline else _hub_reason(err)
+        raise UserError(f"{repo}: {reason}; {where_weights_are(encoder=True)}") from err
     except Exception:
         if weights is not None:
             load_weights_file(path)  # an unreadable or unsafe file raises a UserError naming it

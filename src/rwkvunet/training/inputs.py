@@ -1,6 +1,8 @@
 """The data set and the model a fine-tuning run starts from, with what it can infer from the data."""
 from __future__ import annotations
 
+import contextlib
+
 import logging
 from pathlib import Path
 
@@ -168,9 +170,22 @@ def build_model(args, num_labels: int, in_channels: int, names: list[str]):
             common.pop(name)
         return build_baseline(args.model, **common)
     if args.encoder_pretrained:
-        return RWKVUNetForSemanticSegmentation.from_encoder_pretrained(
-            f"rwkvunet_enc_{args.variant}", pretrained_cfg_overlay=_encoder_overlay(args.encoder_pretrained),
-            **common)
+        from ..hub import hub_offline_within, hub_unreachable
+
+        overlay = _encoder_overlay(args.encoder_pretrained)
+        offline = "hf_hub_id" in overlay and hub_unreachable()
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+        try:
+            with hub_offline_within() if offline else contextlib.nullcontext():  # the cache at once, no retries
+                return RWKVUNetForSemanticSegmentation.from_encoder_pretrained(
+                    f"rwkvunet_enc_{args.variant}", pretrained_cfg_overlay=overlay, **common)
+        except (LocalEntryNotFoundError, RepositoryNotFoundError) as err:  # huggingface_hub's paragraph
+            from ..hub import _hub_reason
+
+            reason = f"not in the Hub cache, and {offline}" if offline else _hub_reason(err)
+            raise UserError(f"--encoder-pretrained {args.encoder_pretrained}: {reason}; give a weights file or a "
+                            "folder written by `rwkvunet convert CKPT OUT --encoder`") from err
     return RWKVUNetForSemanticSegmentation(RWKVUNetConfig(variant=args.variant, **common))
 
 
@@ -179,8 +194,11 @@ def _pretrained_config(source: str):
     from ..hub import load_segmentation_model
     from ..models.rwkv_unet import RWKVUNetConfig
 
+    from ..hub import hub_unreachable
+
+    local_only = not Path(source).exists() and hub_unreachable() is not None  # the cache at once, no retries
     try:
-        return RWKVUNetConfig.from_pretrained(source)
+        return RWKVUNetConfig.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as err:
         load_segmentation_model(source)  # raises a UserError that says what is wrong with the folder
         raise UserError(f"--pretrained {source}: {str(err).splitlines()[0]}") from err

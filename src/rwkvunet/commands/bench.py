@@ -566,9 +566,11 @@ GROUP_OPTIONS = ("models", "sizes", "batch_sizes", "precisions", "backend", "tas
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="a prepared set of groups (it sets the "
-                        "model/size/batch/precision/backend/task options, which are not given with it): 'cpu' the CPU targets (eager and ONNX Runtime inference of T, S, B and T's training step beside smp, each ratio with its verdict), 'h100' "
-                        "the GPU figures, 'h100-targets' only the GPU targets")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="a prepared set of groups (it sets the model/size/batch/precision/backend/task "
+                             "options, which are not given with it): 'cpu' the CPU targets (eager and ONNX Runtime "
+                             "inference of T, S, B and T's training step beside smp, each ratio with its verdict), "
+                             "'h100' the GPU figures, 'h100-targets' only the GPU targets")
     parser.add_argument("--device", default=None, type=device_name,
                         help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--models", default=None,

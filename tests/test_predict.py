@@ -790,3 +790,16 @@ def test_a_stack_of_slices_given_as_one_image_names_predict_volume(segmenter):
 
     with pytest.raises(PixelError, match="has 64 channels.*a stack of slices is a volume, for predict_volume"):
         segmenter.predict_image(np.random.default_rng(0).random((5, 64, 64)).astype(np.float32))
+
+
+def test_segmenter_settings_that_meant_something_else_are_refused(model, segmenter):
+    """batch_size 0 (or -5) was taken as 1 by the segmenter and as its own by predict_volume; an unknown device
+    was torch's list of every device type."""
+    for bad in (0, -5, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be a whole number of at least 1"):
+            Segmenter(model, device="cpu", batch_size=bad)
+    with pytest.raises(ValueError, match="batch_size must be a whole number of at least 1, got 0"):
+        segmenter.predict_volume(np.zeros((20, 30, 2), np.float32), batch_size=0)
+    with pytest.raises(ValueError, match="unknown device 'tpu'; use 'cpu', 'cuda' or 'cuda:N'"):
+        Segmenter(model, device="tpu")
+    assert Segmenter(model, device="cpu", batch_size=np.int64(3)).batch_size == 3

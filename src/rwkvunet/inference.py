@@ -144,6 +144,20 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+
+
+def _device(device) -> torch.device:
+    """``torch.device(device)``, with a message that names the choices instead of torch's list of every type."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N' (or another torch device, "
+                         "e.g. 'mps')") from err
+
+
 def default_overlap(tile: int) -> int:
     """Pixels neighbouring tiles share when none is given: 64, or a quarter of a smaller tile."""
     return min(64, tile // 4)
@@ -177,9 +191,10 @@ class Segmenter:
                  device: Union[str, torch.device, None] = None, dtype=None, tta: bool = False,
                  batch_size: int = 8, backend: str = "eager"):
         self.backend = check_backend(backend)
+        _check_batch_size(batch_size)  # 0 and negatives were taken as 1
         if backend == "onnxruntime":
             device = _onnxruntime_device(device, dtype)
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = _device(device) if device is not None else default_device()
         self.dtype = _resolve_dtype(dtype, self.device)
         self.model = model.to(self.device).eval()
         self.inference_model = inference_model(self.model, backend)  # self.model stays loadable
@@ -189,7 +204,7 @@ class Segmenter:
             preprocessing = dataclasses.replace(preprocessing, num_channels=channels)
         self.preprocessing = preprocessing
         self.tta = bool(tta)
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = int(batch_size)
 
     @classmethod
     def from_pretrained(cls, model_id_or_folder: Union[str, os.PathLike], device=None, dtype=None,
@@ -365,7 +380,9 @@ class Segmenter:
             warnings.warn(f"volume: {how.rsplit('; ', 1)[-1]}", InputConversionWarning, stacklevel=2)
         slices = np.moveaxis(prepared, axis, 0)
         labels = np.zeros(slices.shape, dtype=np.uint8)
-        step = max(1, int(batch_size or self.batch_size))
+        if batch_size is not None:
+            _check_batch_size(batch_size)  # 0 fell back to the segmenter's own
+        step = int(batch_size or self.batch_size)
         bar = _progress(progress, total=slices.shape[0], unit="slice")
         for start in range(0, slices.shape[0], step):
             chunk = slices[start:start + step]

@@ -101,6 +101,16 @@ def test_a_rerun_keeps_finished_runs(comparison, capsys):
     assert {p: p.stat().st_mtime_ns for p in (comparison / "runs").rglob("metrics.json")} == before
 
 
+def test_a_rerun_with_other_settings_names_them(comparison, capsys):
+    """It said only "holds a run with other settings"."""
+    before = {p: p.stat().st_mtime_ns for p in (comparison / "runs").rglob("metrics.json")}
+    assert cli_main(["compare", *TINY, "--max-steps", "3", "--models", *MODELS, "--seeds", *map(str, SEEDS),
+                     "--output-dir", str(comparison)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with other settings (--max-steps 2 there, 3 here)" in err, err
+    assert {p: p.stat().st_mtime_ns for p in (comparison / "runs").rglob("metrics.json")} == before
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--models", "rwkvunet", "unet++"], ["--models unet++", "smp-unet-r34"]),
     (["--models", "rwkvunet", "rwkvunet-t"], ["same model twice"]),

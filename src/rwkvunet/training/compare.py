@@ -257,8 +257,13 @@ def compare(base: TrainArguments, models: Sequence[str], seeds: Sequence[int], o
     states = {id(run): run_state(run) for run in runs}
     other = [run for run in runs if states[id(run)] == "other"]
     if other and not base.overwrite_output_dir:
-        raise UserError(f"{other[0].folder} holds a run with other settings; choose another --output-dir, or pass "
-                        "--overwrite-output-dir to train it again")
+        record = read_json(other[0].folder / RUN_FILE) or {}
+        changed = changed_settings(record, other[0].args.to_dict())
+        old = record.get("settings") or {}
+        shown = ", ".join(f"--{k.replace('_', '-')} {old.get(k)} there, {other[0].args.to_dict().get(k)} here"
+                          for k in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise UserError(f"{other[0].folder} holds a run with other settings ({shown}); choose another "
+                        "--output-dir, or pass --overwrite-output-dir to train it again")
     state = PartialState()
     folder = Path(output_dir)
     created, new_marker = not folder.exists(), not (folder / MARKER).exists()

@@ -133,6 +133,17 @@ def test_a_min_lr_above_the_peak_is_refused(finetune, tmp_path, capsys, extra, w
     assert not out.exists()
 
 
+def test_a_config_that_repeats_an_option_or_is_a_folder_is_one_line(finetune, tmp_path, capsys):
+    """YAML kept the last of two `lr:` lines silently; a folder was "not found"."""
+    (tmp_path / "dup.yaml").write_text("epochs: 1\nlr: 1.0e-3\nlr: 2.0e-3\n")
+    code, err = _run(finetune.main, TINY + ["--output-dir", tmp_path / "run", "--config", tmp_path / "dup.yaml"],
+                     capsys)
+    _assert_one_line_error(code, err, "finetune.py", "'lr' is given twice (lines 2 and 3)")
+    code, err = _run(finetune.main, TINY + ["--output-dir", tmp_path / "run", "--config", tmp_path], capsys)
+    _assert_one_line_error(code, err, "finetune.py", "is a folder; give a YAML file")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_loss_of_zero_weights_is_refused(finetune, tmp_path, capsys):
     out = tmp_path / "run"
     code, err = _run(finetune.main, TINY + ["--output-dir", out, "--ce-weight", "0", "--dice-weight", "0"], capsys)

@@ -262,6 +262,8 @@ def find_config(name):
     path = Path(name)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise UserError(f"--config {name} is a folder; give a YAML file (or the name of a shipped config)")
     shipped = shipped_configs()
     stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
     if str(path) in (stem, path.name) and stem in shipped:
@@ -272,6 +274,27 @@ def find_config(name):
                     f"shipped config: {', '.join(shipped)}")
 
 
+class _RepeatedKey(Exception):
+    pass
+
+
+def _unique_key_loader():
+    """A yaml.SafeLoader whose mappings refuse a key given twice (the plain loader keeps the last)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise _RepeatedKey(f"{key!r} is given twice (lines {seen[key]} and {key_node.start_mark.line + 1})")
+                seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 def load_config(path) -> dict:
     """Read a YAML config (a file or a shipped config's name) into option names; unknown keys are an error naming
     them."""
@@ -279,7 +302,9 @@ def load_config(path) -> dict:
 
     path = find_config(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_unique_key_loader()) or {}
+    except _RepeatedKey as err:  # YAML kept the last value silently
+        raise UserError(f"{path}: {err}; give each option once") from None
     except UnicodeDecodeError:
         raise UserError(f"{path} is not a text file; pass --config with a YAML file") from None
     except yaml.YAMLError as err:

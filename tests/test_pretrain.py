@@ -165,3 +165,15 @@ def test_an_output_a_live_pretraining_writes_is_refused(pretrain, tmp_path):
         live.kill()
         live.wait()
     pretrain.check_output(out, resume=None)  # the process is gone: nothing in the way
+
+
+def test_a_recipe_that_repeats_a_key_is_one_line(pretrain, tmp_path):
+    """YAML kept the last of two `lr:` lines silently."""
+    from rwkvunet.errors import UserError
+
+    _image_folder(tmp_path / "data", "train", 1)
+    (tmp_path / "recipe.yaml").write_text("lr: 0.001\nepochs: 2\nlr: 0.002\n")
+    with pytest.raises(UserError, match="'lr' is given twice \\(lines 1 and 3\\)"):
+        pretrain.main(["--config", str(tmp_path / "recipe.yaml"), "--data-dir", str(tmp_path / "data"),
+                       "--output", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()

@@ -27,7 +27,6 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -69,7 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     given = vars(parser.parse_args(argv))
     values = dict(DEFAULTS)
     if "config" in given:
-        recipe = yaml.safe_load(Path(given.pop("config")).read_text()) or {}
+        from rwkvunet.training.arguments import read_yaml
+
+        recipe = read_yaml(given.pop("config"))
         if not isinstance(recipe, dict):
             raise UserError("the --config recipe must hold a mapping of option: value")
         unknown = set(recipe) - set(DEFAULTS) - TIMM_ONLY

@@ -295,14 +295,13 @@ def _unique_key_loader():
     return Loader
 
 
-def load_config(path) -> dict:
-    """Read a YAML config (a file or a shipped config's name) into option names; unknown keys are an error naming
-    them."""
+def read_yaml(path):
+    """The YAML document in ``path`` (None when empty: ``{}``), where a key given twice in a mapping, a binary
+    file or invalid YAML is a one-line :class:`UserError`."""
     import yaml
 
-    path = find_config(path)
     try:
-        data = yaml.load(path.read_text(), Loader=_unique_key_loader()) or {}
+        return yaml.load(Path(path).read_text(), Loader=_unique_key_loader()) or {}
     except _RepeatedKey as err:  # YAML kept the last value silently
         raise UserError(f"{path}: {err}; give each option once") from None
     except UnicodeDecodeError:
@@ -312,6 +311,13 @@ def load_config(path) -> dict:
         where = (f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}"
                  if mark is not None and getattr(err, "problem", None) else " ".join(str(err).split()))
         raise UserError(f"{path} is not valid YAML ({where}); fix the file") from None
+
+
+def load_config(path) -> dict:
+    """Read a YAML config (a file or a shipped config's name) into option names; unknown keys are an error naming
+    them."""
+    path = find_config(path)
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of option: value, got {type(data).__name__}")
     fields = dataclasses.fields(TrainArguments)

@@ -52,6 +52,18 @@ def test_running_out_of_host_memory_is_one_line(capsys):
                                        "--tile 512 (predict) or a machine with more memory\n")
 
 
+def test_version_and_a_mistyped_command(capsys):
+    """`rwkvunet --version` was "unknown command '--version'"; `rwkvunet predcit` named no command close to it."""
+    import rwkvunet
+
+    assert cli_main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"rwkvunet {rwkvunet.__version__} (torch ") and "transformers" in out and "timm" in out
+    with pytest.raises(SystemExit) as usage:
+        cli_main(["predcit", "model", "x.png"])
+    assert usage.value.code == 2 and "unknown command 'predcit' (did you mean predict?)" in capsys.readouterr().err
+
+
 def test_interrupt_is_130_without_a_traceback(capsys):
     assert run_main("tool", _raise(KeyboardInterrupt())) == EXIT_INTERRUPTED
     assert "Traceback" not in capsys.readouterr().err

@@ -31,12 +31,20 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
+    parser.add_argument("--version", action="store_true", help="the versions of rwkvunet and what it runs on")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
+    if argv[0] in ("--version", "-V"):
+        print(versions())
+        return 0
     name = argv[0]
     if name not in COMMANDS:
-        parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
+        import difflib
+
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        parser.error(f"unknown command {name!r}{hint}; choose from {', '.join(COMMANDS)}")
     module = importlib.import_module(COMMANDS[name][0])
     prog = f"rwkvunet {name}"
     sub_parser = argparse.ArgumentParser(prog=prog, description=COMMANDS[name][1])
@@ -45,6 +53,26 @@ def main(argv=None) -> int:
                             help="show the full traceback of an error (also RWKVUNET_DEBUG=1)")
     args = sub_parser.parse_args(argv[1:])
     return run_main(prog, lambda: _run(module, args), debug=args.debug)
+
+
+def versions() -> str:
+    """``rwkvunet X (torch Y, transformers Z, timm W, CUDA ...)``: the line a bug report starts with."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    import torch
+
+    cuda = f"CUDA {torch.version.cuda}, {'a GPU' if torch.cuda.is_available() else 'no GPU'} here" \
+        if torch.version.cuda else "CPU build"
+    parts = ", ".join(f"{name} {installed(name)}" for name in ("torch", "transformers", "timm", "accelerate"))
+    from . import __version__
+
+    return f"rwkvunet {__version__} ({parts}; {cuda})"
 
 
 def _run(module, args) -> int:

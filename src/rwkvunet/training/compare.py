@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 from ..errors import UserError
 from .arguments import TrainArguments, check_arguments
-from .run_folder import RESUME_FREE, RUN_FILE, changed_settings, read_json
+from .run_folder import RESUME_FREE, RUN_FILE, changed_settings, changed_values, read_json
 
 #: Written into the comparison folder: what was compared (and the mark of a folder that compare may fill).
 MARKER = "compare.json"
@@ -257,11 +257,9 @@ def compare(base: TrainArguments, models: Sequence[str], seeds: Sequence[int], o
     states = {id(run): run_state(run) for run in runs}
     other = [run for run in runs if states[id(run)] == "other"]
     if other and not base.overwrite_output_dir:
-        record = read_json(other[0].folder / RUN_FILE) or {}
-        changed = changed_settings(record, other[0].args.to_dict())
-        old = record.get("settings") or {}
-        shown = ", ".join(f"--{k.replace('_', '-')} {old.get(k)} there, {other[0].args.to_dict().get(k)} here"
-                          for k in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        changed = changed_values(read_json(other[0].folder / RUN_FILE) or {}, other[0].args.to_dict())
+        shown = ", ".join(f"--{k.replace('_', '-')} {old} there, {new} here" for k, old, new in changed[:3]) + (
+            f" and {len(changed) - 3} more" if len(changed) > 3 else "")
         raise UserError(f"{other[0].folder} holds a run with other settings ({shown}); choose another "
                         "--output-dir, or pass --overwrite-output-dir to train it again")
     state = PartialState()

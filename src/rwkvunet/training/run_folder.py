@@ -252,11 +252,15 @@ def changed_settings(record: dict, settings: dict) -> list:
     return [k for k in sorted(set(old) | set(settings)) if k not in RESUME_FREE and not same(k)]
 
 
+def changed_values(record: dict, settings: dict) -> list:
+    """``(option, recorded value, value here)`` for each of :func:`changed_settings`, for messages."""
+    old = {**VALUE_BEFORE_THE_OPTION, **(record.get("settings") or {})}
+    return [(k, old.get(k), settings.get(k)) for k in changed_settings(record, settings)]
+
+
 def _check_same_settings(meta: dict, settings: dict, num_processes: int, checkpoint: Path) -> None:
     """Refuse a resume whose options would make it another run (other data, model, schedule or seed)."""
-    old = {**VALUE_BEFORE_THE_OPTION, **(meta.get("settings") or {})}
-    changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {settings.get(k)!r}"
-               for k in changed_settings(meta, settings)]
+    changed = [f"--{k.replace('_', '-')} {old!r} -> {new!r}" for k, old, new in changed_values(meta, settings)]
     if changed:
         raise UserError(f"cannot resume {checkpoint} with other settings than the run was started with: "
                         f"{'; '.join(changed)}; resume with the run's settings (see training_config.yaml or "
